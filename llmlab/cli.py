@@ -1,0 +1,96 @@
+"""The `llmlab` command: one router; each verb parses its arguments, loads its config and calls
+its module's `run`. Errors llmlab can explain exit with status 1 and one clean message."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from llmlab import __version__
+from llmlab.common import LlmlabError, style
+
+# verb -> (module, config class name, one-line help) for verbs driven by a YAML config
+CONFIG_VERBS = {
+    "demo": ("llmlab.demo", "DemoConfig", "run the main job on the embedded default"),
+}
+
+
+def _config_help(module: str, cls_name: str) -> str:
+    from llmlab.config import config_help
+
+    cls = getattr(importlib.import_module(module), cls_name)
+    rows = config_help(cls)
+    width = max(len(k) for k, _, _ in rows)
+    return "config keys (set with key=value):\n" + "\n".join(
+        f"  {k:{width}s}  {t} = {d}" for k, t, d in rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmlab", description="A hackable lab for the whole life of a "
+                                     "language model.")
+    parser.add_argument("--version", action="version", version=f"llmlab {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for verb, (module, cls_name, help_text) in CONFIG_VERBS.items():
+        p = verbs.add_parser(verb, help=help_text, description=help_text,
+                             formatter_class=argparse.RawDescriptionHelpFormatter,
+                             epilog=_config_help(module, cls_name))
+        p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
+                       help="an optional YAML config, then dotted overrides")
+
+    p = verbs.add_parser("convert", help="convert a checkpoint between llmlab and HF formats",
+                         description="Convert a checkpoint folder (llmlab or HF format, auto-detected).")
+    p.add_argument("path", help="checkpoint folder to read")
+    p.add_argument("--to", required=True, choices=("hf", "llmlab"), help="output format")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept pickled pytorch_model.bin weights (read with weights_only=True)")
+    return parser
+
+
+def _run_config_verb(verb: str, args: list[str]) -> None:
+    from llmlab.config import load_config
+
+    module, cls_name, _ = CONFIG_VERBS[verb]
+    mod = importlib.import_module(module)
+    path = None
+    if args and "=" not in args[0]:
+        path, args = args[0], args[1:]
+    stray = [a for a in args if "=" not in a]
+    if stray:
+        raise LlmlabError(f"expected key=value overrides after the config file, got {stray}")
+    mod.run(load_config(getattr(mod, cls_name), path, args))
+
+
+def _convert(ns: argparse.Namespace) -> None:
+    from llmlab.models.io import copy_tokenizer_files, load_model, save_hf, save_model
+
+    out = Path(ns.out)
+    if out.resolve() == Path(ns.path).resolve():
+        raise LlmlabError(f"--out {out} is the input folder; choose another")
+    model = load_model(ns.path, allow_pickle=ns.allow_pickle)
+    (save_hf if ns.to == "hf" else save_model)(model, out)
+    copied = copy_tokenizer_files(ns.path, out)
+    extra = f" (+ {', '.join(copied)})" if copied else ""
+    print(f"wrote {ns.to} checkpoint {out}{extra}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        if ns.verb in CONFIG_VERBS:
+            _run_config_verb(ns.verb, ns.args)
+        elif ns.verb == "convert":
+            _convert(ns)
+    except LlmlabError as e:
+        print(style("error:", "31", sys.stderr), e, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Model folders on disk: llmlab checkpoints and HF-format folders, in and out.
+
+An llmlab checkpoint is `config.json` (`{"llmlab": {"family": ..., fields...}}`) plus
+`model.safetensors`. An HF folder is `config.json` (with `model_type`) plus `model.safetensors`,
+or shards named by `model.safetensors.index.json`. Pickled `pytorch_model.bin` files are refused
+unless the caller opts in, and are then read with `torch.load(weights_only=True)`.
+Every file is written to a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from llmlab import config as configlib
+from llmlab.common import LlmlabError, atomic_path, atomic_write_text
+from llmlab.models import REGISTRY, ModelConfig, build_model
+from llmlab.models.convert import config_from_hf, config_to_hf, hf_to_llmlab_state, llmlab_to_hf_state
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
+
+
+class CheckpointError(LlmlabError):
+    pass
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_config(path: str | os.PathLike) -> tuple[ModelConfig, str]:
+    """(model config, "llmlab" | "hf") from a checkpoint folder's config.json."""
+    file = Path(path) / "config.json"
+    if not Path(path).is_dir():
+        raise CheckpointError(f"{path}: not a directory (expected a checkpoint folder with config.json)")
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing (a checkpoint folder needs config.json)")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    if "llmlab" in data:
+        fields = data["llmlab"]
+        family = fields.get("family") if isinstance(fields, dict) else None
+        if family not in REGISTRY:
+            raise CheckpointError(f"{file}: llmlab.family={family!r} is not one of {', '.join(REGISTRY)}")
+        return configlib.from_dict(REGISTRY[family][0], fields, source=str(file)), "llmlab"
+    return config_from_hf(data, where=str(file)), "hf"
+
+
+def read_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder: one safetensors file, safetensors shards with an index,
+    or (only with allow_pickle) pickled weights loaded with weights_only=True."""
+    path = Path(path)
+    if (path / INDEX).is_file() or (path / PICKLE_WEIGHTS[1]).is_file():
+        index_file = path / INDEX if (path / INDEX).is_file() else path / PICKLE_WEIGHTS[1]
+        try:
+            weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index_file}: not a valid shard index ({e!r})") from None
+        state = {}
+        for shard in shards:
+            if Path(shard).name != shard:
+                raise CheckpointError(f"{index_file}: shard name {shard!r} must be a plain file name")
+            state.update(_read_file(path / shard, allow_pickle))
+        missing = sorted(set(weight_map) - set(state))
+        if missing:
+            raise CheckpointError(f"{index_file}: tensors listed but absent from the shards: {missing[:10]}")
+        return state
+    for name in (WEIGHTS, PICKLE_WEIGHTS[0]):
+        if (path / name).is_file():
+            return _read_file(path / name, allow_pickle)
+    raise CheckpointError(f"{path}: no weights found (expected {WEIGHTS} or {INDEX})")
+
+
+def _read_file(file: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing")
+    if file.suffix == ".safetensors":
+        try:
+            with safe_open(file, framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+    if not allow_pickle:
+        raise CheckpointError(f"{file}: pickled weights can run code when loaded and are refused; "
+                              "convert them to safetensors, or pass --allow-pickle if you trust the file "
+                              "(it is then read with weights_only=True)")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types for bad pickles; all mean the same to the user
+        raise CheckpointError(f"{file}: could not be read with weights_only=True ({e})") from None
+
+
+def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Check names and shapes against `model`, then copy. Tied output heads may be absent."""
+    expected = model.state_dict()
+    if getattr(model.config, "tie_embeddings", False):
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+        state["lm_head.weight"] = state.get("embed_tokens.weight")
+    missing = sorted(k for k in expected if state.get(k) is None)
+    unexpected = sorted(set(state) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected[:20])}")
+    problems += [f"{k}: shape {tuple(state[k].shape)} but the config implies {tuple(v.shape)}"
+                 for k, v in expected.items() if state.get(k) is not None and state[k].shape != v.shape]
+    if problems:
+        raise CheckpointError(f"{source}: weights do not match the config:\n  " + "\n  ".join(problems))
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", *, dtype: torch.dtype | None = None,
+               allow_pickle: bool = False) -> nn.Module:
+    """Load an llmlab checkpoint or an HF-format folder (auto-detected) as an llmlab model in eval mode.
+
+    Args:
+        path: the folder holding config.json and the weights.
+        device: where the model lives.
+        dtype: parameter dtype; None keeps fp32, the fast choice on CPUs.
+        allow_pickle: accept pickled `pytorch_model.bin` weights (loaded with weights_only=True).
+
+    Raises:
+        CheckpointError: a missing, corrupt or mismatched file, named with the problem.
+    """
+    cfg, kind = read_config(path)
+    state = read_state_dict(path, allow_pickle=allow_pickle)
+    if kind == "hf":
+        state = hf_to_llmlab_state(state, cfg.family)
+    with torch.device(device):
+        model = build_model(cfg)
+    load_state_into(model, state, str(path))
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def save_model(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write an llmlab checkpoint folder: config.json and model.safetensors (each atomically)."""
+    path = Path(path)
+    state = _weights(model)
+    state = {k: v for k, v in state.items() if not (k == "lm_head.weight" and model.config.tie_embeddings)}
+    _save_safetensors(state, path / WEIGHTS)
+    atomic_write_text(path / "config.json", json.dumps({"llmlab": configlib.to_dict(model.config)}, indent=2))
+
+
+def save_hf(model: nn.Module, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write an HF-format folder that `transformers` loads: config.json and safetensors weights,
+    sharded with an index when larger than `max_shard_bytes`."""
+    path = Path(path)
+    hf_config = config_to_hf(model.config)
+    state = llmlab_to_hf_state(_weights(model), model.config.family)
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    if len(shards) == 1:
+        _save_safetensors(shards[0], path / WEIGHTS)
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for name, shard in zip(names, shards):
+            _save_safetensors(shard, path / name)
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+        atomic_write_text(path / INDEX, json.dumps(index, indent=2))
+    atomic_write_text(path / "config.json", json.dumps(hf_config, indent=2))
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer and generation files a folder has into another; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            with atomic_path(Path(dst) / name) as tmp:
+                shutil.copyfile(Path(src) / name, tmp)
+            copied.append(name)
+    return copied
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def _save_safetensors(state: dict[str, torch.Tensor], file: Path) -> None:
+    # format=pt is the metadata transformers checks before it trusts a safetensors file
+    with atomic_path(file) as tmp:
+        save_file(state, tmp, metadata={"format": "pt"})

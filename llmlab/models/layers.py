@@ -1,0 +1,280 @@
+"""Primitives shared byte-for-byte by more than one model family.
+
+RMSNorm, rotary position embeddings (with the common context-extension scalings), the
+attention-mask builder, the one call into `scaled_dot_product_attention`, the SwiGLU MLP and
+the preallocated KV cache. Anything that only one family uses lives in that family's file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, y = x / sqrt(mean(x^2) + eps) * weight (Zhang & Sennrich, 2019).
+
+    The statistic is computed in fp32 whatever the input dtype, as the LLaMA reference does.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+# --------------------------------------------------------------------------- rotary
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Context-extension scaling of rotary frequencies, in the HF `rope_scaling` vocabulary.
+
+    kind: "linear" (position interpolation, Chen et al. 2023), "dynamic" (dynamic NTK-aware),
+    "yarn" (Peng et al. 2023) or "llama3" (the Llama 3.1 frequency-dependent rule).
+    """
+
+    kind: str
+    factor: float
+    original_max_position_embeddings: int | None = None
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float | None = None  # yarn; None = 0.1 ln(factor) + 1
+    truncate: bool = True  # yarn: round the correction range outwards
+
+    KINDS = ("linear", "dynamic", "yarn", "llama3")
+
+    def __post_init__(self):
+        if self.kind not in self.KINDS:
+            raise ValueError(f"rope scaling kind {self.kind!r} is not one of {', '.join(self.KINDS)}")
+        if self.factor < 1.0:
+            raise ValueError(f"rope scaling factor must be >= 1, got {self.factor}")
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None,
+                  max_position_embeddings: int = 2048, seq_len: int | None = None
+                  ) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies theta^(-2i/d) for i < d/2 and the cos/sin amplitude ("attention factor").
+
+    Args:
+        head_dim: rotated dimension d (even).
+        theta: the base, 10000 in RoFormer (Su et al. 2021), 500000 in Llama 3.
+        scaling: optional context-extension rule.
+        max_position_embeddings: the model's context; "dynamic" grows the base beyond it.
+        seq_len: current sequence length, used only by "dynamic".
+
+    Returns:
+        (inv_freq [d/2] float32, attention_factor)
+    """
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / theta**exponents
+    if scaling is None:
+        return inv_freq, 1.0
+    factor = scaling.factor
+    if scaling.kind == "linear":
+        return inv_freq / factor, 1.0
+    if scaling.kind == "dynamic":
+        # NTK-aware: stretch the base so the lowest frequency covers seq_len; identity up to the context.
+        seq_len = max(seq_len or max_position_embeddings, max_position_embeddings)
+        base = theta * ((factor * seq_len / max_position_embeddings) - (factor - 1)) ** (head_dim / (head_dim - 2))
+        return 1.0 / base**exponents, 1.0
+    original = scaling.original_max_position_embeddings or max_position_embeddings
+    if scaling.kind == "llama3":
+        low_wavelen = original / scaling.low_freq_factor
+        high_wavelen = original / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0
+    # yarn: interpolate low frequencies, keep high ones, ramp linearly in between (YaRN eq. 3-4)
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolate = 1 - ramp
+    inv_freq = (inv_freq / factor) * (1 - extrapolate) + inv_freq * extrapolate
+    attention_factor = scaling.attention_factor
+    if attention_factor is None:
+        attention_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    return inv_freq, attention_factor
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for rotary position embeddings at arbitrary (possibly padded) positions.
+
+    With "dynamic" scaling the frequencies depend on the longest position in the call; keys already
+    in a KV cache keep the frequencies they were rotated with (as in HF transformers), so decoding
+    past the context differs slightly from one full forward pass.
+    """
+
+    def __init__(self, head_dim: int, theta: float = 10000.0, scaling: RopeScaling | None = None,
+                 max_position_embeddings: int = 2048):
+        super().__init__()
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
+        self.max_position_embeddings = max_position_embeddings
+        inv_freq, self.attention_factor = rope_inv_freq(head_dim, theta, scaling, max_position_embeddings)
+        # non-persistent: derived from the config, so it never enters a checkpoint
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B|1, T] -> (cos, sin) each [B|1, 1, T, head_dim]."""
+        inv_freq = self.inv_freq
+        if self.scaling is not None and self.scaling.kind == "dynamic":
+            seq_len = int(positions.max()) + 1
+            if seq_len > self.max_position_embeddings:
+                inv_freq, _ = rope_inv_freq(self.head_dim, self.theta, self.scaling,
+                                            self.max_position_embeddings, seq_len)
+                inv_freq = inv_freq.to(positions.device)
+        angles = positions[..., None].float() * inv_freq  # (B, T, d/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (B, T, d): halves layout, as HF stores q/k
+        cos = (angles.cos() * self.attention_factor).to(dtype)
+        sin = (angles.sin() * self.attention_factor).to(dtype)
+        return cos[:, None], sin[:, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+d/2}) by the position angle. x: (B, nh, T, hs)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def positions_from_mask(attention_mask: torch.Tensor | None, start: int, length: int,
+                        device: torch.device) -> torch.Tensor:
+    """Position ids [B|1, length] of all tokens seen so far (cache plus new).
+
+    With a padding mask (1 = token, 0 = pad) positions count real tokens only, so a left-padded
+    row gets the same positions as the unpadded sequence.
+    """
+    if attention_mask is None:
+        return torch.arange(start, start + length, device=device)[None]
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def build_attention_mask(q_len: int, kv_len: int, *, padding_mask: torch.Tensor | None = None,
+                   sliding_window: int | None = None, device: torch.device,
+                   force: bool = False) -> torch.Tensor | None:
+    """Boolean mask [B|1, 1, q_len, kv_len] (True = may attend) for the last q_len of kv_len tokens.
+
+    Returns None when plain causal attention is enough and the caller can pass is_causal instead:
+    no padding, no window, and either a full square (prefill) or a single query (decode); `force`
+    asks for the mask anyway (for callers that add a position bias to it).
+    Every query may always attend to itself, so a row of padding never becomes all -inf (which
+    would make SDPA return NaN and poison later layers through the pad positions' keys).
+    """
+    if not force and padding_mask is None and sliding_window is None and q_len in (kv_len, 1):
+        return None
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if sliding_window is not None:
+        mask = mask & (q_pos - k_pos < sliding_window)
+    mask = mask[None, None]
+    if padding_mask is not None:
+        mask = mask & padding_mask[:, None, None, :kv_len].bool()
+    return mask | (k_pos == q_pos)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+         dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:
+    """Causal multi-head attention through `F.scaled_dot_product_attention`.
+
+    q: (B, nh, T, hs); k, v: (B, n_kv, S, hs) with nh a multiple of n_kv (grouped-query attention).
+    mask: from `build_attention_mask` (bool) or a float bias to add; None means causal (T == S) or a single
+    query that sees every key (T == 1).
+    """
+    is_causal = mask is None and q.size(-2) > 1
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                          is_causal=is_causal, scale=scale,
+                                          enable_gqa=k.size(1) != q.size(1))
+
+
+class SwiGLU(nn.Module):
+    """Gated MLP down(silu(gate(x)) * up(x)) (Shazeer, 2020, "GLU Variants Improve Transformer")."""
+
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=bias)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# --------------------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (n_layers, B, n_kv_heads, max_len, head_dim).
+
+    A forward pass with T new tokens writes positions [length, length + T) in each layer through
+    `update` and then calls `advance(T)`. The cache stores keys after the rotary rotation.
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int, max_len: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_kv, T, hs) after the cached tokens; return all keys and values so far."""
+        start, end = self.length, self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} tokens do not fit in max_len={self.max_len}")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+# --------------------------------------------------------------------------- accounting
+
+
+class ParamCount(NamedTuple):
+    """Parameter counts. `non_embedding` excludes the vocabulary matrices (token embedding and an
+    untied output head) and learned position embeddings, as in Kaplan et al. 2020."""
+
+    total: int
+    non_embedding: int
+
+
+def training_flops_per_token(matmul_params: int, n_layers: int, attn_dim: int, seq_len: int) -> int:
+    """Forward plus backward FLOPs per token: 6 N + 12 L d_attn T.
+
+    N is the non-embedding parameter count plus the output head (the head is a matmul, the input
+    embedding a lookup); the second term is the QK^T and AV products at context length T
+    (Kaplan et al. 2020, Table 1; Hoffmann et al. 2022, App. F), counted without causal savings.
+    """
+    return 6 * matmul_params + 12 * n_layers * attn_dim * seq_len

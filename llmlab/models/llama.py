@@ -1,0 +1,184 @@
+"""LLaMA: a pre-norm decoder with RMSNorm, SwiGLU, rotary positions and grouped-query attention.
+
+Touvron et al. 2023, "LLaMA: Open and Efficient Foundation Language Models" (arXiv:2302.13971);
+"Llama 2" (arXiv:2307.09288) adds grouped-query attention (Ainslie et al. 2023) to the 70B model.
+The same file covers checkpoints that share the architecture:
+- Mistral: grouped-query attention plus a sliding attention window;
+- Qwen2: biases on the q, k and v projections;
+- PaLM-style shapes: multi-query attention (n_kv_heads=1), a wide head_dim, tied embeddings and
+  the "parallel" block x + attn(norm(x)) + mlp(norm(x)) (Chowdhery et al. 2022).
+Rotary embeddings use the half-split layout of HF checkpoints, so their weights load unpermuted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from llmlab.models.layers import (KVCache, ParamCount, RMSNorm, RopeScaling, RotaryEmbedding, SwiGLU,
+                                  apply_rotary, build_attention_mask, positions_from_mask, sdpa,
+                                  training_flops_per_token)
+
+
+@dataclass
+class LlamaConfig:
+    family: Literal["llama"] = "llama"
+    vocab_size: int = 32000
+    dim: int = 4096  # residual stream width
+    n_layers: int = 32
+    n_heads: int = 32  # query heads
+    n_kv_heads: int | None = None  # key/value heads: None = n_heads (MHA), 1 = multi-query
+    head_dim: int | None = None  # None = dim // n_heads
+    hidden_dim: int | None = None  # SwiGLU width; None = 8/3 dim rounded up to a multiple of 256
+    max_seq_len: int = 2048  # context length the model was trained for
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0  # rotary base
+    rope_scaling: RopeScaling | None = None  # context extension: linear, dynamic, yarn, llama3
+    tie_embeddings: bool = False  # share embed_tokens with lm_head
+    attention_bias: bool = False  # biases on q/k/v projections (Qwen2)
+    sliding_window: int | None = None  # attend to at most this many past tokens (Mistral)
+    parallel_block: bool = False  # attention and MLP read the same normed input (PaLM)
+    dropout: float = 0.0  # on attention probabilities and residual branches while training
+    init_std: float = 0.02  # std of the normal initialisation of matrices
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; set head_dim")
+            self.head_dim = self.dim // self.n_heads
+        if self.hidden_dim is None:
+            self.hidden_dim = 256 * -(-int(8 * self.dim / 3) // 256)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+    def num_params(self) -> ParamCount:
+        d, hd = self.dim, self.head_dim
+        attn = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
+        if self.attention_bias:
+            attn += hd * (self.n_heads + 2 * self.n_kv_heads)
+        norms = d if self.parallel_block else 2 * d
+        per_layer = attn + 3 * d * self.hidden_dim + norms
+        vocab = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        body = self.n_layers * per_layer + d
+        return ParamCount(body + vocab, body)
+
+    def flops_per_token(self, seq_len: int) -> int:
+        return training_flops_per_token(self.num_params().non_embedding + self.vocab_size * self.dim,
+                                        self.n_layers, self.n_heads * self.head_dim, seq_len)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, bias: bool, dropout: float):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim, self.dropout = n_heads, n_kv_heads, head_dim, dropout
+        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # (B, nkv, S, hs)
+        y = sdpa(q, k, v, mask, self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.parallel = cfg.parallel_block
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.attention_bias,
+                              cfg.dropout)
+        self.mlp_norm = None if cfg.parallel_block else RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.dim, cfg.hidden_dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None, layer=0):
+        h = self.attn_norm(x)
+        attn_out = self.dropout(self.attn(h, cos, sin, mask, kv_cache, layer))
+        if self.parallel:
+            return x + attn_out + self.dropout(self.mlp(h))
+        x = x + attn_out
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class Llama(nn.Module):
+    """Decoder-only LLaMA-architecture language model; `forward` returns next-token logits."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.gradient_checkpointing = False
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) matrices, zero biases, unit norms; output projections of each residual
+        branch scaled by 1/sqrt(2 n_layers) (GPT-2) so the residual stream's variance stays flat."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, std / (2 * self.config.n_layers) ** 0.5)
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def num_params(self) -> ParamCount:
+        return self.config.num_params()
+
+    def flops_per_token(self, seq_len: int) -> int:
+        return self.config.flops_per_token(seq_len)
+
+    def make_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        cfg, p = self.config, self.embed_tokens.weight
+        return KVCache(cfg.n_layers, batch_size, cfg.n_kv_heads, cfg.head_dim, max_len or cfg.max_seq_len,
+                       p.device, p.dtype)
+
+    def forward(self, input_ids: torch.Tensor, *, kv_cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits.
+
+        Args:
+            input_ids: (B, T) token ids.
+            kv_cache: keys and values of earlier tokens; the new T tokens are appended to it.
+            attention_mask: (B, S) with S = cached + T; 1 for tokens, 0 for padding (left or right).
+
+        Returns:
+            logits (B, T, vocab_size)
+        """
+        B, T = input_ids.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        positions = positions_from_mask(attention_mask, start, T, input_ids.device)[:, -T:]
+        cos, sin = self.rotary(positions, self.embed_tokens.weight.dtype)
+        mask = build_attention_mask(T, start + T, padding_mask=attention_mask,
+                                    sliding_window=self.config.sliding_window, device=input_ids.device)
+        x = self.embed_tokens(input_ids)  # (B, T, dim)
+        for i, layer in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return self.lm_head(self.norm(x))

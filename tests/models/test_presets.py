@@ -1,0 +1,46 @@
+"""Presets: published sizes reproduce their published parameter counts; tiny ones build."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmlab.models import build_model
+from llmlab.models.presets import PRESETS, get_preset
+
+PUBLISHED = {name: p for name, p in PRESETS.items() if p.published_params is not None}
+TINY = {name: p for name, p in PRESETS.items() if p.published_params is None}
+
+
+def test_every_published_preset_is_within_3_percent():
+    off = {}
+    for name, preset in PUBLISHED.items():
+        assert preset.source, f"{name} has no source for its published figure"
+        total = get_preset(name).num_params().total
+        if abs(total / preset.published_params - 1) > 0.03:
+            off[name] = (total, preset.published_params)
+    assert not off, off
+    assert len(PUBLISHED) == 27  # GPT-1, GPT-2 x4, GPT-3 x7, Gopher, Chinchilla, BLOOM, LLaMA x4, 2 x3, ...
+    named = {"gpt1", "gpt2-124m", "gpt2-355m", "gpt2-774m", "gpt2-1.5b", "gpt3-175b", "llama-7b", "llama-13b",
+             "llama-33b", "llama-65b", "llama-2-7b", "llama-2-13b", "llama-2-70b", "chinchilla-70b",
+             "gopher-280b", "palm-540b", "bloom-176b"}
+    assert named <= PUBLISHED.keys()
+
+
+def test_well_known_counts_exactly():
+    assert get_preset("gpt2-124m").num_params().total == 124_439_808  # the released GPT-2 small
+    assert get_preset("llama-7b").num_params().total == 6_738_415_616  # the released LLaMA 7B
+    assert get_preset("llama-2-70b").num_params().total == 68_976_648_192
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_tiny_presets_build_and_count(name):
+    with torch.device("meta"):  # shapes only: no memory, no initialisation time
+        model = build_model(get_preset(name))
+    assert model.num_params().total == sum(p.numel() for p in model.parameters())
+
+
+def test_overrides_and_unknown_names():
+    assert get_preset("llama-tiny", vocab_size=300).vocab_size == 300
+    with pytest.raises(KeyError, match="did you mean llama-7b"):
+        get_preset("llama-7")

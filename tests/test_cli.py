@@ -1,0 +1,96 @@
+"""The `llmlab` command as a user runs it: help, exit codes, clean output, the demo and convert."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llmlab.cli import main
+from llmlab.models import build_model
+from llmlab.models.io import load_model, save_model
+from tests.models.zoo import TINY
+
+
+def _llmlab(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "llmlab", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_help_lists_the_verbs_that_exist():
+    out = _llmlab("--help")
+    assert out.returncode == 0
+    for verb in ("demo", "convert"):
+        assert verb in out.stdout
+    assert "\033[" not in out.stdout
+
+
+def test_demo_writes_config_and_round_trips(tmp_path, capsys):
+    assert main(["demo", f"out_dir={tmp_path / 'run'}", "preset=llama-tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "\033[" not in out  # captured output is not a TTY: no colour codes
+    assert "palm-540b" in out and "reload hf" in out
+    assert "preset: llama-tiny" in (tmp_path / "run" / "config.yaml").read_text()
+    assert (tmp_path / "run" / "hf" / "config.json").is_file()
+
+
+def test_config_errors_exit_1_with_a_clean_message(tmp_path):
+    out = _llmlab("demo", f"out_dir={tmp_path}", "preset=llama-tinny", env={"NO_COLOR": "1"})
+    assert out.returncode == 1
+    assert out.stderr.startswith("error: unknown model preset 'llama-tinny' (did you mean llama-tiny")
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "config.yaml").exists()  # nothing written for a run that never started
+
+    out = _llmlab("demo", "seedd=3")
+    assert out.returncode == 1 and "seedd: unknown key (did you mean 'seed'?)" in out.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: [1,\n")
+    out = _llmlab("demo", bad)
+    assert out.returncode == 1 and "bad.yaml" in out.stderr and "line" in out.stderr
+    out = _llmlab("demo", "seed=abc")
+    assert out.returncode == 1 and "seed: expected int, got 'abc'" in out.stderr
+
+
+def test_yaml_preset_plus_overrides(tmp_path, capsys):
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text("preset: gpt-tiny\nseq_len: 8\n")
+    assert main(["demo", str(cfg), f"out_dir={tmp_path / 'r'}", "seq_len=16"]) == 0
+    saved = (tmp_path / "r" / "config.yaml").read_text()
+    assert "preset: gpt-tiny" in saved and "seq_len: 16" in saved
+
+
+def test_convert_both_ways(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(TINY["llama-gqa-tied"]).eval()
+    save_model(model, tmp_path / "ours")
+    (tmp_path / "ours" / "tokenizer.json").write_text("{}")
+    out = _llmlab("convert", tmp_path / "ours", "--to", "hf", "--out", tmp_path / "hf")
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "llama"
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+    out = _llmlab("convert", tmp_path / "hf", "--to", "llmlab", "--out", tmp_path / "back")
+    assert out.returncode == 0, out.stderr
+    x = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "back")(x), model(x))
+
+
+def test_convert_failures(tmp_path):
+    out = _llmlab("convert", tmp_path / "missing", "--to", "hf", "--out", tmp_path / "o")
+    assert out.returncode == 1 and "not a directory" in out.stderr
+    out = _llmlab("convert", tmp_path, "--to", "onnx", "--out", tmp_path / "o")
+    assert out.returncode == 2 and "invalid choice: 'onnx'" in out.stderr
+    out = _llmlab("convert", tmp_path, "--to", "hf", "--out", tmp_path)
+    assert out.returncode == 1 and "is the input folder" in out.stderr
+
+
+@pytest.mark.slow
+def test_console_script_is_installed():
+    exe = os.path.join(os.path.dirname(sys.executable), "llmlab")
+    if not os.path.exists(exe):
+        pytest.skip("package not installed in this environment")
+    assert subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.startswith("llmlab ")

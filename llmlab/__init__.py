@@ -17,3 +17,10 @@ def load_model(path, device="cpu", **kwargs):
     from llmlab.models.io import load_model as _load_model
 
     return _load_model(path, device, **kwargs)
+
+
+def load_tokenizer(path):
+    """Load a tokenizer.json file, or a folder holding one (see `llmlab.tokenizer.load_tokenizer`)."""
+    from llmlab.tokenizer import load_tokenizer as _load_tokenizer
+
+    return _load_tokenizer(path)

@@ -11,9 +11,15 @@ from pathlib import Path
 from llmlab import __version__
 from llmlab.common import LlmlabError, style
 
-# verb -> (module, config class name, one-line help) for verbs driven by a YAML config
+# verb (or "verb subverb") -> (module, config class, function, one-line help), for verbs driven by
+# a YAML config and key=value overrides; the function takes the config and returns a dict
 CONFIG_VERBS = {
-    "demo": ("llmlab.demo", "DemoConfig", "run the main job on the embedded default"),
+    "demo": ("llmlab.demo", "DemoConfig", "run", "run the main job on the embedded default"),
+    "data prepare": ("llmlab.data.prepare", "PrepareConfig", "run",
+                     "clean, deduplicate, split and tokenize a corpus into token shards"),
+    "tokenizer train": ("llmlab.data.prepare", "TokenizerTrainConfig", "train_tokenizer",
+                        "train a byte-level BPE tokenizer on a corpus"),
+    "pretrain": ("llmlab.train.pretrain", "PretrainConfig", "run", "pretrain a language model from token shards"),
 }
 
 
@@ -32,12 +38,21 @@ def build_parser() -> argparse.ArgumentParser:
                                      "language model.")
     parser.add_argument("--version", action="version", version=f"llmlab {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-    for verb, (module, cls_name, help_text) in CONFIG_VERBS.items():
-        p = verbs.add_parser(verb, help=help_text, description=help_text,
-                             formatter_class=argparse.RawDescriptionHelpFormatter,
-                             epilog=_config_help(module, cls_name))
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for name, (module, cls_name, _, help_text) in CONFIG_VERBS.items():
+        verb, _, sub = name.partition(" ")
+        parent = verbs
+        if sub:  # "data prepare": a verb with its own sub-verbs
+            if verb not in groups:
+                groups[verb] = verbs.add_parser(verb, help=f"{verb} commands").add_subparsers(
+                    dest="sub", metavar="COMMAND", required=True)
+            parent = groups[verb]
+        p = parent.add_parser(sub or verb, help=help_text, description=help_text,
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog=_config_help(module, cls_name))
         p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
                        help="an optional YAML config, then dotted overrides")
+        p.set_defaults(config_verb=name)
 
     p = verbs.add_parser("convert", help="convert a checkpoint between llmlab and HF formats",
                          description="Convert a checkpoint folder (llmlab or HF format, auto-detected).")
@@ -49,10 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_config_verb(verb: str, args: list[str]) -> None:
+def _run_config_verb(verb: str, args: list[str]) -> int:
     from llmlab.config import load_config
 
-    module, cls_name, _ = CONFIG_VERBS[verb]
+    module, cls_name, function, _ = CONFIG_VERBS[verb]
     mod = importlib.import_module(module)
     path = None
     if args and "=" not in args[0]:
@@ -60,7 +75,8 @@ def _run_config_verb(verb: str, args: list[str]) -> None:
     stray = [a for a in args if "=" not in a]
     if stray:
         raise LlmlabError(f"expected key=value overrides after the config file, got {stray}")
-    mod.run(load_config(getattr(mod, cls_name), path, args))
+    result = getattr(mod, function)(load_config(getattr(mod, cls_name), path, args))
+    return result.get("exit_code", 0) if isinstance(result, dict) else 0
 
 
 def _convert(ns: argparse.Namespace) -> None:
@@ -79,9 +95,9 @@ def _convert(ns: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
-        if ns.verb in CONFIG_VERBS:
-            _run_config_verb(ns.verb, ns.args)
-        elif ns.verb == "convert":
+        if getattr(ns, "config_verb", None):
+            return _run_config_verb(ns.config_verb, ns.args)
+        if ns.verb == "convert":
             _convert(ns)
     except LlmlabError as e:
         print(style("error:", "31", sys.stderr), e, file=sys.stderr)

@@ -1,72 +1,159 @@
 """`llmlab demo`: the main job on the embedded default, end to end, with no arguments.
 
-Builds a model from a preset, writes it as an llmlab checkpoint and as an HF-format folder,
-loads both back and checks that they give the same logits, then prints the model zoo: every
-published preset with the parameter count computed from its config next to the published one.
+1. prepare the CPython documentation that every Python install carries (`pydoc_data.topics`):
+   clean, deduplicate, split, and train a byte-level BPE tokenizer on the training split;
+2. pretrain a small LLaMA-style model for a fixed wall-clock budget (about three minutes on two
+   CPU cores), with the step count calibrated so the cosine schedule ends on time;
+3. report validation perplexity against a unigram baseline, draw the loss curve
+   (`loss.png` in the run directory) and print a few samples.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from llmlab.common import LlmlabError, seed_everything, style
 from llmlab.config import save_config
-from llmlab.models import build_model
-from llmlab.models.io import load_model, save_hf, save_model
-from llmlab.models.presets import PRESETS, get_preset
+from llmlab.data.prepare import PrepareConfig, TokenizerTrainConfig, train_tokenizer
+from llmlab.data.prepare import run as prepare
+from llmlab.data.shards import TokenShards
+from llmlab.models import LlamaConfig
+from llmlab.tokenizer import load_tokenizer
+from llmlab.train.pretrain import PretrainConfig, run as pretrain
+
+PROMPTS = ("The for statement", "A class definition", "Exceptions are")
 
 
 @dataclass
 class DemoConfig:
-    out_dir: str = "runs/demo"  # run directory: config.yaml and the checkpoints
-    preset: str = "llama-1m"  # model preset to build
-    seq_len: int = 64  # tokens in the parity check
+    out_dir: str = "runs/demo"  # everything the demo writes: data/, tokenizer/, pretrain/, loss.png
+    minutes: float = 3.0  # wall-clock training budget
+    vocab_size: int = 4096  # BPE vocabulary
+    dim: int = 192  # model width (LLaMA-style, 4 layers, 6 heads)
+    n_layers: int = 4
+    seq_len: int = 128
+    batch_size: int = 16
+    lr: float = 2e-3
     seed: int = 0
 
 
 def run(cfg: DemoConfig) -> dict:
-    """Run the demo; returns {"params": ..., "max_abs_diff": {"llmlab": ..., "hf": ...}}."""
-    seed_everything(cfg.seed)
+    """Run the demo; returns {"val_loss", "val_ppl", "unigram_ppl", "steps", "run_dir"}."""
     out = Path(cfg.out_dir)
-    try:
-        model_cfg = get_preset(cfg.preset)
-    except KeyError as e:
-        raise LlmlabError(e.args[0]) from None
+    if (out / "pretrain" / "checkpoints").exists():
+        raise LlmlabError(f"{out} holds an earlier demo; remove it or pass out_dir=...")
+    seed_everything(cfg.seed)
     save_config(cfg, out / "config.yaml")
-    model = build_model(model_cfg).eval()
-    count = model.num_params()
-    print(style(f"model {cfg.preset} ({model_cfg.family})", "1"))
-    print(f"  parameters      {count.total:,} total, {count.non_embedding:,} non-embedding")
-    print(f"  training FLOPs  {model.flops_per_token(cfg.seq_len):,} per token at T={cfg.seq_len}")
 
-    save_model(model, out / "checkpoint")
-    save_hf(model, out / "hf")
-    x = torch.randint(0, model_cfg.vocab_size, (2, cfg.seq_len))
-    diffs = {}
-    with torch.no_grad():
-        ref = model(x)
-        for kind in ("checkpoint", "hf"):
-            diffs[kind] = (load_model(out / kind)(x) - ref).abs().max().item()
-            print(f"  reload {kind:10s} max |logit diff| = {diffs[kind]:.2e}  ({out / kind})")
-    if max(diffs.values()) > 1e-5:
-        raise LlmlabError(f"round trip changed the logits: {diffs}")
+    print(style("1/3 data and tokenizer (the CPython documentation in pydoc_data.topics)", "1"))
+    tok_dir = train_tokenizer(TokenizerTrainConfig(out_dir=str(out / "tokenizer"), vocab_size=cfg.vocab_size))
+    manifest = prepare(PrepareConfig(out_dir=str(out / "data"), tokenizer=str(tok_dir), val_frac=0.1,
+                                     seed=cfg.seed))
 
-    print(style("\nthe published zoo (parameters computed from each config)", "1"))
-    print(f"  {'preset':16s} {'family':6s} {'computed':>12s} {'published':>12s} {'diff':>7s}")
-    for name, preset in PRESETS.items():
-        if preset.published_params is None:
-            continue
-        total = get_preset(name).num_params().total
-        print(f"  {name:16s} {preset.family:6s} {_human(total):>12s} {_human(preset.published_params):>12s} "
-              f"{100 * (total / preset.published_params - 1):+6.1f}%")
-    return {"params": count.total, "max_abs_diff": diffs}
+    print(style(f"\n2/3 pretraining for {cfg.minutes:g} minutes", "1"))
+    train_cfg = PretrainConfig(
+        data=str(out / "data"), out_dir=str(out / "pretrain"), seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+        model=LlamaConfig(vocab_size=manifest["vocab_size"], dim=cfg.dim, n_layers=cfg.n_layers, n_heads=6,
+                          max_seq_len=cfg.seq_len, tie_embeddings=True),
+        seed=cfg.seed, log_every=25)
+    train_cfg.optim.lr = cfg.lr
+    train_cfg.eval.batches = 4
+    train_cfg.max_steps = _calibrate_steps(train_cfg, 60 * cfg.minutes, n_evals=6)
+    train_cfg.optim.warmup_steps = max(1, train_cfg.max_steps // 20)
+    train_cfg.eval.every = max(1, train_cfg.max_steps // 6)
+    train_cfg.ckpt.every = train_cfg.max_steps
+    train_cfg.max_minutes = 1.5 * cfg.minutes  # a hard cap if the machine turns out slower than measured
+    result = pretrain(train_cfg)
+
+    print(style("\n3/3 results", "1"))
+    unigram = unigram_loss(TokenShards(out / "data", "train"), TokenShards(out / "data", "val"), manifest["vocab_size"])
+    val_loss = result["val_loss"]
+    print(f"  validation perplexity  {math.exp(val_loss):8.2f}   (unigram baseline {math.exp(unigram):.2f})")
+    plot_losses(out / "pretrain" / "metrics.jsonl", out / "loss.png")
+    print(f"  loss curve             {out / 'loss.png'}")
+    import llmlab
+
+    model = llmlab.load_model(result["checkpoint"])
+    tokenizer = load_tokenizer(tok_dir)
+    for i, prompt in enumerate(PROMPTS):
+        ids = sample(model, tokenizer.encode(prompt), 40, temperature=0.8, seed=cfg.seed + i)
+        print(style(f"  > {prompt}", "2") + tokenizer.decode(ids).replace("\n", " "))
+    summary = {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "unigram_ppl": math.exp(unigram),
+               "steps": result["step"], "run_dir": str(out)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
 
-def _human(n: float) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(int(n))
+def _calibrate_steps(cfg: PretrainConfig, seconds: float, n_evals: int) -> int:
+    """Optimizer steps that fit in `seconds` with `n_evals` evaluations, from timing a few steps of
+    the same model and batch (an evaluation batch costs about a third of a training step)."""
+    from llmlab.models import build_model
+    from llmlab.train.optim import build_optimizer
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model)
+    opt = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    x = torch.randint(0, cfg.model.vocab_size, (cfg.batch_size, cfg.seq_len))
+    times = []
+    for _ in range(4):
+        t0 = time.time()
+        torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+        times.append(time.time() - t0)
+    per_step = float(np.median(times[1:])) * 1.05  # logging and data sampling
+    return max(10, int(seconds / per_step - n_evals * cfg.eval.batches / 3))
+
+
+def unigram_loss(train: TokenShards, val: TokenShards, vocab_size: int) -> float:
+    """Cross-entropy (nats) of the validation tokens under add-one-smoothed training unigram counts."""
+    counts = np.ones(vocab_size, dtype=np.float64)
+    for start in range(0, len(train), 1 << 20):
+        counts += np.bincount(train.get(start, min(1 << 20, len(train) - start)), minlength=vocab_size)
+    log_p = np.log(counts / counts.sum())
+    val_tokens = val.get(0, len(val))
+    return float(-log_p[val_tokens].mean())
+
+
+@torch.no_grad()
+def sample(model, prompt: list[int], n: int, temperature: float = 0.8, seed: int = 0) -> list[int]:
+    """Sample n tokens after `prompt` with a KV cache (a minimal loop for the demo)."""
+    gen = torch.Generator().manual_seed(seed)
+    cache = model.make_kv_cache(1, len(prompt) + n)
+    logits = model(torch.tensor([prompt]), kv_cache=cache)[0, -1]
+    out = []
+    for _ in range(n):
+        token = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen)
+        out.append(int(token))
+        logits = model(token.view(1, 1), kv_cache=cache)[0, -1]
+    return out
+
+
+def plot_losses(metrics_file: Path, png: Path) -> None:
+    """Training and validation loss against step, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train), lw=0.8, label="train")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,313 @@
+"""Stream raw text documents from files, directories and the embedded default corpus.
+
+Inputs are `.txt`, `.md` and `.jsonl` files, or directories of them (DESIGN.md, "Data
+formats"). Everything is a generator that holds at most one document (about 1 MiB for big
+text files) and one read block in memory, so a corpus far larger than memory streams through.
+
+What is skipped instead of read is counted in a `collections.Counter` the caller may pass in
+(`stats`), one count per file:
+
+- "other_suffix": a file in a directory whose suffix is not .txt, .md or .jsonl;
+- "hidden": a file or directory whose name starts with "." (e.g. .git), not descended into;
+- "binary": a NUL byte in the first 8 KiB (also catches UTF-16 text, which UTF-8 tools misread);
+- "invalid_utf8": with `encoding_errors="skip"`, a file that is not valid UTF-8.
+
+`stats["files"]` counts the files actually read.
+
+With no data of its own llmlab uses `default_corpus()`, the CPython language documentation
+in `pydoc_data.topics`, and `python_sources()`, the standard library's own `.py` files, for
+code models (DESIGN.md, "The embedded default"): no download is ever needed.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import re
+import sysconfig
+import tokenize
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from llmlab.data import DataError
+
+SUFFIXES = (".txt", ".md", ".jsonl")
+SPLIT_ABOVE_BYTES = 4 * 2**20  # text files larger than this become several documents
+CHUNK_CHARS = 2**20  # a split document ends at the first blank line after this many characters
+HARD_CHUNK_CHARS = 4 * CHUNK_CHARS  # with no blank line by here, cut at a line break anyway
+PROBE_BYTES = 8192  # a NUL byte this early marks a binary file (the heuristic git and grep use)
+READ_BLOCK = 2**18
+
+EncodingErrors = Literal["error", "skip", "replace"]
+_ENCODING_ERRORS = ("error", "skip", "replace")
+_BLANK_LINE = re.compile(r"\n[^\S\n]*\n")
+# the directories of the standard library that hold its tests or third-party packages
+_NOT_STDLIB_SOURCE = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """One unit of text and where it came from.
+
+    Attributes:
+        text: The raw text, as read (cleaning happens later, in `llmlab.data.clean`).
+        source: "path" for a whole file, "path:line" for a JSONL line or for the part of a large
+            text file that starts at that line, "pydoc_data.topics:name" for the default corpus.
+    """
+
+    text: str
+    source: str
+
+
+def iter_documents(paths: str | os.PathLike | Iterable[str | os.PathLike], *, text_field: str = "text",
+                   encoding_errors: EncodingErrors = "error", stats: Counter | None = None) -> Iterator[Document]:
+    """Stream the documents in files and directories, in a deterministic order.
+
+    Paths are read in the order given; a directory is walked recursively with the entries of
+    each directory sorted by name, reading only .txt, .md and .jsonl files (other files are
+    counted in `stats` and skipped). A .txt or .md file is one document, except that a file
+    larger than 4 MiB is streamed and cut at blank lines into documents of about 1 Mi
+    characters, so no whole large file is ever held in memory. A .jsonl file gives one document
+    per non-blank line: the string in its `text_field`. A leading UTF-8 byte-order mark is
+    dropped.
+
+    Args:
+        paths: A file or directory, or several. Every one must exist. A file named directly
+            must have a supported suffix; inside directories, others are skipped.
+        text_field: The JSONL field that holds the text.
+        encoding_errors: What to do with bytes that are not UTF-8: "error" raises, "skip"
+            skips the whole file (each file is checked in a first streaming pass, so no
+            document of a skipped file is ever yielded), "replace" substitutes U+FFFD.
+        stats: A Counter that receives the per-file counts listed in the module docstring.
+
+    Yields:
+        `Document`s, lazily.
+
+    Raises:
+        DataError: A path is missing or is a file of an unsupported type; a JSONL line is not
+            valid JSON, not an object, or lacks a string `text_field` (the message names
+            "file:line" and what was wrong); invalid UTF-8 with encoding_errors="error" (the
+            message names the file and the byte offset).
+        ValueError: `encoding_errors` is not one of "error", "skip", "replace".
+    """
+    if encoding_errors not in _ENCODING_ERRORS:
+        raise ValueError(f"encoding_errors must be one of {_ENCODING_ERRORS}, got {encoding_errors!r}")
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]  # iterating a str would give its characters
+    paths = [Path(p) for p in paths]
+    stats = Counter() if stats is None else stats
+    # check every path before the first document, so a typo fails at once, not hours in
+    for path in paths:
+        if not path.exists():
+            raise DataError(f"{path}: no such file or directory")
+        if not path.is_dir() and path.suffix.lower() not in SUFFIXES:
+            raise DataError(f"{path}: unsupported file type {path.suffix or '(no suffix)'!r}; "
+                            f"expected one of {', '.join(SUFFIXES)} or a directory")
+    for path in paths:
+        files = _walk(path, stats) if path.is_dir() else [path]
+        for file in files:
+            yield from _read_file(file, text_field, encoding_errors, stats)
+
+
+def _walk(root: Path, stats: Counter) -> Iterator[Path]:
+    """The supported files under `root`, sorted within each directory; symlinked dirs are not followed."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        hidden = sum(d.startswith(".") for d in dirnames)
+        if hidden:
+            stats["hidden"] += hidden
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # os.walk descends in this order
+        for name in sorted(filenames):
+            if name.startswith("."):
+                stats["hidden"] += 1
+            elif Path(name).suffix.lower() not in SUFFIXES:
+                stats["other_suffix"] += 1
+            else:
+                yield Path(dirpath, name)
+
+
+def _read_file(path: Path, text_field: str, encoding_errors: EncodingErrors, stats: Counter) -> Iterator[Document]:
+    with open(path, "rb") as f:
+        if b"\0" in f.read(PROBE_BYTES):
+            stats["binary"] += 1
+            return
+    if encoding_errors == "skip":
+        if _first_invalid_utf8(path) is not None:
+            stats["invalid_utf8"] += 1
+            return
+        encoding_errors = "error"  # checked valid: decode strictly from here on
+    stats["files"] += 1
+    if path.suffix.lower() == ".jsonl":
+        yield from _read_jsonl(path, text_field, encoding_errors)
+    elif path.stat().st_size > SPLIT_ABOVE_BYTES:
+        yield from _read_large_text(path, encoding_errors)
+    else:
+        text = _decode(path.read_bytes(), str(path), encoding_errors)
+        yield Document(text.removeprefix("\ufeff"), str(path))
+
+
+def _decode(data: bytes, where: str, encoding_errors: EncodingErrors, offset: int = 0) -> str:
+    """UTF-8 decode `data`, which starts `offset` bytes into the file that `where` names."""
+    try:
+        return data.decode("utf-8", "replace" if encoding_errors == "replace" else "strict")
+    except UnicodeDecodeError as e:
+        raise _utf8_error(where, offset + e.start, e.reason) from None
+
+
+def _utf8_error(where: str, offset: int, reason: str) -> DataError:
+    return DataError(f"{where}: invalid UTF-8 at byte {offset} ({reason}); set encoding_errors=skip to skip "
+                     f"such files or encoding_errors=replace to substitute U+FFFD")
+
+
+def _first_invalid_utf8(path: Path) -> int | None:
+    """Byte offset of the first invalid UTF-8 sequence in the file, or None if it is all valid."""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    fed = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(READ_BLOCK)
+            held = len(decoder.getstate()[0])  # bytes of a sequence split across blocks
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                return fed - held + e.start
+            if not block:
+                return None
+            fed += len(block)
+
+
+def _read_jsonl(path: Path, text_field: str, encoding_errors: EncodingErrors) -> Iterator[Document]:
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            line = _decode(raw, where, encoding_errors, offset)
+            offset += len(raw)
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # json.loads rejects a byte-order mark
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON: {e.msg} at column {e.colno}") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object, got {_json_type(record)}")
+            if text_field not in record:
+                keys = ", ".join(map(repr, list(record)[:10])) or "none"
+                raise DataError(f"{where}: no {text_field!r} field (keys: {keys}); "
+                                f"set text_field to the field that holds the text")
+            text = record[text_field]
+            if not isinstance(text, str):
+                raise DataError(f"{where}: field {text_field!r} is {_json_type(text)}, expected a string")
+            yield Document(text, where)
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of a decoded value's type, for messages about JSONL lines."""
+    for types, name in ((dict, "an object"), (list, "an array"), (str, "a string"), (bool, "a boolean"),
+                        ((int, float), "a number")):
+        if isinstance(value, types):
+            return name
+    return "null"
+
+
+def _read_large_text(path: Path, encoding_errors: EncodingErrors) -> Iterator[Document]:
+    """Stream a big text file as documents of about CHUNK_CHARS characters cut at blank lines.
+
+    A cut drops the blank line itself; each document's source is "path:line" with the line it
+    starts on. A stretch of HARD_CHUNK_CHARS characters without a blank line is cut at its last
+    line break (or, for one gigantic line, anywhere) so memory stays bounded.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")("replace" if encoding_errors == "replace" else "strict")
+    buffer, scan_from, line, fed = "", CHUNK_CHARS, 1, 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(READ_BLOCK)
+            held = len(decoder.getstate()[0])
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                raise _utf8_error(str(path), fed - held + e.start, e.reason) from None
+            buffer += text.removeprefix("\ufeff") if fed == 0 else text
+            fed += len(block)
+            while len(buffer) >= CHUNK_CHARS:
+                match = _BLANK_LINE.search(buffer, scan_from)
+                if match:
+                    start, end = match.span()
+                elif len(buffer) >= HARD_CHUNK_CHARS:
+                    newline = buffer.rfind("\n", CHUNK_CHARS, HARD_CHUNK_CHARS)
+                    start = end = newline + 1 if newline >= 0 else HARD_CHUNK_CHARS
+                else:
+                    # a blank line may still complete after the last newline seen: rescan from there
+                    scan_from = max(CHUNK_CHARS, buffer.rfind("\n"))
+                    break
+                yield Document(buffer[:start], f"{path}:{line}")
+                line += buffer.count("\n", 0, end)
+                buffer, scan_from = buffer[end:], CHUNK_CHARS
+            if not block:
+                break
+    if buffer.strip():
+        yield Document(buffer, f"{path}:{line}")
+
+
+def default_corpus() -> Iterator[Document]:
+    """The embedded default: CPython's language documentation, one document per topic.
+
+    `pydoc_data.topics.topics` maps a topic name ("assert", "for", "string-methods", ...) to
+    its plain-text page (about 80 topics and 0.46 MB of English with code samples in
+    CPython 3.11). It is what `help("for")` prints, so every install carries it.
+
+    Yields:
+        One `Document` per topic, sorted by name, with source "pydoc_data.topics:<name>".
+
+    Raises:
+        DataError: This Python was built without `pydoc_data` (some minimal distro packages).
+    """
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise DataError("the embedded default corpus needs the standard library's pydoc_data package, which this "
+                        "Python lacks; name some input files instead") from None
+    for name in sorted(topics):
+        yield Document(topics[name], f"pydoc_data.topics:{name}")
+
+
+def python_sources(limit_bytes: int | None = None, stats: Counter | None = None) -> Iterator[Document]:
+    """The standard library's `.py` files, the embedded default for code models (~30 MB).
+
+    Walks `sysconfig.get_paths()["stdlib"]` sorted, leaving out test directories (test, tests,
+    idle_test), site-packages and hidden directories. Files are decoded as Python does, honouring
+    a `# -*- coding: ... -*-` line.
+
+    Args:
+        limit_bytes: Stop before the file that would take the total past this many bytes of
+            source; None reads everything.
+        stats: A Counter that receives "files" and "unreadable" (files that fail to decode).
+
+    Yields:
+        One `Document` per file, with the file's path as source.
+    """
+    stats = Counter() if stats is None else stats
+    root, total = sysconfig.get_paths()["stdlib"], 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _NOT_STDLIB_SOURCE and not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(dirpath, name)
+            try:
+                with tokenize.open(path) as f:
+                    text = f.read()
+            except (OSError, SyntaxError, UnicodeDecodeError):  # tokenize.open raises SyntaxError on a bad cookie
+                stats["unreadable"] += 1
+                continue
+            size = len(text.encode("utf-8"))
+            if limit_bytes is not None and total + size > limit_bytes:
+                return
+            total += size
+            stats["files"] += 1
+            yield Document(text, path)

@@ -1,0 +1,7 @@
+"""Tokenizers: train a byte-level BPE, load any HF tokenizer.json, save in the HF folder layout."""
+
+from __future__ import annotations
+
+from llmlab.tokenizer.bpe import SPECIAL_TOKENS, Tokenizer, load_tokenizer, train_bpe
+
+__all__ = ["SPECIAL_TOKENS", "Tokenizer", "load_tokenizer", "train_bpe"]

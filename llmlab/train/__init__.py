@@ -1,0 +1,1 @@
+"""Training: the visible pretraining loop, optimizers and schedules, checkpoints with exact resume."""

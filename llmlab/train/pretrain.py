@@ -1,0 +1,295 @@
+"""`llmlab pretrain`: the causal language-modelling loop, readable top to bottom.
+
+Setup, then one `for step ...` loop: sample micro-batches, forward, scaled backward, clip,
+AdamW step on the warmup + cosine schedule, log, evaluate, checkpoint. The data position is a
+pure function of (seed, step, micro-batch, rank), and every RNG and optimizer tensor is saved,
+so a run killed at any point and resumed with `resume=auto` reproduces the uninterrupted run
+bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from llmlab.common import LlmlabError, choose_device, init_distributed, seed_everything
+from llmlab.config import save_config
+from llmlab.data.shards import TokenShards, read_manifest
+from llmlab.models import GPTConfig, LlamaConfig, build_model
+from llmlab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from llmlab.train.optim import OptimConfig, build_optimizer, lr_at
+
+
+@dataclass
+class EvalConfig:
+    every: int = 100  # evaluate every N optimizer steps (and after the last)
+    batches: int = 20  # validation micro-batches per evaluation
+    patience: int = 0  # stop after N evaluations without a new best val loss; 0 = never
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 200  # save every N steps (and at the end, and on SIGINT/SIGTERM)
+    keep_last: int = 3  # complete checkpoints kept on disk
+    resume: str = "none"  # "none", "auto" (the newest complete checkpoint) or a checkpoint folder
+
+
+@dataclass
+class SystemConfig:
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
+    autocast: Literal["none", "bf16"] = "none"  # bf16 autocast (GPUs); CPUs here are fastest in fp32
+    compile: bool = False  # torch.compile the model (GPUs)
+    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+
+
+@dataclass
+class PretrainConfig:
+    data: str = "runs/data"  # folder written by `llmlab data prepare`
+    out_dir: str = "runs/pretrain"  # run directory: config.yaml, metrics.jsonl, checkpoints/
+    model: GPTConfig | LlamaConfig = field(default_factory=lambda: LlamaConfig(
+        vocab_size=4096, dim=128, n_layers=4, n_heads=4, max_seq_len=256))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    seq_len: int = 256  # tokens per training sequence
+    batch_size: int = 16  # sequences per micro-batch (per process)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 1000  # optimizer steps; the schedule ends here
+    max_minutes: float = 0.0  # also stop (with a checkpoint) after this much wall time; 0 = no limit
+    nonfinite: Literal["stop", "skip"] = "stop"  # on a NaN/inf loss: stop the run, or skip the batch
+    log_every: int = 10  # plain log line every N steps when stderr is not a terminal
+    seed: int = 0
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
+
+
+def sample_batch(shards: TokenShards, batch_size: int, seq_len: int, seed: tuple[int, ...],
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of seq_len + 1 tokens -> (inputs, targets), each (B, T). `seed` fixes them."""
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(shards) - seq_len - 1, size=batch_size)
+    rows = torch.from_numpy(np.stack([shards.get(int(s), seq_len + 1) for s in starts]).astype(np.int64))
+    rows = rows.to(device, non_blocking=True)
+    return rows[:, :-1], rows[:, 1:]
+
+
+@torch.no_grad()
+def evaluate(model, shards: TokenShards, cfg: PretrainConfig, device: torch.device) -> float:
+    """Mean next-token loss (nats) over the same `eval.batches` validation batches every time."""
+    model.eval()
+    losses = []
+    for i in range(cfg.eval.batches):
+        x, y = sample_batch(shards, cfg.batch_size, cfg.seq_len, (cfg.seed, 1, i), device)
+        losses.append(F.cross_entropy(model(x).float().flatten(0, 1), y.flatten()).item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+class StopSignals:
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each step (then it saves and exits)."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def restore(self):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def run(cfg: PretrainConfig) -> dict:
+    """Pretrain; returns {"step", "tokens", "val_loss", "stopped", "checkpoint", "exit_code"}."""
+    # ---- setup
+    device = choose_device(cfg.system.device)
+    rank, world = init_distributed(device)
+    manifest = read_manifest(cfg.data)
+    train_data = TokenShards(cfg.data, "train")
+    val_data = TokenShards(cfg.data, "val") if manifest["splits"].get("val", {}).get("tokens") else None
+    if cfg.model.vocab_size < manifest["vocab_size"]:
+        raise LlmlabError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{manifest['vocab_size']} ({cfg.data}); set model.vocab_size={manifest['vocab_size']}")
+    for name, shards in (("train", train_data), ("val", val_data)):
+        if shards is not None and len(shards) <= cfg.seq_len + 1:
+            raise LlmlabError(f"{cfg.data}: the {name} split has {len(shards)} tokens, fewer than seq_len+1="
+                              f"{cfg.seq_len + 1}; lower seq_len or add data")
+    if cfg.seq_len > cfg.model.max_seq_len:
+        raise LlmlabError(f"seq_len={cfg.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    out, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"
+
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model).to(device)
+    model.gradient_checkpointing = cfg.system.gradient_checkpointing
+    optimizer = build_optimizer(model, cfg.optim, device)
+    start, tokens, best, bad_evals, skipped = 0, 0, math.inf, 0, 0
+    resume_from = _resume_path(cfg, ckpt_dir)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer)
+        start, tokens, skipped = state["step"], state["tokens"], state["skipped"]
+        best, bad_evals = state["best_val_loss"], state["bad_evals"]
+        print(f"resumed from {resume_from} at step {start}")
+    if rank == 0:
+        save_config(cfg, out / "config.yaml")
+        _truncate_metrics(out / "metrics.jsonl", start)
+    train_model = model
+    if cfg.system.compile:
+        train_model = torch.compile(model)
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(train_model)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.system.autocast == "bf16")
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
+    bytes_per_token = _bytes_per_token(manifest, "val")
+    signals = StopSignals()
+    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if rank == 0 else None
+    progress = _progress(start, cfg.max_steps, rank)
+    t_start, stopped, val_loss, done = time.time(), None, None, start
+
+    # ---- the loop
+    try:
+        model.train()
+        for step in range(start, cfg.max_steps):
+            t0 = time.time()
+            lr = lr_at(step, cfg.max_steps, cfg.optim)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(cfg.grad_accum):
+                x, y = sample_batch(train_data, cfg.batch_size, cfg.seq_len, (cfg.seed, 0, step, micro, rank), device)
+                sync = world == 1 or micro == cfg.grad_accum - 1
+                with autocast, (contextlib.nullcontext() if sync else train_model.no_sync()):
+                    loss = F.cross_entropy(train_model(x).float().flatten(0, 1), y.flatten())
+                    # mean over micro-batches, so accumulation matches one batch of grad_accum x the size
+                    (loss / cfg.grad_accum).backward()
+                loss_sum += loss.detach()
+            loss = loss_sum / cfg.grad_accum
+            if world > 1:
+                torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
+            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                if cfg.nonfinite == "stop":
+                    raise LlmlabError(f"non-finite loss ({loss.item()}) or gradient norm at step {step}; stopping "
+                                      f"without saving. Lower optim.lr, or set nonfinite=skip to skip such batches")
+                skipped += 1
+                done = step + 1
+                _write(metrics, {"step": done, "skipped_nonfinite": skipped, "lr": lr})
+                continue
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            tokens += tokens_per_step
+            dt = time.time() - t0
+            record = {"step": done, "loss": loss.item(), "lr": lr, "tokens": tokens,
+                      "tokens_per_s": tokens_per_step / dt, "grad_norm": grad_norm.item(), "time": time.time() - t_start}
+            _write(metrics, record)
+            if rank == 0:
+                _report(progress, record, cfg, done - start)
+
+            if signals.received is not None:
+                stopped = f"signal:{signal.Signals(signals.received).name}"
+            elif cfg.max_minutes and time.time() - t_start > 60 * cfg.max_minutes:
+                stopped = "max_minutes"
+            last = done == cfg.max_steps or stopped is not None
+            if val_data is not None and (done % cfg.eval.every == 0 or last):
+                val_loss = evaluate(model, val_data, cfg, device)
+                _write(metrics, {"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
+                                 "val_bpb": val_loss / math.log(2) / bytes_per_token})
+                if rank == 0:
+                    _print(progress, f"step {done}: val_loss {val_loss:.4f}  ppl {math.exp(min(val_loss, 50)):.2f}")
+                best, bad_evals = (val_loss, 0) if val_loss < best else (best, bad_evals + 1)
+                if cfg.eval.patience and bad_evals >= cfg.eval.patience and stopped is None:
+                    stopped, last = "early_stopping", True
+            if rank == 0 and (done % cfg.ckpt.every == 0 or last):
+                save_checkpoint(ckpt_dir, done, model, optimizer,
+                                {"tokens": tokens, "skipped": skipped, "best_val_loss": best, "bad_evals": bad_evals},
+                                cfg.ckpt.keep_last)
+            if stopped is not None:
+                break
+    finally:
+        signals.restore()
+        if progress is not None:
+            progress.close()
+        if metrics is not None:
+            metrics.close()
+    stopped = stopped or "max_steps"
+    latest = latest_checkpoint(ckpt_dir)
+    exit_code = 128 + signals.received if signals.received is not None else 0
+    if rank == 0:
+        print(f"stopped after step {done} ({stopped}); {tokens:,} tokens; checkpoint {latest}")
+    return {"step": done, "tokens": tokens, "val_loss": val_loss, "stopped": stopped,
+            "checkpoint": str(latest) if latest else None, "exit_code": exit_code, "skipped": skipped}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _resume_path(cfg: PretrainConfig, ckpt_dir: Path) -> Path | None:
+    if cfg.ckpt.resume == "none":
+        if any(ckpt_dir.glob("step-*")):
+            raise LlmlabError(f"{cfg.out_dir} already holds checkpoints; pass ckpt.resume=auto to continue "
+                              "that run, or choose another out_dir")
+        return None
+    if cfg.ckpt.resume == "auto":
+        return latest_checkpoint(ckpt_dir)  # none yet: a fresh start
+    path = Path(cfg.ckpt.resume)
+    if not (path / "state.json").is_file():
+        raise LlmlabError(f"ckpt.resume={cfg.ckpt.resume}: not a training checkpoint (no state.json)")
+    return path
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past `step`: a killed run may have logged steps its checkpoint lacks."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _bytes_per_token(manifest: dict, split: str) -> float:
+    s = manifest["splits"].get(split) or {}
+    return s["bytes"] / s["tokens"] if s.get("tokens") else float("nan")
+
+
+def _write(metrics, record: dict) -> None:
+    if metrics is not None:
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+
+
+def _progress(start: int, total: int, rank: int):
+    if rank != 0 or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+
+def _print(progress, text: str) -> None:
+    if progress is not None:
+        progress.write(text)
+    else:
+        print(text, flush=True)
+
+
+def _report(progress, record: dict, cfg: PretrainConfig, steps_this_run: int) -> None:
+    if progress is not None:
+        progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                             tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+        progress.update(1)
+    elif record["step"] % cfg.log_every == 0 or record["step"] == cfg.max_steps:
+        eta = (cfg.max_steps - record["step"]) * record["time"] / steps_this_run
+        print(f"step {record['step']}/{cfg.max_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+              f"{record['tokens_per_s']:.0f} tok/s  eta {eta:.0f}s", flush=True)

@@ -1,0 +1,134 @@
+"""The pretraining loop end to end on CPU: run directory, exact resume after SIGKILL, signals,
+non-finite losses and early stopping."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmlab.common import LlmlabError
+from llmlab.config import from_dict, save_config, to_dict
+from llmlab.train.checkpoint import list_checkpoints
+from llmlab.train.pretrain import PretrainConfig, run
+
+
+def _cfg(corpus_dir, out_dir, **overrides) -> PretrainConfig:
+    base = {"data": str(corpus_dir), "out_dir": str(out_dir), "seq_len": 32, "batch_size": 4, "max_steps": 12,
+            "model": {"family": "llama", "vocab_size": 320, "dim": 32, "n_layers": 2, "n_heads": 4,
+                      "hidden_dim": 64, "max_seq_len": 64, "dropout": 0.1},
+            "optim": {"lr": 3e-3, "warmup_steps": 3}, "eval": {"every": 4, "batches": 2},
+            "ckpt": {"every": 4, "keep_last": 10}}
+    for key, value in overrides.items():
+        node = base
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return from_dict(PretrainConfig, base)
+
+
+def _metrics(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_directory_and_metrics(corpus_dir, tmp_path):
+    result = run(_cfg(corpus_dir, tmp_path))
+    assert result["step"] == 12 and result["stopped"] == "max_steps" and result["exit_code"] == 0
+    saved = (tmp_path / "config.yaml").read_text()
+    assert "max_steps: 12" in saved and "family: llama" in saved
+    lines = _metrics(tmp_path)
+    train = [r for r in lines if "loss" in r]
+    evals = [r for r in lines if "val_loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 13))
+    assert {"step", "loss", "lr", "tokens", "tokens_per_s"} <= train[0].keys()
+    assert train[-1]["tokens"] == 12 * 4 * 32
+    assert [r["step"] for r in evals] == [4, 8, 12] and {"val_ppl", "val_bpb"} <= evals[0].keys()
+    assert train[-1]["loss"] < train[0]["loss"]  # it learns something
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == [
+        "step-00000004", "step-00000008", "step-00000012"]
+    with pytest.raises(LlmlabError, match="already holds checkpoints"):
+        run(_cfg(corpus_dir, tmp_path))
+
+
+def test_resume_after_sigkill_is_bit_identical(corpus_dir, tmp_path):
+    steps = 40
+    reference = run(_cfg(corpus_dir, tmp_path / "ref", max_steps=steps, **{"ckpt.every": 5}))
+    assert reference["step"] == steps
+
+    cfg = _cfg(corpus_dir, tmp_path / "killed", max_steps=steps, **{"ckpt.every": 5})
+    save_config(cfg, tmp_path / "killed.yaml")
+    proc = subprocess.Popen([sys.executable, "-m", "llmlab", "pretrain", str(tmp_path / "killed.yaml")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    target = tmp_path / "killed" / "checkpoints" / "step-00000010"
+    deadline = time.time() + 120
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = max(int(p.name[5:]) for p in list_checkpoints(tmp_path / "killed" / "checkpoints"))
+    assert 10 <= done < steps, "the run was not interrupted mid-way"
+
+    resumed = run(from_dict(PretrainConfig, {**to_dict(cfg), "ckpt": {**to_dict(cfg)["ckpt"], "resume": "auto"}}))
+    assert resumed["step"] == steps
+    ref_lines, got_lines = _metrics(tmp_path / "ref"), _metrics(tmp_path / "killed")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "time")} for r in rows]
+    assert strip(got_lines) == strip(ref_lines)  # every loss, lr, grad norm and val loss, bit for bit
+    final = f"step-{steps:08d}"
+    a = load_file(tmp_path / "ref" / "checkpoints" / final / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "checkpoints" / final / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus_dir, tmp_path):
+    cfg = _cfg(corpus_dir, tmp_path / "run", max_steps=100000, **{"ckpt.every": 100000})
+    save_config(cfg, tmp_path / "run.yaml")
+    proc = subprocess.Popen([sys.executable, "-m", "llmlab", "pretrain", str(tmp_path / "run.yaml")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while (not metrics.exists() or metrics.stat().st_size == 0) and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "signal:SIGTERM" in out
+    (ckpt,) = list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert int(ckpt.name[5:]) == max(r["step"] for r in _metrics(tmp_path / "run"))
+
+
+def test_non_finite_loss_stops_or_skips(corpus_dir, tmp_path):
+    with pytest.raises(LlmlabError, match="non-finite loss"):
+        run(_cfg(corpus_dir, tmp_path / "stop", **{"optim.lr": 1e12, "optim.warmup_steps": 0,
+                                                    "optim.grad_clip": 0.0}))
+    assert not list_checkpoints(tmp_path / "stop" / "checkpoints")
+    result = run(_cfg(corpus_dir, tmp_path / "skip", nonfinite="skip", **{
+        "optim.lr": 1e12, "optim.warmup_steps": 0, "optim.grad_clip": 0.0}))
+    assert result["skipped"] > 0
+    for path in list_checkpoints(tmp_path / "skip" / "checkpoints"):
+        assert all(torch.isfinite(t).all() for t in load_file(path / "model.safetensors").values())
+
+
+def test_early_stopping_with_patience(corpus_dir, tmp_path):
+    # lr = 0 after warmup 0: the validation loss never improves on the first evaluation
+    result = run(_cfg(corpus_dir, tmp_path, max_steps=50, **{"optim.lr": 0.0, "optim.warmup_steps": 0,
+                                                              "eval.every": 2, "eval.patience": 2}))
+    assert result["stopped"] == "early_stopping" and result["step"] == 6
+
+
+def test_bad_inputs(corpus_dir, tmp_path):
+    with pytest.raises(LlmlabError, match="smaller than the tokenizer"):
+        run(_cfg(corpus_dir, tmp_path, **{"model.vocab_size": 100}))
+    with pytest.raises(LlmlabError, match="exceeds model.max_seq_len"):
+        run(_cfg(corpus_dir, tmp_path, seq_len=128))
+    with pytest.raises(LlmlabError):
+        run(_cfg(tmp_path / "nowhere", tmp_path))
+    out = subprocess.run([sys.executable, "-m", "llmlab", "pretrain", "optim.lrr=1"], capture_output=True, text=True)
+    assert out.returncode == 1 and "optim.lrr: unknown key (did you mean 'lr'?)" in out.stderr

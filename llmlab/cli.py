@@ -33,7 +33,9 @@ def _config_help(module: str, cls_name: str) -> str:
         f"  {k:{width}s}  {t} = {d}" for k, t, d in rows)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] = ()) -> argparse.ArgumentParser:
+    """The argument tree. A verb's config-key help imports its module (and torch), so it is built
+    only for the verb that `argv` names; `llmlab --help` and other verbs stay fast."""
     parser = argparse.ArgumentParser(prog="llmlab", description="A hackable lab for the whole life of a "
                                      "language model.")
     parser.add_argument("--version", action="version", version=f"llmlab {__version__}")
@@ -47,9 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                 groups[verb] = verbs.add_parser(verb, help=f"{verb} commands").add_subparsers(
                     dest="sub", metavar="COMMAND", required=True)
             parent = groups[verb]
+        requested = [a for a in argv if not a.startswith("-")][:len(name.split())]
         p = parent.add_parser(sub or verb, help=help_text, description=help_text,
                               formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog=_config_help(module, cls_name))
+                              epilog=_config_help(module, cls_name) if requested == name.split() else None)
         p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
                        help="an optional YAML config, then dotted overrides")
         p.set_defaults(config_verb=name)
@@ -93,7 +96,8 @@ def _convert(ns: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    ns = build_parser(argv).parse_args(argv)
     try:
         if getattr(ns, "config_verb", None):
             return _run_config_verb(ns.config_verb, ns.args)

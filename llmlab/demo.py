@@ -1,7 +1,7 @@
 """`llmlab demo`: the main job on the embedded default, end to end, with no arguments.
 
-1. prepare the CPython documentation that every Python install carries (`pydoc_data.topics`):
-   clean, deduplicate, split, and train a byte-level BPE tokenizer on the training split;
+1. train a byte-level BPE tokenizer on the CPython documentation that every Python install
+   carries (`pydoc_data.topics`), then clean, deduplicate, split and tokenize it into shards;
 2. pretrain a small LLaMA-style model for a fixed wall-clock budget (about three minutes on two
    CPU cores), with the step count calibrated so the cosine schedule ends on time;
 3. report validation perplexity against a unigram baseline, draw the loss curve
@@ -25,6 +25,7 @@ from llmlab.data.prepare import PrepareConfig, TokenizerTrainConfig, train_token
 from llmlab.data.prepare import run as prepare
 from llmlab.data.shards import TokenShards
 from llmlab.models import LlamaConfig
+from llmlab.models.io import load_model
 from llmlab.tokenizer import load_tokenizer
 from llmlab.train.pretrain import PretrainConfig, run as pretrain
 
@@ -78,9 +79,7 @@ def run(cfg: DemoConfig) -> dict:
     print(f"  validation perplexity  {math.exp(val_loss):8.2f}   (unigram baseline {math.exp(unigram):.2f})")
     plot_losses(out / "pretrain" / "metrics.jsonl", out / "loss.png")
     print(f"  loss curve             {out / 'loss.png'}")
-    import llmlab
-
-    model = llmlab.load_model(result["checkpoint"])
+    model = load_model(result["checkpoint"])
     tokenizer = load_tokenizer(tok_dir)
     for i, prompt in enumerate(PROMPTS):
         ids = sample(model, tokenizer.encode(prompt), 40, temperature=0.8, seed=cfg.seed + i)

@@ -158,7 +158,7 @@ def save_model(model: nn.Module, path: str | os.PathLike) -> None:
     path = Path(path)
     state = _weights(model)
     state = {k: v for k, v in state.items() if not (k == "lm_head.weight" and model.config.tie_embeddings)}
-    _save_safetensors(state, path / WEIGHTS)
+    save_safetensors(state, path / WEIGHTS)
     atomic_write_text(path / "config.json", json.dumps({"llmlab": configlib.to_dict(model.config)}, indent=2))
 
 
@@ -180,11 +180,11 @@ def save_hf(model: nn.Module, path: str | os.PathLike, *, max_shard_bytes: int =
         shards[-1][key] = t
         size += nbytes
     if len(shards) == 1:
-        _save_safetensors(shards[0], path / WEIGHTS)
+        save_safetensors(shards[0], path / WEIGHTS)
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         for name, shard in zip(names, shards):
-            _save_safetensors(shard, path / name)
+            save_safetensors(shard, path / name)
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                  "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
         atomic_write_text(path / INDEX, json.dumps(index, indent=2))
@@ -206,7 +206,8 @@ def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
-def _save_safetensors(state: dict[str, torch.Tensor], file: Path) -> None:
+def save_safetensors(state: dict[str, torch.Tensor], file: Path) -> None:
+    """Write tensors to a safetensors file atomically (temporary name, fsync, rename)."""
     # format=pt is the metadata transformers checks before it trusts a safetensors file
     with atomic_path(file) as tmp:
         save_file(state, tmp, metadata={"format": "pt"})

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from llmlab.common import LlmlabError, atomic_write_text, fsync_dir
-from llmlab.models.io import load_state_into, read_state_dict, save_model
+from llmlab.models.io import load_state_into, read_state_dict, save_model, save_safetensors
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -56,11 +56,11 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Module, op
         opt = optimizer.state_dict()
         tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous()
                    for i, s in opt["state"].items() for k, v in s.items()}
-        _save_tensors(tensors, tmp / "optimizer.safetensors")
+        save_safetensors(tensors, tmp / "optimizer.safetensors")
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        _save_tensors(rng, tmp / "rng.safetensors")
+        save_safetensors(rng, tmp / "rng.safetensors")
         py_version, py_state, py_gauss = random.getstate()
         np_state = np.random.get_state()
         full = {**state, "step": step, "param_groups": opt["param_groups"],
@@ -76,12 +76,6 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Module, op
     for old in list_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _save_tensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
-    save_file(tensors, file, metadata={"format": "pt"})
-    with open(file, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llmlab.common import LlmlabError, choose_device, init_distributed, seed_everything
+from llmlab.common import LlmlabError, atomic_write_text, choose_device, init_distributed, seed_everything
 from llmlab.config import save_config
 from llmlab.data.shards import TokenShards, read_manifest
 from llmlab.models import GPTConfig, LlamaConfig, build_model
@@ -255,7 +255,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
         return
     kept = [line for line in path.read_text(encoding="utf-8").splitlines()
             if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _bytes_per_token(manifest: dict, split: str) -> float:

@@ -25,6 +25,7 @@ manifest.json:
 
     {"version": 1, "tokenizer_sha256": hex, "tokenizer_path": absolute path or "",
      "vocab_size": int, "dtype": "uint16" | "uint32", "eos_id": int | null, "bos_id": int | null,
+     "fim_ids": [prefix, middle, suffix] | null,
      "config": PrepareConfig as a dict,
      "files": {"read": n, "skipped": {"binary": n, ...}},
      "documents": {"in": n, "kept": n, "removed": {"too_short": n, "near_duplicate": n, ...}},
@@ -138,7 +139,8 @@ def run(cfg: PrepareConfig, *, tokenizer: Any = None) -> dict:
         cfg: The configuration.
         tokenizer: An already loaded tokenizer to use instead of loading `cfg.tokenizer` (for
             notebooks and tests): anything with `encode_batch(texts, bos=, eos=)`, `vocab_size`,
-            `bos_id`, `eos_id` and `sha256()`, like `llmlab.tokenizer.Tokenizer`.
+            `bos_id`, `eos_id` and `sha256()` (and `fim_ids` if it has them), like
+            `llmlab.tokenizer.Tokenizer`.
 
     Returns:
         The manifest written to `out_dir/manifest.json`.
@@ -220,6 +222,7 @@ def run(cfg: PrepareConfig, *, tokenizer: Any = None) -> dict:
             "dtype": dtype.name,
             "eos_id": tokenizer.eos_id,
             "bos_id": tokenizer.bos_id,
+            "fim_ids": list(tokenizer.fim_ids) if getattr(tokenizer, "fim_ids", None) else None,
             "config": to_dict(cfg),
             "files": {"read": file_stats["files"],
                       "skipped": {k: v for k, v in file_stats.items() if k != "files" and v}},

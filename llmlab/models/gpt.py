@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llmlab.models.layers import (KVCache, ParamCount, RMSNorm, build_attention_mask, positions_from_mask,
-                                  sdpa, training_flops_per_token)
+from llmlab.models.layers import (KVCache, ParamCount, RMSNorm, build_attention_mask, lm_output,
+                                  positions_from_mask, sdpa, training_flops_per_token)
 
 
 @dataclass
@@ -199,16 +199,18 @@ class GPT(nn.Module):
                        p.device, p.dtype)
 
     def forward(self, input_ids: torch.Tensor, *, kv_cache: KVCache | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Next-token logits.
+                attention_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits, or the mean next-token loss when `targets` are given.
 
         Args:
             input_ids: (B, T) token ids.
             kv_cache: keys and values of earlier tokens; the new T tokens are appended to it.
             attention_mask: (B, S) with S = cached + T; 1 for tokens, 0 for padding (left or right).
+            targets: (B, T) next-token ids, -100 where no loss is wanted.
 
         Returns:
-            logits (B, T, vocab_size)
+            logits (B, T, vocab_size), or with targets the mean cross-entropy (a scalar), computed
+            without materialising the logits
         """
         cfg = self.config
         B, T = input_ids.shape
@@ -239,4 +241,4 @@ class GPT(nn.Module):
                 x = layer(x, mask, distances, kv_cache, i)
         if kv_cache is not None:
             kv_cache.advance(T)
-        return self.lm_head(self.norm(x))
+        return lm_output(self.lm_head, self.norm(x), targets)

@@ -20,7 +20,9 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from llmlab.common import LlmlabError, atomic_path, atomic_write_text
 
-SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+FIM_TOKENS = ("<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>")  # fill-in-the-middle sentinels
+SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
+                  *FIM_TOKENS)
 
 # Names that tokenizer.json files from other projects use for the same roles, tried in order
 # after llmlab's own, so that a foreign tokenizer still reports its BOS/EOS/PAD ids.
@@ -64,6 +66,12 @@ class Tokenizer:
     def pad_id(self) -> int | None:
         """Id of <|pad|>, else of <pad>; else None."""
         return self._first_id(_PAD_NAMES)
+
+    @property
+    def fim_ids(self) -> tuple[int, int, int] | None:
+        """Ids of <|fim_prefix|>, <|fim_middle|>, <|fim_suffix|> when the vocabulary has all three."""
+        ids = tuple(self._tok.token_to_id(t) for t in FIM_TOKENS)
+        return None if None in ids else ids
 
     def _first_token(self, names: Sequence[str]) -> str | None:
         return next((name for name in names if self._tok.token_to_id(name) is not None), None)

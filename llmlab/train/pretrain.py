@@ -21,10 +21,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from llmlab.common import LlmlabError, atomic_write_text, choose_device, init_distributed, seed_everything
 from llmlab.config import save_config
+from llmlab.data.fim import FimSpec, fim_permute
 from llmlab.data.shards import TokenShards, read_manifest
 from llmlab.models import GPTConfig, LlamaConfig, build_model
 from llmlab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -65,6 +65,8 @@ class PretrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 1000  # optimizer steps; the schedule ends here
     max_minutes: float = 0.0  # also stop (with a checkpoint) after this much wall time; 0 = no limit
+    fim_rate: float = 0.0  # fraction of training documents reordered for fill-in-the-middle (code models)
+    fim_spm_rate: float = 0.5  # of those, the fraction in SPM rather than PSM order
     nonfinite: Literal["stop", "skip"] = "stop"  # on a NaN/inf loss: stop the run, or skip the batch
     log_every: int = 10  # plain log line every N steps when stderr is not a terminal
     seed: int = 0
@@ -74,11 +76,15 @@ class PretrainConfig:
 
 
 def sample_batch(shards: TokenShards, batch_size: int, seq_len: int, seed: tuple[int, ...],
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows of seq_len + 1 tokens -> (inputs, targets), each (B, T). `seed` fixes them."""
+                 device: torch.device, fim: FimSpec | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of seq_len + 1 tokens -> (inputs, targets), each (B, T). `seed` fixes them,
+    and the fill-in-the-middle reordering too when `fim` is given."""
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(shards) - seq_len - 1, size=batch_size)
-    rows = torch.from_numpy(np.stack([shards.get(int(s), seq_len + 1) for s in starts]).astype(np.int64))
+    rows = [shards.get(int(s), seq_len + 1).astype(np.int64) for s in starts]
+    if fim is not None:
+        rows = [fim_permute(row, fim, rng) for row in rows]
+    rows = torch.from_numpy(np.stack(rows))
     rows = rows.to(device, non_blocking=True)
     return rows[:, :-1], rows[:, 1:]
 
@@ -90,7 +96,7 @@ def evaluate(model, shards: TokenShards, cfg: PretrainConfig, device: torch.devi
     losses = []
     for i in range(cfg.eval.batches):
         x, y = sample_batch(shards, cfg.batch_size, cfg.seq_len, (cfg.seed, 1, i), device)
-        losses.append(F.cross_entropy(model(x).float().flatten(0, 1), y.flatten()).item())
+        losses.append(model(x, targets=y).item())
     model.train()
     return sum(losses) / len(losses)
 
@@ -127,6 +133,7 @@ def run(cfg: PretrainConfig) -> dict:
                               f"{cfg.seq_len + 1}; lower seq_len or add data")
     if cfg.seq_len > cfg.model.max_seq_len:
         raise LlmlabError(f"seq_len={cfg.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    fim = _fim_spec(cfg, manifest)
     out, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"
 
     seed_everything(cfg.seed)
@@ -165,17 +172,21 @@ def run(cfg: PretrainConfig) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
+            torch.manual_seed(_step_seed(cfg.seed, step, rank))  # dropout: a function of (seed, step, rank)
             for micro in range(cfg.grad_accum):
-                x, y = sample_batch(train_data, cfg.batch_size, cfg.seq_len, (cfg.seed, 0, step, micro, rank), device)
+                # batch k of the step's grad_accum x world; so 2 ranks x 1 equals 1 process x 2 micro-batches
+                k = rank * cfg.grad_accum + micro
+                x, y = sample_batch(train_data, cfg.batch_size, cfg.seq_len, (cfg.seed, 0, step, k), device, fim)
                 sync = world == 1 or micro == cfg.grad_accum - 1
                 with autocast, (contextlib.nullcontext() if sync else train_model.no_sync()):
-                    loss = F.cross_entropy(train_model(x).float().flatten(0, 1), y.flatten())
+                    loss = train_model(x, targets=y)
                     # mean over micro-batches, so accumulation matches one batch of grad_accum x the size
                     (loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach()
             loss = loss_sum / cfg.grad_accum
-            if world > 1:
-                torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
+            if world > 1:  # SUM then divide: Gloo (CPU) has no AVG
+                torch.distributed.all_reduce(loss)
+                loss /= world
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
             if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
@@ -197,10 +208,8 @@ def run(cfg: PretrainConfig) -> dict:
             if rank == 0:
                 _report(progress, record, cfg, done - start)
 
-            if signals.received is not None:
-                stopped = f"signal:{signal.Signals(signals.received).name}"
-            elif cfg.max_minutes and time.time() - t_start > 60 * cfg.max_minutes:
-                stopped = "max_minutes"
+            stopped = _stop_reason(signals, cfg.max_minutes and time.time() - t_start > 60 * cfg.max_minutes,
+                                   world, device)
             last = done == cfg.max_steps or stopped is not None
             if val_data is not None and (done % cfg.eval.every == 0 or last):
                 val_loss = evaluate(model, val_data, cfg, device)
@@ -247,6 +256,37 @@ def _resume_path(cfg: PretrainConfig, ckpt_dir: Path) -> Path | None:
     if not (path / "state.json").is_file():
         raise LlmlabError(f"ckpt.resume={cfg.ckpt.resume}: not a training checkpoint (no state.json)")
     return path
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return int(np.random.SeedSequence((seed, 2, step, rank)).generate_state(1)[0])
+
+
+def _stop_reason(signals: StopSignals, out_of_time: bool, world: int, device: torch.device) -> str | None:
+    """Why to stop after this step, agreed by all ranks (a signal or the clock may reach one rank first)."""
+    code = 2 if signals.received is not None else 1 if out_of_time else 0
+    if world > 1:
+        flag = torch.tensor(code, device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        code = int(flag)
+    if code == 2:
+        name = signal.Signals(signals.received).name if signals.received is not None else "on another rank"
+        return f"signal:{name}"
+    return "max_minutes" if code == 1 else None
+
+
+def _fim_spec(cfg: PretrainConfig, manifest: dict) -> FimSpec | None:
+    for name in ("fim_rate", "fim_spm_rate"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise LlmlabError(f"{name}={getattr(cfg, name)}: expected a probability in [0, 1]")
+    if cfg.fim_rate == 0:
+        return None
+    if not manifest.get("fim_ids") or manifest.get("eos_id") is None:
+        raise LlmlabError(f"fim_rate={cfg.fim_rate} needs <|fim_prefix|>, <|fim_middle|>, <|fim_suffix|> and EOS "
+                          f"tokens, and the tokenizer of {cfg.data} lacks some; train one with `llmlab tokenizer "
+                          "train` and prepare the data again")
+    prefix, middle, suffix = manifest["fim_ids"]
+    return FimSpec(prefix, middle, suffix, manifest["eos_id"], cfg.fim_rate, cfg.fim_spm_rate)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

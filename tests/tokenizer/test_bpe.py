@@ -14,7 +14,7 @@ import tokenizers
 from tokenizers import models, pre_tokenizers, processors
 
 from llmlab.common import LlmlabError
-from llmlab.tokenizer import SPECIAL_TOKENS, Tokenizer, load_tokenizer, train_bpe
+from llmlab.tokenizer import FIM_TOKENS, SPECIAL_TOKENS, Tokenizer, load_tokenizer, train_bpe
 
 VOCAB = 500
 
@@ -53,6 +53,7 @@ def _random_text(rng: random.Random, n: int) -> str:
 def test_special_tokens_take_the_first_ids_in_order(tok):
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2)
+    assert tok.fim_ids == tuple(SPECIAL_TOKENS.index(t) for t in FIM_TOKENS)
     assert tok.vocab_size == VOCAB  # the corpus has enough pairs to fill the vocabulary
 
 
@@ -189,6 +190,7 @@ def test_foreign_tokenizer_uses_common_special_names_and_ignores_its_template():
     raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     foreign = Tokenizer(raw)
     assert (foreign.bos_id, foreign.eos_id, foreign.pad_id, foreign.vocab_size) == (0, 1, None, 5)
+    assert foreign.fim_ids is None
     raw.add_special_tokens(["<pad>"])  # an added token outside the model's vocab still counts
     assert (foreign.pad_id, foreign.vocab_size) == (5, 6)
     assert foreign.encode("hi there") == [3, 4]  # the template would have added <s>

@@ -132,3 +132,32 @@ def test_bad_inputs(corpus_dir, tmp_path):
         run(_cfg(tmp_path / "nowhere", tmp_path))
     out = subprocess.run([sys.executable, "-m", "llmlab", "pretrain", "optim.lrr=1"], capture_output=True, text=True)
     assert out.returncode == 1 and "optim.lrr: unknown key (did you mean 'lr'?)" in out.stderr
+
+
+def test_fill_in_the_middle_batches_are_reordered_and_training_runs(corpus_dir, tmp_path):
+    from llmlab.data.fim import FimSpec
+    from llmlab.data.shards import TokenShards, read_manifest
+    from llmlab.train.pretrain import sample_batch
+
+    manifest = read_manifest(corpus_dir)
+    prefix, middle, suffix = manifest["fim_ids"]
+    shards, cpu = TokenShards(corpus_dir, "train"), torch.device("cpu")
+    plain, _ = sample_batch(shards, 8, 32, (0, 0, 1), cpu)
+    fim, _ = sample_batch(shards, 8, 32, (0, 0, 1), cpu, FimSpec(prefix, middle, suffix, manifest["eos_id"], 1.0))
+    assert not (plain == prefix).any() and (fim[:, 0] == prefix).all()  # each window starts with a piece
+    result = run(_cfg(corpus_dir, tmp_path / "run", fim_rate=0.5, max_steps=4))
+    assert result["step"] == 4 and result["val_loss"] is not None
+
+
+def test_fill_in_the_middle_needs_its_tokens_and_a_probability(corpus_dir, tmp_path):
+    with pytest.raises(LlmlabError, match=r"fim_rate=1.5: expected a probability in \[0, 1\]"):
+        run(_cfg(corpus_dir, tmp_path / "a", fim_rate=1.5))
+    data = tmp_path / "old-data"
+    data.mkdir()
+    for f in corpus_dir.iterdir():
+        (data / f.name).write_bytes(f.read_bytes())
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["fim_ids"] = None
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LlmlabError, match=r"needs <\|fim_prefix\|>.*prepare the data again"):
+        run(_cfg(data, tmp_path / "b", fim_rate=0.5))

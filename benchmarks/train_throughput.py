@@ -1,0 +1,176 @@
+"""Training throughput: llmlab against HF transformers on identical configs, side by side.
+
+Each config is built twice with the same weights: an llmlab model and the HF *ForCausalLM
+that `llmlab convert` would write for it. Both train with the same loss (cross-entropy on the
+logits), the same AdamW, the same clipping, on the same random token batches; steps alternate
+between the two so that noise on a shared machine hits both alike. Prints tokens/s for both,
+the ratio, and the achieved model GFLOP/s (6N + 12 L d T per token) against the fp32 matmul
+ceiling measured in the same run. On a GPU it reports model FLOPs utilisation instead.
+
+    python benchmarks/train_throughput.py                       # both CPU configs, fp32
+    python benchmarks/train_throughput.py --configs 14m --steps 20
+    python benchmarks/train_throughput.py --configs gpt2-124m --device cuda --dtype bf16 --compile
+
+Targets on 2 CPU cores: ratio >= 1.5 on 1m, >= 1.1 on 14m, and >= 85% of the ceiling on 14m.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from llmlab.models import LlamaConfig, build_model
+from llmlab.models.convert import config_to_hf, llmlab_to_hf_state
+from llmlab.models.presets import get_preset
+
+# name -> (model config, seq_len, batch_size)
+CONFIGS = {
+    "1m": (LlamaConfig(vocab_size=4096, dim=128, n_layers=4, n_heads=4, max_seq_len=128, tie_embeddings=True),
+           128, 16),
+    "14m": (LlamaConfig(vocab_size=8192, dim=384, n_layers=6, n_heads=6, max_seq_len=256, tie_embeddings=True),
+            256, 8),
+}
+# dense bf16 tensor-core peaks, FLOP/s, from the vendors' data sheets (SXM parts)
+GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def hf_peer(model, dtype: torch.dtype):
+    """The HF model holding exactly the weights of `model`."""
+    import transformers
+
+    cfg = config_to_hf(model.config)
+    hf_config = transformers.AutoConfig.for_model(**cfg)
+    hf_config._attn_implementation = "sdpa"
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    state = llmlab_to_hf_state(model.state_dict(), model.config.family)
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
+        raise RuntimeError(f"weights do not map: missing {missing}, unexpected {unexpected}")
+    return hf.to(model.embed_tokens.weight.device)
+
+
+class Trainer:
+    """One optimizer step of `loss(inputs, targets)` on `model`'s parameters."""
+
+    def __init__(self, name: str, model, loss, autocast_dtype: torch.dtype | None):
+        self.name, self.model, self.loss = name, model, loss
+        self.autocast_dtype = autocast_dtype
+        device = next(model.parameters()).device
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1,
+                                           fused=device.type == "cuda")
+        self.times: list[float] = []
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, record: bool) -> float:
+        sync(x.device)
+        t0 = time.perf_counter()
+        with torch.autocast(x.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            loss = self.loss(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        value = loss.item()
+        sync(x.device)
+        if record:
+            self.times.append(time.perf_counter() - t0)
+        return value
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_ceiling(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    """Best-of FLOP/s of an n x n x n matmul."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def bench(name: str, args, ceiling: float) -> dict:
+    if name in CONFIGS:
+        cfg, seq_len, batch = CONFIGS[name]
+    else:
+        cfg, seq_len, batch = get_preset(name), args.seq_len, args.batch_size
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    ours = build_model(cfg).to(device)
+    peer = hf_peer(ours, torch.float32)
+    autocast = torch.bfloat16 if args.dtype == "bf16" else None
+    ours_fwd = torch.compile(ours) if args.compile else ours
+    peer_fwd = torch.compile(peer) if args.compile else peer
+    trainers = [  # each side's fastest way to the mean next-token loss
+        Trainer("llmlab", ours, lambda x, y: ours_fwd(x, targets=y), autocast),
+        Trainer("hf", peer, lambda x, y: F.cross_entropy(peer_fwd(input_ids=x).logits.float().flatten(0, 1),
+                                                         y.flatten()), autocast)]
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=gen).to(device)
+               for _ in range(4)]
+    first = {}
+    for i in range(args.warmup + args.steps):
+        rows = batches[i % len(batches)]
+        for t in (trainers if i % 2 == 0 else trainers[::-1]):
+            loss = t.step(rows[:, :-1], rows[:, 1:], record=i >= args.warmup)
+            first.setdefault(t.name, loss)
+    if abs(first["llmlab"] - first["hf"]) > 1e-3 * max(1.0, abs(first["hf"])):
+        raise RuntimeError(f"first-step losses differ: llmlab {first['llmlab']:.6f} vs hf {first['hf']:.6f}")
+    tokens = batch * seq_len
+    flops = cfg.flops_per_token(seq_len) * tokens
+    result = {"config": name, "params": cfg.num_params().total, "tokens_per_step": tokens}
+    for t in trainers:
+        step_s = statistics.median(t.times)
+        result[t.name] = {"step_s": step_s, "tokens_per_s": tokens / step_s, "flops_per_s": flops / step_s}
+    result["ratio"] = result["llmlab"]["tokens_per_s"] / result["hf"]["tokens_per_s"]
+    result["ceiling_fraction"] = result["llmlab"]["flops_per_s"] / ceiling
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", default="1m,14m", help="comma-separated: 1m, 14m or any preset name")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per model (median reported)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast (GPUs)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--seq-len", type=int, default=1024, help="for preset configs")
+    parser.add_argument("--batch-size", type=int, default=8, help="for preset configs")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    if gpu:
+        gpu_name = torch.cuda.get_device_name(device)
+        ceiling = next((v for k, v in GPU_PEAKS.items() if k in gpu_name), None)
+        ceiling_label = f"{gpu_name} bf16 peak"
+        if ceiling is None:
+            ceiling = matmul_ceiling(device, torch.bfloat16, n=8192)
+            ceiling_label = "measured bf16 matmul"
+    else:
+        ceiling = matmul_ceiling(device, torch.float32)
+        ceiling_label = "measured fp32 matmul"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, {args.dtype}"
+          f"{', compiled' if args.compile else ''}; ceiling ({ceiling_label}) {ceiling / 1e9:,.0f} GFLOP/s")
+    print(f"{'config':>10} {'params':>8} {'llmlab tok/s':>13} {'hf tok/s':>10} {'ratio':>6} "
+          f"{'GFLOP/s':>8} {'MFU' if gpu else 'of ceiling':>10}")
+    for name in args.configs.split(","):
+        r = bench(name.strip(), args, ceiling)
+        print(f"{r['config']:>10} {r['params'] / 1e6:>7.1f}M {r['llmlab']['tokens_per_s']:>13,.0f} "
+              f"{r['hf']['tokens_per_s']:>10,.0f} {r['ratio']:>5.2f}x {r['llmlab']['flops_per_s'] / 1e9:>8,.1f} "
+              f"{r['ceiling_fraction']:>10.1%}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -254,15 +254,17 @@ def _read_large_text(path: Path, encoding_errors: EncodingErrors) -> Iterator[Do
         yield Document(buffer, f"{path}:{line}")
 
 
-def default_corpus() -> Iterator[Document]:
-    """The embedded default: CPython's language documentation, one document per topic.
+def default_corpus(section_chars: int = 2000) -> Iterator[Document]:
+    """The embedded default: CPython's language documentation, cut into sections.
 
     `pydoc_data.topics.topics` maps a topic name ("assert", "for", "string-methods", ...) to
     its plain-text page (about 80 topics and 0.46 MB of English with code samples in
-    CPython 3.11). It is what `help("for")` prints, so every install carries it.
+    CPython 3.11). It is what `help("for")` prints, so every install carries it. Pages run up to
+    40 KB, so each is cut at paragraph breaks into sections of at least `section_chars`
+    characters: some 250 documents, enough for a validation split of more than a few pages.
 
     Yields:
-        One `Document` per topic, sorted by name, with source "pydoc_data.topics:<name>".
+        Sections in topic-name order, with source "pydoc_data.topics:<name>#<k>".
 
     Raises:
         DataError: This Python was built without `pydoc_data` (some minimal distro packages).
@@ -273,7 +275,23 @@ def default_corpus() -> Iterator[Document]:
         raise DataError("the embedded default corpus needs the standard library's pydoc_data package, which this "
                         "Python lacks; name some input files instead") from None
     for name in sorted(topics):
-        yield Document(topics[name], f"pydoc_data.topics:{name}")
+        for k, section in enumerate(_sections(topics[name], section_chars)):
+            yield Document(section, f"pydoc_data.topics:{name}#{k}")
+
+
+def _sections(text: str, min_chars: int) -> list[str]:
+    """`text` cut at blank lines into pieces of at least `min_chars` (a short tail joins the last one)."""
+    sections, current = [], []
+    for paragraph in text.split("\n\n"):
+        current.append(paragraph)
+        if sum(len(p) for p in current) >= min_chars:
+            sections.append("\n\n".join(current))
+            current = []
+    if current and sections and sum(len(p) for p in current) < min_chars // 2:
+        sections[-1] += "\n\n" + "\n\n".join(current)
+    elif current:
+        sections.append("\n\n".join(current))
+    return sections
 
 
 def python_sources(limit_bytes: int | None = None, stats: Counter | None = None) -> Iterator[Document]:

@@ -88,10 +88,11 @@ def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
-def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint; removes the debris of interrupted writes on the way."""
+def latest_checkpoint(ckpt_dir: str | os.PathLike, *, clean: bool = True) -> Path | None:
+    """The newest complete checkpoint; with `clean`, removes the debris of interrupted writes on the
+    way (only the process that writes checkpoints may clean: another's write may be in flight)."""
     ckpt_dir = Path(ckpt_dir)
-    if ckpt_dir.is_dir():
+    if clean and ckpt_dir.is_dir():
         for debris in ckpt_dir.glob(".tmp-step-*"):
             shutil.rmtree(debris, ignore_errors=True)
     found = list_checkpoints(ckpt_dir)

@@ -141,7 +141,7 @@ def run(cfg: PretrainConfig) -> dict:
     model.gradient_checkpointing = cfg.system.gradient_checkpointing
     optimizer = build_optimizer(model, cfg.optim, device)
     start, tokens, best, bad_evals, skipped = 0, 0, math.inf, 0, 0
-    resume_from = _resume_path(cfg, ckpt_dir)
+    resume_from = _resume_path(cfg, ckpt_dir, rank)
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer)
         start, tokens, skipped = state["step"], state["tokens"], state["skipped"]
@@ -233,7 +233,7 @@ def run(cfg: PretrainConfig) -> dict:
         if metrics is not None:
             metrics.close()
     stopped = stopped or "max_steps"
-    latest = latest_checkpoint(ckpt_dir)
+    latest = latest_checkpoint(ckpt_dir, clean=False)
     exit_code = 128 + signals.received if signals.received is not None else 0
     if rank == 0:
         print(f"stopped after step {done} ({stopped}); {tokens:,} tokens; checkpoint {latest}")
@@ -244,14 +244,14 @@ def run(cfg: PretrainConfig) -> dict:
 # --------------------------------------------------------------------------- helpers
 
 
-def _resume_path(cfg: PretrainConfig, ckpt_dir: Path) -> Path | None:
+def _resume_path(cfg: PretrainConfig, ckpt_dir: Path, rank: int) -> Path | None:
     if cfg.ckpt.resume == "none":
         if any(ckpt_dir.glob("step-*")):
             raise LlmlabError(f"{cfg.out_dir} already holds checkpoints; pass ckpt.resume=auto to continue "
                               "that run, or choose another out_dir")
         return None
     if cfg.ckpt.resume == "auto":
-        return latest_checkpoint(ckpt_dir)  # none yet: a fresh start
+        return latest_checkpoint(ckpt_dir, clean=rank == 0)  # none yet: a fresh start
     path = Path(cfg.ckpt.resume)
     if not (path / "state.json").is_file():
         raise LlmlabError(f"ckpt.resume={cfg.ckpt.resume}: not a training checkpoint (no state.json)")

@@ -293,7 +293,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 else:
                     probs.copy_(h @ w.T)
                 picked = probs.gather(1, target).squeeze(1)
-                lse = None
                 if not want_grad:  # evaluation: the exact log-sum-exp, nothing else
                     lse = torch.logsumexp(probs, dim=-1)
                     losses[rows] = lse - picked

@@ -28,9 +28,9 @@ def _config_help(module: str, cls_name: str) -> str:
 
     cls = getattr(importlib.import_module(module), cls_name)
     rows = config_help(cls)
-    width = max(len(k) for k, _, _ in rows)
+    width = max(len(k) for k, _, _, _ in rows)
     return "config keys (set with key=value):\n" + "\n".join(
-        f"  {k:{width}s}  {t} = {d}" for k, t, d in rows)
+        f"  {k:{width}s}  {t} = {d}" + (f"  # {c}" if c else "") for k, t, d, c in rows)
 
 
 def build_parser(argv: list[str] = ()) -> argparse.ArgumentParser:

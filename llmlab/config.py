@@ -16,7 +16,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
+import inspect
+import io
 import os
+import re
+import tokenize
 import types
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -343,7 +348,7 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
 # --------------------------------------------------------------------------- help
 
 
-def config_help(cls: type) -> list[tuple[str, str, str]]:
+def config_help(cls: type) -> list[tuple[str, str, str, str]]:
     """List every leaf key of a config class for CLI help.
 
     Nested dataclasses are walked recursively; for a union of family dataclasses the fields of
@@ -353,17 +358,35 @@ def config_help(cls: type) -> list[tuple[str, str, str]]:
         cls: A config dataclass type.
 
     Returns:
-        (dotted_key, type_name, default_repr) rows in field order; default_repr is "required"
-        for a field without a default.
+        (dotted_key, type_name, default_repr, comment) rows in field order; default_repr is
+        "required" for a field without a default; comment is the `# ...` that ends the field's
+        line in the source ("" if none).
     """
-    rows: dict[str, tuple[str, str, str]] = {}
+    rows: dict[str, tuple[str, str, str, str]] = {}
     _help_rows(cls, "", None, rows)
     return list(rows.values())
 
 
-def _help_rows(cls: type, prefix: str, obj: Any, rows: dict[str, tuple[str, str, str]]) -> None:
+@functools.cache
+def _field_comments(cls: type) -> dict[str, str]:
+    """Field name -> the comment ending its line in `cls`'s source; {} when the source is unavailable."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    line_comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                     for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    comments = {}
+    for number, line in enumerate(source.splitlines(), start=1):
+        m = re.match(r"^\s+(\w+)\s*:", line)
+        if m and number in line_comments:
+            comments.setdefault(m.group(1), line_comments[number])
+    return comments
+
+
+def _help_rows(cls: type, prefix: str, obj: Any, rows: dict[str, tuple[str, str, str, str]]) -> None:
     """Add `cls`'s rows to `rows`, keyed by dotted key so a union's shared fields appear once."""
-    hints = get_type_hints(cls)
+    hints, comments = get_type_hints(cls), _field_comments(cls)
     for field in dataclasses.fields(cls):
         if not field.init:
             continue
@@ -376,12 +399,12 @@ def _help_rows(cls: type, prefix: str, obj: Any, rows: dict[str, tuple[str, str,
         members = _dataclass_members(tp)
         shown = "required" if default is _REQUIRED else repr(default)
         if not members or default is None:
-            rows.setdefault(key, (key, _type_name(tp), shown))
+            rows.setdefault(key, (key, _type_name(tp), shown, comments.get(field.name, "")))
         if len(members) > 1:  # first, so it wins over each member's single-family row
             families = " | ".join(repr(f) for f in _families(members))
             family = getattr(default, "family", _REQUIRED)
             rows.setdefault(f"{key}.family", (f"{key}.family", families,
-                                              "required" if family is _REQUIRED else repr(family)))
+                                              "required" if family is _REQUIRED else repr(family), "model family"))
         # the default's own member first, so shared keys such as `dim` show the real default
         for member in sorted(members, key=lambda m: not isinstance(default, m)):
             _help_rows(member, key + ".", default if isinstance(default, member) else None, rows)

@@ -219,7 +219,7 @@ def test_save_then_load_round_trip_leaves_no_temp_file(tmp_path):
 
 
 def test_config_help_lists_dotted_leaf_keys():
-    rows = {key: (type_name, default) for key, type_name, default in config_help(Train)}
+    rows = {key: (type_name, default) for key, type_name, default, _ in config_help(Train)}
     assert rows["steps"] == ("int", "required")
     assert rows["optim.lr"] == ("float", "0.001")
     assert rows["optim.betas"] == ("tuple[float, float]", "(0.9, 0.95)")
@@ -249,7 +249,7 @@ def test_optional_dataclass_and_factory_defaults():
     assert from_dict(Finetune, {}).lora is None
     assert load_config(Finetune, None, ["lora.rank=4"]).lora == Lora(rank=4)
     assert to_dict(Finetune(lora=Lora()))["lora"] == {"rank": 8, "targets": ["q_proj", "v_proj"]}
-    rows = {key: (type_name, default) for key, type_name, default in config_help(Finetune)}
+    rows = {key: (type_name, default) for key, type_name, default, _ in config_help(Finetune)}
     assert rows["lora"] == ("Lora | None", "None")  # so help shows it is off by default
     assert rows["lora.rank"] == ("int", "8")
     # defaults come from the factory's instance, not from Train's own field defaults
@@ -274,3 +274,17 @@ def test_literal_compares_types_and_init_false_fields_are_skipped():
     assert from_dict(Derived, to_dict(cfg)) == cfg
     assert [row[0] for row in config_help(Derived)] == ["groups"]
     assert "width: unknown key" in _error(Derived, {"width": 3})
+
+
+@dataclass
+class Commented:
+    marker: str = "#"  # the comment, not the "#" in the default
+    plain: int = 1
+    spread: tuple[int, ...] = field(default_factory=lambda: (  # a factory over two lines
+        1, 2))
+
+
+def test_config_help_carries_each_field_comment():
+    rows = {key: comment for key, _, _, comment in config_help(Commented)}
+    assert rows == {"marker": 'the comment, not the "#" in the default', "plain": "",
+                    "spread": "a factory over two lines"}

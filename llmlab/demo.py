@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmlab.common import LlmlabError, seed_everything, style
+from llmlab.common import LlmlabError, atomic_path, atomic_write_text, seed_everything, style
 from llmlab.config import save_config
 from llmlab.data.prepare import PrepareConfig, TokenizerTrainConfig, train_tokenizer
 from llmlab.data.prepare import run as prepare
@@ -86,7 +86,7 @@ def run(cfg: DemoConfig) -> dict:
         print(style(f"  > {prompt}", "2") + tokenizer.decode(ids).replace("\n", " "))
     summary = {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "unigram_ppl": math.exp(unigram),
                "steps": result["step"], "run_dir": str(out)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
@@ -154,5 +154,6 @@ def plot_losses(metrics_file: Path, png: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)

@@ -56,7 +56,8 @@ class Document:
     Attributes:
         text: The raw text, as read (cleaning happens later, in `llmlab.data.clean`).
         source: "path" for a whole file, "path:line" for a JSONL line or for the part of a large
-            text file that starts at that line, "pydoc_data.topics:name" for the default corpus.
+            text file that starts at that line, "pydoc_data.topics:name#k" for section k of a
+            topic of the default corpus.
     """
 
     text: str
@@ -281,13 +282,14 @@ def default_corpus(section_chars: int = 2000) -> Iterator[Document]:
 
 def _sections(text: str, min_chars: int) -> list[str]:
     """`text` cut at blank lines into pieces of at least `min_chars` (a short tail joins the last one)."""
-    sections, current = [], []
+    sections, current, chars = [], [], 0
     for paragraph in text.split("\n\n"):
         current.append(paragraph)
-        if sum(len(p) for p in current) >= min_chars:
+        chars += len(paragraph)
+        if chars >= min_chars:
             sections.append("\n\n".join(current))
-            current = []
-    if current and sections and sum(len(p) for p in current) < min_chars // 2:
+            current, chars = [], 0
+    if current and sections and chars < min_chars // 2:
         sections[-1] += "\n\n" + "\n\n".join(current)
     elif current:
         sections.append("\n\n".join(current))

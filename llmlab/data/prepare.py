@@ -58,7 +58,7 @@ from llmlab.data.clean import CleanConfig, normalize, quality_problem
 from llmlab.data.dedup import Deduplicator
 from llmlab.data.ingest import Document, default_corpus, iter_documents
 from llmlab.data.shards import MANIFEST, MANIFEST_VERSION, ShardWriter, token_dtype
-from llmlab.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_bpe
+from llmlab.tokenizer import check_vocab_size, load_tokenizer, train_bpe
 
 SPLITS = ("train", "val", "test")
 BATCH_DOCS = 256  # documents per encode_batch call: enough to keep the Rust threads busy
@@ -107,10 +107,7 @@ class TokenizerTrainConfig:
     max_docs: int | None = None  # train on the first max_docs non-empty documents only (None: all)
 
     def __post_init__(self):
-        floor = 256 + len(SPECIAL_TOKENS)  # byte alphabet + special tokens
-        if self.vocab_size <= floor:
-            raise ValueError(f"vocab_size must be > {floor} (256 byte tokens + {len(SPECIAL_TOKENS)} special "
-                             f"tokens), got {self.vocab_size}")
+        check_vocab_size(self.vocab_size)
         if self.max_docs is not None and self.max_docs < 1:
             raise ValueError(f"max_docs must be >= 1 or null, got {self.max_docs}")
 

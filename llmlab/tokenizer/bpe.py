@@ -168,6 +168,14 @@ def _explain(error: TypeError, texts: Iterable[str]) -> Exception:
     return error
 
 
+def check_vocab_size(vocab_size: int, special_tokens: Sequence[str] = SPECIAL_TOKENS) -> None:
+    """Raise ValueError unless `vocab_size` leaves room for at least one merge."""
+    floor = _N_BYTES + len(special_tokens)
+    if vocab_size <= floor:
+        raise ValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs {_N_BYTES} byte tokens "
+                         f"+ {len(special_tokens)} special tokens, so vocab_size must be > {floor}")
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, *, special_tokens: Sequence[str] = SPECIAL_TOKENS,
               min_frequency: int = 2, show_progress: bool = False) -> Tokenizer:
     """Train a byte-level BPE tokenizer, streaming `texts` once (the corpus is never held in memory).
@@ -189,10 +197,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, special_tokens: Sequence
     Raises:
         ValueError: `vocab_size` leaves no room for a single merge.
     """
-    floor = _N_BYTES + len(special_tokens)
-    if vocab_size <= floor:
-        raise ValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs {_N_BYTES} byte tokens "
-                         f"+ {len(special_tokens)} special tokens, so vocab_size must be > {floor}")
+    check_vocab_size(vocab_size, special_tokens)
     tok = tokenizers.Tokenizer(models.BPE())
     # use_regex splits words/numbers/punctuation GPT-2 style, so merges never cross those borders
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

@@ -25,7 +25,7 @@ import torch
 from llmlab.common import LlmlabError, atomic_write_text, choose_device, init_distributed, seed_everything
 from llmlab.config import save_config
 from llmlab.data.fim import FimSpec, fim_permute
-from llmlab.data.shards import TokenShards, read_manifest
+from llmlab.data.shards import TokenShards
 from llmlab.models import GPTConfig, LlamaConfig, build_model
 from llmlab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from llmlab.train.optim import OptimConfig, build_optimizer, lr_at
@@ -81,7 +81,7 @@ def sample_batch(shards: TokenShards, batch_size: int, seq_len: int, seed: tuple
     and the fill-in-the-middle reordering too when `fim` is given."""
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(shards) - seq_len - 1, size=batch_size)
-    rows = [shards.get(int(s), seq_len + 1).astype(np.int64) for s in starts]
+    rows = [shards.get(int(s), seq_len + 1) for s in starts]  # int64 already
     if fim is not None:
         rows = [fim_permute(row, fim, rng) for row in rows]
     rows = torch.from_numpy(np.stack(rows))
@@ -121,8 +121,8 @@ def run(cfg: PretrainConfig) -> dict:
     # ---- setup
     device = choose_device(cfg.system.device)
     rank, world = init_distributed(device)
-    manifest = read_manifest(cfg.data)
     train_data = TokenShards(cfg.data, "train")
+    manifest = train_data.manifest
     val_data = TokenShards(cfg.data, "val") if manifest["splits"].get("val", {}).get("tokens") else None
     if cfg.model.vocab_size < manifest["vocab_size"]:
         raise LlmlabError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "

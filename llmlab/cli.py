@@ -64,6 +64,34 @@ def build_parser(argv: list[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pickled pytorch_model.bin weights (read with weights_only=True)")
+
+    from llmlab.generate import commands  # light: torch is imported when a verb runs
+
+    p = verbs.add_parser("generate", help="complete text prompts with a checkpoint",
+                         description="Complete prompts with a checkpoint; one prompt streams its output.")
+    commands.add_model_arguments(p)
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
+    p.add_argument("--prompt-file", help="a file of prompts, one per line")
+    p.add_argument("--truncate", action="store_true",
+                   help="drop a prompt's oldest tokens to leave room for --max-new-tokens, instead of an error")
+    p.add_argument("--json", action="store_true", help="print one JSON object with every completion")
+    commands.add_sampling_arguments(p, default_max_new_tokens=128)
+    g = p.add_argument_group("completions")
+    g.add_argument("-n", "--n", type=int, default=1, help="completions per prompt")
+    g.add_argument("--num-beams", type=int, default=1, help="beam search width (1 = sampling or greedy)")
+    g.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam score = log-prob / length ** this (> 0 favours longer outputs)")
+    g.add_argument("--logprobs", type=int, default=None, metavar="K",
+                   help="report each token's log-probability and the top K alternatives (with --json)")
+
+    p = verbs.add_parser("chat", help="chat with a checkpoint in the terminal",
+                         description="Interactive chat with a checkpoint's chat template; the history is "
+                         "trimmed to the context window and replies stream as they are generated.")
+    commands.add_model_arguments(p)
+    p.add_argument("--system", help="system message")
+    p.add_argument("--template", help="chat template: a built-in name (llmlab, chatml, llama3, llama2) or a "
+                   "Jinja file (default: the checkpoint's own, else llmlab)")
+    commands.add_sampling_arguments(p, default_max_new_tokens=256)
     return parser
 
 
@@ -103,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run_config_verb(ns.config_verb, ns.args)
         if ns.verb == "convert":
             _convert(ns)
+        elif ns.verb in ("generate", "chat"):
+            from llmlab.generate import commands
+
+            (commands.run_generate if ns.verb == "generate" else commands.run_chat)(ns)
     except LlmlabError as e:
         print(style("error:", "31", sys.stderr), e, file=sys.stderr)
         return 1

@@ -24,6 +24,8 @@ from llmlab.config import save_config
 from llmlab.data.prepare import PrepareConfig, TokenizerTrainConfig, train_tokenizer
 from llmlab.data.prepare import run as prepare
 from llmlab.data.shards import TokenShards
+from llmlab.generate import SamplingParams
+from llmlab.generate.text import TextGenerator
 from llmlab.models import LlamaConfig
 from llmlab.models.io import load_model
 from llmlab.tokenizer import load_tokenizer
@@ -81,9 +83,10 @@ def run(cfg: DemoConfig) -> dict:
     print(f"  loss curve             {out / 'loss.png'}")
     model = load_model(result["checkpoint"])
     tokenizer = load_tokenizer(tok_dir)
-    for i, prompt in enumerate(PROMPTS):
-        ids = sample(model, tokenizer.encode(prompt), 40, temperature=0.8, seed=cfg.seed + i)
-        print(style(f"  > {prompt}", "2") + tokenizer.decode(ids).replace("\n", " "))
+    completions = TextGenerator(model.eval(), tokenizer).complete(
+        PROMPTS, SamplingParams(temperature=0.8, max_new_tokens=40, seed=cfg.seed))
+    for prompt, c in zip(PROMPTS, completions):
+        print(style(f"  > {prompt}", "2") + c.text.replace("\n", " "))
     summary = {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "unigram_ppl": math.exp(unigram),
                "steps": result["step"], "run_dir": str(out)}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
@@ -119,20 +122,6 @@ def unigram_loss(train: TokenShards, val: TokenShards, vocab_size: int) -> float
     log_p = np.log(counts / counts.sum())
     val_tokens = val.get(0, len(val))
     return float(-log_p[val_tokens].mean())
-
-
-@torch.no_grad()
-def sample(model, prompt: list[int], n: int, temperature: float = 0.8, seed: int = 0) -> list[int]:
-    """Sample n tokens after `prompt` with a KV cache (a minimal loop for the demo)."""
-    gen = torch.Generator().manual_seed(seed)
-    cache = model.make_kv_cache(1, len(prompt) + n)
-    logits = model(torch.tensor([prompt]), kv_cache=cache)[0, -1]
-    out = []
-    for _ in range(n):
-        token = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen)
-        out.append(int(token))
-        logits = model(token.view(1, 1), kv_cache=cache)[0, -1]
-    return out
 
 
 def plot_losses(metrics_file: Path, png: Path) -> None:

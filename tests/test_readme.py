@@ -32,7 +32,9 @@ def test_file_tree_lists_every_module_and_only_real_files():
     assert not missing, f"the README tree lists files that do not exist: {missing}"
 
 
-def test_python_example_runs():
-    code = README.split("## Python", 1)[1].split("```python", 1)[1].split("```", 1)[0]
-    code = "\n".join(line for line in code.splitlines() if "path/to/hf-folder" not in line)
+def test_python_examples_run():
+    section = README.split("## Python", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```python")[1:]]
+    assert len(blocks) == 3
+    code = "\n".join(line for b in blocks for line in b.splitlines() if "path/to/hf-folder" not in line)
     exec(compile(code, "README.md", "exec"), {})

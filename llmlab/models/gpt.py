@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llmlab.models.layers import (KVCache, ParamCount, RMSNorm, build_attention_mask, lm_output,
+from llmlab.models.layers import (KVCache, Linear, ParamCount, RMSNorm, build_attention_mask, lm_output,
                                   positions_from_mask, sdpa, training_flops_per_token)
 
 
@@ -98,12 +98,12 @@ class Attention(nn.Module):
     def __init__(self, dim: int, n_heads: int, bias: bool, dropout: float, relative: bool):
         super().__init__()
         self.n_heads, self.head_dim, self.dropout = n_heads, dim // n_heads, dropout
-        self.q_proj = nn.Linear(dim, dim, bias=bias)
-        self.k_proj = nn.Linear(dim, dim, bias=bias)
-        self.v_proj = nn.Linear(dim, dim, bias=bias)
-        self.o_proj = nn.Linear(dim, dim, bias=bias)
+        self.q_proj = Linear(dim, dim, bias=bias)
+        self.k_proj = Linear(dim, dim, bias=bias)
+        self.v_proj = Linear(dim, dim, bias=bias)
+        self.o_proj = Linear(dim, dim, bias=bias)
         if relative:
-            self.pos_proj = nn.Linear(dim, dim, bias=False)
+            self.pos_proj = Linear(dim, dim, bias=False)
             self.pos_bias_u = nn.Parameter(torch.zeros(n_heads, self.head_dim))
             self.pos_bias_v = nn.Parameter(torch.zeros(n_heads, self.head_dim))
         else:
@@ -133,8 +133,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, bias: bool):
         super().__init__()
-        self.up_proj = nn.Linear(dim, hidden_dim, bias=bias)
-        self.down_proj = nn.Linear(hidden_dim, dim, bias=bias)
+        self.up_proj = Linear(dim, hidden_dim, bias=bias)
+        self.down_proj = Linear(hidden_dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the tanh approximation is the GELU that GPT-2 and BLOOM were trained with
@@ -148,7 +148,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg.dim, cfg.n_heads, cfg.bias, cfg.dropout, cfg.position == "relative")
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg.dim, cfg.hidden_dim, cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
 
     def forward(self, x, mask, distances=None, kv_cache=None, layer=0):
         x = x + self.dropout(self.attn(self.attn_norm(x), mask, distances, kv_cache, layer))
@@ -165,10 +165,10 @@ class GPT(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.position == "learned" else None
         self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         slopes = alibi_slopes(cfg.n_heads) if cfg.position == "alibi" else torch.zeros(0)

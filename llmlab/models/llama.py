@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llmlab.models.layers import (KVCache, ParamCount, RMSNorm, RopeScaling, RotaryEmbedding, SwiGLU,
-                                  apply_rotary, build_attention_mask, lm_output, positions_from_mask, sdpa,
+from llmlab.models.layers import (KVCache, Linear, ParamCount, RMSNorm, RopeScaling, RotaryEmbedding,
+                                  SwiGLU, apply_rotary, build_attention_mask, lm_output, positions_from_mask, sdpa,
                                   training_flops_per_token)
 
 
@@ -79,10 +79,10 @@ class Attention(nn.Module):
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, bias: bool, dropout: float):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim, self.dropout = n_heads, n_kv_heads, head_dim, dropout
-        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
+        self.q_proj = Linear(dim, n_heads * head_dim, bias=bias)
+        self.k_proj = Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.o_proj = Linear(n_heads * head_dim, dim, bias=False)
 
     def forward(self, x, cos, sin, mask, kv_cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
@@ -105,7 +105,7 @@ class Block(nn.Module):
                               cfg.dropout)
         self.mlp_norm = None if cfg.parallel_block else RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.hidden_dim)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
 
     def forward(self, x, cos, sin, mask, kv_cache=None, layer=0):
         h = self.attn_norm(x)
@@ -126,7 +126,7 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len)

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from llmlab.common import LlmlabError, atomic_write_text, fsync_dir
-from llmlab.models.io import load_state_into, read_state_dict, save_model, save_safetensors
+from llmlab.models.io import copy_tokenizer_files, load_state_into, read_state_dict, save_model, save_safetensors
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -36,8 +36,11 @@ class CheckpointWriteError(LlmlabError):
 
 
 def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict, keep_last: int = 3) -> Path:
+                    state: dict, keep_last: int = 3, tokenizer_dir: str | os.PathLike | None = None) -> Path:
     """Write checkpoint `step` atomically and delete all but the newest `keep_last`.
+
+    With `tokenizer_dir`, its tokenizer files are copied in too, so the checkpoint alone is enough
+    for `llmlab generate`.
 
     Raises:
         CheckpointWriteError: a weight is NaN or inf (such a checkpoint is never written).
@@ -53,6 +56,8 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Module, op
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=ckpt_dir))
     try:
         save_model(model, tmp)
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, tmp)
         opt = optimizer.state_dict()
         tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous()
                    for i, s in opt["state"].items() for k, v in s.items()}

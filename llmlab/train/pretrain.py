@@ -223,7 +223,7 @@ def run(cfg: PretrainConfig) -> dict:
             if rank == 0 and (done % cfg.ckpt.every == 0 or last):
                 save_checkpoint(ckpt_dir, done, model, optimizer,
                                 {"tokens": tokens, "skipped": skipped, "best_val_loss": best, "bad_evals": bad_evals},
-                                cfg.ckpt.keep_last)
+                                cfg.ckpt.keep_last, Path(manifest["tokenizer_path"]).parent)
             if stopped is not None:
                 break
     finally:

@@ -167,3 +167,16 @@ def test_bad_shapes_are_rejected():
         type(TINY["gpt2"])(dim=30, n_heads=4)
     with pytest.raises(ValueError, match="exceeds"):
         _model("gpt2")(_ids(1, 65))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (4,), (2, 8), (17,)])
+def test_linear_split_product_equals_f_linear(shape):
+    from llmlab.models.layers import Linear
+
+    torch.manual_seed(0)
+    lin = Linear(96, 1024, bias=True)  # 98k weights: over the split threshold
+    x = torch.randn(*shape, 96)
+    with torch.no_grad():
+        out = lin(x)
+    assert out.shape == (*shape, 1024)
+    assert torch.allclose(out, torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5)

@@ -54,6 +54,9 @@ def test_run_directory_and_metrics(corpus_dir, tmp_path):
     assert train[-1]["loss"] < train[0]["loss"]  # it learns something
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == [
         "step-00000004", "step-00000008", "step-00000012"]
+    last = list_checkpoints(tmp_path / "checkpoints")[-1]  # a complete model folder for generation
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in last.iterdir()}
     with pytest.raises(LlmlabError, match="already holds checkpoints"):
         run(_cfg(corpus_dir, tmp_path))
 

@@ -1,0 +1,240 @@
+"""Decode speed: llmlab's `Engine.generate` against HF `generate()` on identical configs, side by side.
+
+Each config is built twice with the same random weights: an llmlab model and the HF *ForCausalLM
+that `llmlab convert` would write for it. Both decode greedily in fp32 (`--dtype bf16` for GPUs)
+from the same random prompt (`--prompt-len` tokens, batch 1) for exactly `--new-tokens` tokens:
+llmlab has no stop tokens by default and HF is given no EOS. Tokens/s counts the new tokens over
+the whole generate call, prefill included; after one warm-up call each, calls alternate between
+the two so that noise on a shared machine hits both alike, and the median over `--repeats` is
+reported. The greedy outputs are compared: the run fails if the first tokens differ (the weights
+did not map) and otherwise reports how many leading tokens agree (fp32 near-ties may diverge later).
+
+Roofline: decoding one token reads every weight once, so tokens/s can be at most bandwidth / weight
+bytes. Weight bytes count each parameter once at its dtype's size (a tied embedding once, as the
+lm_head reads all of it); an untied embed_tokens is excluded, as its lookup reads one row. The KV
+cache, activations and the rotary tables are not counted (the cache is ~1% of the weights on 185m).
+Bandwidth is the best `dst.copy_(src)` rate over 256 MB fp32 tensors, bytes read plus written,
+measured before and after each config (or `--bandwidth`).
+
+Batch: on `--batch-config`, llmlab (and HF, for reference) decode `--batch` different prompts of
+equal length at once; throughput is batch * new tokens / time, against the batch-1 figure.
+
+    python benchmarks/decode_speed.py                          # 1m, 14m, 185m and batch 16 on 14m
+    python benchmarks/decode_speed.py --configs 1m --repeats 1
+    python benchmarks/decode_speed.py --configs 185m --device cuda --bandwidth 3350
+
+Targets on 2 CPU cores: >= 4x HF on 1m, >= 3x HF on 14m, >= 85% of the roofline on 185m, and
+batch-16 throughput >= 6x batch-1 on 14m.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from llmlab.generate import Engine, SamplingParams
+from llmlab.models import LlamaConfig, build_model
+from llmlab.models.convert import config_to_hf, llmlab_to_hf_state
+
+# name -> (model config, HF repeats cap: its 185m calls take seconds each)
+CONFIGS = {
+    "1m": (LlamaConfig(vocab_size=4096, dim=128, n_layers=4, n_heads=4, hidden_dim=384, max_seq_len=512,
+                       tie_embeddings=True), None),
+    "14m": (LlamaConfig(vocab_size=8192, dim=384, n_layers=6, n_heads=6, max_seq_len=512, tie_embeddings=True),
+            None),
+    "185m": (LlamaConfig(vocab_size=32000, dim=1024, n_layers=12, n_heads=16, max_seq_len=512,
+                         tie_embeddings=True), 2),
+}
+# (what, config, key, threshold): key is "ratio", "of_roofline" or "batch_gain"
+TARGETS = [("llmlab / HF tokens/s", "1m", "ratio", 4.0),
+           ("llmlab / HF tokens/s", "14m", "ratio", 3.0),
+           ("llmlab share of roofline", "185m", "of_roofline", 0.85),
+           ("llmlab batch-{batch} / batch-1 tokens/s", "14m", "batch_gain", 6.0)]
+
+
+def hf_peer(model):
+    """The HF model holding exactly the weights of `model`, set to decode without EOS."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    cfg = config_to_hf(model.config)
+    hf_config = transformers.AutoConfig.for_model(**cfg)
+    hf_config._attn_implementation = "sdpa"
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=model.embed_tokens.weight.dtype)
+    state = llmlab_to_hf_state(model.state_dict(), model.config.family)
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
+        raise RuntimeError(f"weights do not map: missing {missing}, unexpected {unexpected}")
+    hf.generation_config = transformers.GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0,
+                                                         bos_token_id=None)
+    return hf.to(model.embed_tokens.weight.device).eval()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, mbytes: int = 256, repeats: int = 5) -> float:
+    """Best-of bytes/s of `dst.copy_(src)` on fp32 tensors of `mbytes` MB, counting read + write."""
+    n = mbytes * 2**20 // 4
+    src, dst = torch.rand(n, device=device), torch.empty(n, device=device)
+    dst.copy_(src)  # fault the pages in
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n * 4 / best
+
+
+def weight_bytes(model) -> int:
+    """Bytes of weights read per decoded token: every parameter once, less an untied embedding."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() skips tied copies
+    emb = model.embed_tokens.weight
+    if model.lm_head.weight is not emb:
+        total -= emb.numel() * emb.element_size()
+    return total
+
+
+class Decoder:
+    """Timed greedy generation of exactly `new_tokens` tokens per prompt on one side."""
+
+    def __init__(self, name: str, generate, device: torch.device):
+        self.name, self.generate, self.device = name, generate, device
+        self.times: list[float] = []
+
+    def run(self, prompts: list[list[int]], record: bool) -> list[list[int]]:
+        sync(self.device)
+        t0 = time.perf_counter()
+        out = self.generate(prompts)
+        sync(self.device)
+        if record:
+            self.times.append(time.perf_counter() - t0)
+        return out
+
+
+def decoders(ours, peer, new_tokens: int, device: torch.device) -> list[Decoder]:
+    engine = Engine(ours)
+    params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
+
+    def ours_generate(prompts):
+        return [c.token_ids for c in engine.generate(prompts, params)]
+
+    @torch.inference_mode()
+    def peer_generate(prompts):
+        ids = torch.tensor(prompts, device=device)
+        out = peer.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                            min_new_tokens=new_tokens, do_sample=False)
+        return out[:, ids.shape[1]:].tolist()
+
+    return [Decoder("llmlab", ours_generate, device), Decoder("hf", peer_generate, device)]
+
+
+def agreement(a: list[list[int]], b: list[list[int]], new_tokens: int) -> int:
+    """Leading tokens on which both sides agree in every row; fails if a side fell short or the
+    very first tokens differ."""
+    for rows in (a, b):
+        if any(len(r) != new_tokens for r in rows):
+            raise RuntimeError(f"expected {new_tokens} new tokens, got {[len(r) for r in rows]}")
+    agree = min(next((i for i, (x, y) in enumerate(zip(r, s)) if x != y), new_tokens) for r, s in zip(a, b))
+    if agree == 0:
+        raise RuntimeError(f"first greedy tokens differ: llmlab {[r[:8] for r in a]} vs hf {[r[:8] for r in b]}")
+    return agree
+
+
+def measure(sides: list[Decoder], prompts: list[list[int]], repeats: int, hf_repeats: int,
+            new_tokens: int) -> dict:
+    """Warm up each side, then alternate timed calls; tokens/s is the median."""
+    outputs = {d.name: d.run(prompts, record=False) for d in sides}
+    for i in range(repeats):
+        for d in (sides if i % 2 == 0 else sides[::-1]):
+            if d.name == "llmlab" or i < hf_repeats:
+                d.run(prompts, record=True)
+    tokens = len(prompts) * new_tokens
+    result = {d.name: tokens / statistics.median(d.times) for d in sides}
+    if "hf" in outputs:
+        result["agree"] = agreement(outputs["llmlab"], outputs["hf"], new_tokens)
+        result["ratio"] = result["llmlab"] / result["hf"]
+    return result
+
+
+def bench(name: str, args) -> dict:
+    cfg, hf_cap = CONFIGS[name]
+    device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    if args.prompt_len + args.new_tokens > cfg.max_seq_len:
+        raise SystemExit(f"prompt + new tokens exceed {name}'s context of {cfg.max_seq_len}")
+    torch.manual_seed(0)
+    ours = build_model(cfg).to(device=device, dtype=dtype).eval()
+    peer = hf_peer(ours)
+    sides = decoders(ours, peer, args.new_tokens, device)
+    hf_repeats = min(args.repeats, hf_cap or args.repeats)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=gen).tolist()
+    result = {"config": name, "params": sum(p.numel() for p in ours.parameters()), **measure(
+        sides, prompt, args.repeats, hf_repeats, args.new_tokens)}
+    result["weight_bytes"] = weight_bytes(ours)
+    if name == args.batch_config and args.batch > 1:
+        prompts = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt_len), generator=gen).tolist()
+        for d in sides:
+            d.times.clear()
+        batch = result["batch"] = measure(sides[:1] if args.no_hf_batch else sides, prompts, args.repeats,
+                                          hf_repeats, args.new_tokens)
+        result["batch_gain"] = batch["llmlab"] / result["llmlab"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per side (median reported); "
+                                                               "HF on 185m makes at most 2")
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt")
+    parser.add_argument("--prompt-len", type=int, default=16, help="random prompt tokens")
+    parser.add_argument("--batch", type=int, default=16, help="prompts decoded together on --batch-config; 1 = skip")
+    parser.add_argument("--batch-config", default="14m", choices=list(CONFIGS))
+    parser.add_argument("--no-hf-batch", action="store_true", help="time only llmlab at --batch")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights of both models")
+    parser.add_argument("--bandwidth", type=float, help="GB/s to report against instead of measuring one")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    bandwidth = args.bandwidth * 1e9 if args.bandwidth else copy_bandwidth(device)
+    label = "given" if args.bandwidth else "best 256 MB fp32 copy, read + write; each row uses the best seen by then"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, {args.dtype}, "
+          f"greedy, prompt {args.prompt_len} + {args.new_tokens} new tokens, prefill included")
+    print(f"{'config':>6} {'params':>8} {'llmlab tok/s':>13} {'hf tok/s':>9} {'ratio':>6} {'agree':>6} "
+          f"{'roofline':>9} {'of roofline':>11}")
+    results = {}
+    for name in args.configs:
+        r = results[name] = bench(name, args)
+        if not args.bandwidth:  # shared machines drift: the best rate seen before or after any config counts
+            bandwidth = max(bandwidth, copy_bandwidth(device))
+        r["roofline"] = bandwidth / r["weight_bytes"]
+        r["of_roofline"] = r["llmlab"] / r["roofline"]
+        print(f"{name:>6} {r['params'] / 1e6:>7.1f}M {r['llmlab']:>13,.1f} {r['hf']:>9,.1f} {r['ratio']:>5.2f}x "
+              f"{r['agree']:>6} {r['roofline']:>9,.1f} {r['of_roofline']:>11.1%}", flush=True)
+    print(f"bandwidth {bandwidth / 1e9:.1f} GB/s ({label})")
+    for name, r in results.items():
+        if "batch" in r:
+            b = r["batch"]
+            hf = (f", hf {b['hf']:,.1f} tok/s ({b['hf'] / r['hf']:.1f}x its batch 1; llmlab {b['ratio']:.2f}x hf, "
+                  f"agree {b['agree']})") if "hf" in b else ""
+            print(f"batch {args.batch} on {name}: llmlab {b['llmlab']:,.1f} tok/s = {r['batch_gain']:.1f}x batch 1{hf}")
+    print("targets:")
+    for what, name, key, threshold in TARGETS:
+        if name not in results or key not in results[name]:
+            continue
+        value = results[name][key]
+        shown = f"{value:.1%} >= {threshold:.0%}" if key == "of_roofline" else f"{value:.2f}x >= {threshold:g}x"
+        print(f"  {name:>5} {what.format(batch=args.batch)}: {shown}  {'met' if value >= threshold else 'NOT MET'}")
+
+
+if __name__ == "__main__":
+    main()

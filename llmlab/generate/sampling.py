@@ -1,0 +1,150 @@
+"""Decoding strategies as pure functions of a batch of next-token logits (B, V).
+
+Order of application (as in HF transformers and vLLM): penalties on the raw logits, then
+temperature, then the truncations top-k, top-p and min-p, then a draw (or argmax when the
+temperature is 0). A truncation sets the logits it removes to -inf; it never removes the most
+likely token, so a row always keeps at least one candidate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmlab.common import LlmlabError
+
+
+class GenerationError(LlmlabError):
+    """A generation request that cannot be served as asked (bad parameter, prompt too long, ...)."""
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128  # tokens to generate per completion (fewer if the context fills up)
+    temperature: float = 1.0  # softmax temperature; 0 = greedy
+    top_k: int = 0  # keep the k most likely tokens; 0 = off
+    top_p: float = 1.0  # keep the smallest set with probability >= top_p (nucleus); 1 = off
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one; 0 = off
+    repetition_penalty: float = 1.0  # divide logits of tokens already in prompt or output (CTRL); 1 = off
+    frequency_penalty: float = 0.0  # subtract this times the token's count in the output so far
+    presence_penalty: float = 0.0  # subtract this once if the token occurs in the output so far
+    n: int = 1  # completions per prompt
+    seed: int | None = None  # completion j of every prompt draws from a generator seeded seed + j
+    stop_token_ids: tuple[int, ...] = ()  # finish when one of these is generated (it is kept in the output)
+    stop_sequences: tuple[tuple[int, ...], ...] = ()  # finish when the output ends with one of these
+    logprobs: int | None = None  # None = off; 0 = log-probability of each chosen token; k = also the top k
+    num_beams: int = 1  # beam search width; 1 = sample or greedy
+    length_penalty: float = 1.0  # beam score = sum of log-probs / generated_len ** length_penalty
+
+    def __post_init__(self):
+        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        self.stop_sequences = tuple(tuple(int(t) for t in s) for s in self.stop_sequences)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise GenerationError naming the first field that is out of range."""
+        checks = [
+            ("max_new_tokens", self.max_new_tokens >= 1, "an integer >= 1"),
+            ("temperature", self.temperature >= 0.0, "a number >= 0 (0 = greedy)"),
+            ("top_k", self.top_k >= 0, "an integer >= 0 (0 = off)"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]"),
+            ("min_p", 0.0 <= self.min_p < 1.0, "in [0, 1)"),
+            ("repetition_penalty", self.repetition_penalty > 0.0, "a number > 0 (1 = off)"),
+            ("n", self.n >= 1, "an integer >= 1"),
+            ("num_beams", self.num_beams >= 1, "an integer >= 1"),
+            ("logprobs", self.logprobs is None or self.logprobs >= 0, "None or an integer >= 0"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise GenerationError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+        if any(len(s) == 0 for s in self.stop_sequences):
+            raise GenerationError("stop_sequences must not contain an empty sequence")
+        if self.num_beams > 1 and self.n > self.num_beams:
+            raise GenerationError(f"n={self.n} beams requested but num_beams={self.num_beams}; "
+                                  "n must be <= num_beams")
+        if vocab_size is not None:
+            for t in (*self.stop_token_ids, *(t for s in self.stop_sequences for t in s)):
+                if not 0 <= t < vocab_size:
+                    raise GenerationError(f"stop token id {t} is outside the vocabulary [0, {vocab_size})")
+
+
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor | None,
+                    repetition: float = 1.0, frequency: float = 0.0, presence: float = 0.0) -> torch.Tensor:
+    """Penalise tokens already used.
+
+    logits: (B, V). counts: (B, V) occurrences of each token in the output so far. seen: (B, V) bool,
+    tokens in the prompt or the output (for the repetition penalty; None = counts > 0).
+    Repetition (Keskar et al. 2019, CTRL): l / r where l > 0, l * r where l <= 0.
+    Frequency and presence (OpenAI API): l - frequency * count - presence * [count > 0].
+    """
+    if repetition != 1.0:
+        seen = counts > 0 if seen is None else seen
+        penalised = torch.where(logits > 0, logits / repetition, logits * repetition)
+        logits = torch.where(seen, penalised, logits)
+    if frequency or presence:
+        counts = counts.to(logits.dtype)
+        logits = logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row (ties at the k-th value are kept); 0 = no-op."""
+    if k <= 0 or k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus truncation (Holtzman et al. 2020): keep the smallest set of most likely tokens whose
+    probability sums to at least p. A token is removed when the probability of the tokens ranked
+    strictly above it already reaches p."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = probs.cumsum(-1) - probs
+    remove_sorted = mass_before >= p
+    remove_sorted[..., 0] = False
+    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Min-p truncation (Nguyen et al. 2024): drop tokens with probability below min_p times the top
+    token's, i.e. logit < max_logit + log(min_p)."""
+    if min_p <= 0.0:
+        return logits
+    threshold = logits.max(dim=-1, keepdim=True).values + torch.log(torch.tensor(min_p, dtype=logits.dtype))
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor | None = None,
+                   seen: torch.Tensor | None = None) -> torch.Tensor:
+    """All of `params`' transformations on float logits (B, V), in the documented order."""
+    if counts is not None:
+        logits = apply_penalties(logits, counts, seen, params.repetition_penalty, params.frequency_penalty,
+                                 params.presence_penalty)
+    if params.greedy:
+        return logits
+    if params.temperature != 1.0:
+        logits = logits / params.temperature
+    logits = top_k_filter(logits, params.top_k)
+    logits = top_p_filter(logits, params.top_p)
+    return min_p_filter(logits, params.min_p)
+
+
+def sample(logits: torch.Tensor, greedy: bool, generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    """Next tokens (B,) from processed logits: the argmax when greedy, else one draw per row from
+    softmax(logits), each row from its own generator when given (so a row's draws do not depend on
+    the other rows of the batch)."""
+    if greedy:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float(), dim=-1)
+    if generators is None:
+        return torch.multinomial(probs, 1).squeeze(-1)
+    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])

@@ -1,0 +1,143 @@
+"""Chat templates: a list of messages -> the prompt text a chat model was trained on.
+
+Templates are Jinja, as in HF `tokenizer_config.json` files, and render in an immutable sandbox
+(no attribute access to Python internals, no mutation of the arguments), so a template shipped
+with a downloaded checkpoint cannot run code. Built-in templates cover llmlab's own special
+tokens and the common published formats; a checkpoint's own `chat_template` wins when present.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from llmlab.common import LlmlabError
+
+ROLES = ("system", "user", "assistant")
+
+# name -> (Jinja source, the text that ends an assistant turn)
+TEMPLATES: dict[str, tuple[str, str]] = {
+    # llmlab's tokenizers reserve <|system|>, <|user|>, <|assistant|> and <|end|>
+    "llmlab": ("{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|assistant|>\n{% endif %}", "<|end|>"),
+    # ChatML (Qwen2 and many fine-tunes)
+    "chatml": ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", "<|im_end|>"),
+    # Llama 3 instruct
+    "llama3": ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
+               "{{ m.content | trim }}<|eot_id|>{% endfor %}"
+               "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
+               "<|eot_id|>"),
+    # Llama 2 chat and Mistral instruct: [INST] blocks, the system prompt folded into the first one
+    "llama2": ("{% set system = messages[0].content if messages and messages[0].role == 'system' else '' %}"
+               "{% for m in messages if m.role != 'system' %}"
+               "{% if m.role == 'user' %}{{ bos_token }}[INST] "
+               "{% if loop.first and system %}<<SYS>>\n{{ system }}\n<</SYS>>\n\n{% endif %}"
+               "{{ m.content | trim }} [/INST]{% else %} {{ m.content | trim }} {{ eos_token }}{% endif %}"
+               "{% endfor %}", "</s>"),
+}
+
+
+class ChatTemplateError(LlmlabError):
+    """A template that does not parse or render, or messages of the wrong shape."""
+
+
+def check_messages(messages: list, source: str = "messages") -> list[dict[str, str]]:
+    """Messages as OpenAI's API has them: a list of {"role": system|user|assistant, "content": str}."""
+    if not isinstance(messages, list) or not messages:
+        raise ChatTemplateError(f"{source}: expected a non-empty list of messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ChatTemplateError(f"{source}[{i}]: expected an object with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise ChatTemplateError(f"{source}[{i}].role: expected one of {', '.join(ROLES)}, got {m['role']!r}")
+        if not isinstance(m["content"], str):
+            raise ChatTemplateError(f"{source}[{i}].content: expected a string, got {type(m['content']).__name__}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _raise(message: str):
+    raise ChatTemplateError(f"chat template: {message}")
+
+
+@dataclass
+class ChatTemplate:
+    source: str  # Jinja text
+    stop: str  # text that ends an assistant turn: a stop string (or special token) for generation
+    bos_token: str = ""
+    eos_token: str = ""
+    name: str = "custom"
+
+    def __post_init__(self):
+        env = ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False, keep_trailing_newline=True)
+        env.globals["raise_exception"] = _raise
+        try:
+            self._template = env.from_string(self.source)
+        except TemplateError as e:
+            raise ChatTemplateError(f"chat template {self.name!r} does not parse: {e}") from None
+
+    def render(self, messages: list, add_generation_prompt: bool = True) -> str:
+        """The prompt text for `messages`, ending with the assistant's header when asked."""
+        messages = check_messages(messages)
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         bos_token=self.bos_token, eos_token=self.eos_token)
+        except ChatTemplateError:
+            raise
+        except Exception as e:  # SecurityError, UndefinedError, TypeError from the template's own code
+            raise ChatTemplateError(f"chat template {self.name!r} failed to render: {e}") from None
+
+
+def builtin_template(name: str, bos_token: str = "", eos_token: str = "") -> ChatTemplate:
+    if name not in TEMPLATES:
+        raise ChatTemplateError(f"unknown chat template {name!r}; built in: {', '.join(TEMPLATES)}")
+    source, stop = TEMPLATES[name]
+    return ChatTemplate(source, stop, bos_token, eos_token, name)
+
+
+def load_chat_template(folder: str | os.PathLike | None, name: str | None = None) -> ChatTemplate:
+    """The chat template for a checkpoint folder.
+
+    `name` picks a built-in template or a Jinja file. Otherwise the folder's `chat_template.jinja`
+    or tokenizer_config.json `chat_template` is used when it has one (its eos_token ends a turn),
+    else llmlab's own.
+    """
+    config = {}
+    file = Path(folder) / "tokenizer_config.json" if folder is not None else None
+    if file is not None and file.is_file():
+        try:
+            config = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ChatTemplateError(f"{file}: not a readable JSON file: {e}") from None
+    bos, eos = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
+    if name is not None:
+        if name in TEMPLATES:
+            return builtin_template(name, bos, eos)
+        path = Path(name)
+        if not path.is_file():
+            raise ChatTemplateError(f"chat template {name!r} is neither a built-in ({', '.join(TEMPLATES)}) "
+                                    "nor a file")
+        return ChatTemplate(path.read_text(encoding="utf-8"), eos or "<|end|>", bos, eos, path.name)
+    source = config.get("chat_template")
+    jinja_file = Path(folder) / "chat_template.jinja" if folder is not None else None
+    if jinja_file is not None and jinja_file.is_file():
+        source = jinja_file.read_text(encoding="utf-8")
+    if isinstance(source, list):  # a list of named templates: take the default one
+        source = next((t.get("template") for t in source if t.get("name") == "default"), None)
+    if isinstance(source, str) and source:
+        return ChatTemplate(source, eos or "<|end|>", bos, eos, f"{file}")
+    return builtin_template("llmlab", bos, eos)
+
+
+def _token_text(token) -> str:
+    # tokenizer_config.json stores special tokens as strings or as {"content": ...} objects
+    if isinstance(token, dict):
+        return str(token.get("content", ""))
+    return token if isinstance(token, str) else ""

@@ -84,6 +84,14 @@ def build_parser(argv: list[str] = ()) -> argparse.ArgumentParser:
     g.add_argument("--logprobs", type=int, default=None, metavar="K",
                    help="report each token's log-probability and the top K alternatives (with --json)")
 
+    from llmlab.plan import commands as plan_commands
+
+    p = verbs.add_parser("plan", help="memory, FLOPs, time, cost and compute-optimal size before training",
+                         description="Estimate what training and serving a model takes: parameters, FLOPs, "
+                         "inference and training memory, time, cost, energy and CO2 on a hardware catalog, and "
+                         "the compute-optimal size for a FLOP budget.")
+    plan_commands.add_arguments(p)
+
     p = verbs.add_parser("chat", help="chat with a checkpoint in the terminal",
                          description="Interactive chat with a checkpoint's chat template; the history is "
                          "trimmed to the context window and replies stream as they are generated.")
@@ -131,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run_config_verb(ns.config_verb, ns.args)
         if ns.verb == "convert":
             _convert(ns)
+        elif ns.verb == "plan":
+            from llmlab.plan import commands as plan_commands
+
+            plan_commands.run_plan(ns)
         elif ns.verb in ("generate", "chat"):
             from llmlab.generate import commands
 

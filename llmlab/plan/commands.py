@@ -1,0 +1,183 @@
+"""`llmlab plan`: a model (preset, config file, parameter count or FLOP budget) -> the numbers to
+know before training it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from llmlab.common import LlmlabError
+from llmlab.plan import estimate as est
+from llmlab.plan.hardware import CATALOG, get_hardware
+from llmlab.plan.scaling import LAWS, config_for_params
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", help="a preset name (see `llmlab demo` for the zoo) or a YAML config "
+                   "(a model config, or a training config with a model: section)")
+    g = p.add_argument_group("what to train")
+    g.add_argument("--params", type=float, help="a bare parameter count, e.g. 7e9 (a LLaMA shape is chosen)")
+    g.add_argument("--tokens", type=float, help="training tokens (default: the compute-optimal count)")
+    g.add_argument("--budget-flops", type=float, help="a compute budget: size the model compute-optimally")
+    g.add_argument("--law", default="tokens-per-param", choices=sorted(LAWS),
+                   help="how a budget is split into parameters and tokens")
+    g.add_argument("--vocab-size", type=int, default=32000, help="vocabulary of a model sized from a count")
+    g.add_argument("--seq-len", type=int, default=2048, help="training sequence length")
+    g.add_argument("--batch", type=int, default=8, help="micro-batch per device (sequences)")
+    g.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"), help="training precision")
+    g.add_argument("--optimizer", default="adamw", choices=sorted(est.OPTIMIZER_BYTES))
+    g.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    g.add_argument("--lora-rank", type=int, default=0, help="train rank-r LoRA adapters on a frozen base")
+    g.add_argument("--qlora", action="store_true", help="with --lora-rank: a 4-bit base (QLoRA)")
+    g.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3), help="ZeRO stage (3 = FSDP)")
+    g = p.add_argument_group("hardware and cost")
+    g.add_argument("--hardware", default="h100-80gb", help=f"one of {', '.join([*CATALOG, 'this-cpu'])}")
+    g.add_argument("--devices", type=int, default=1)
+    g.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed")
+    g.add_argument("--peak-tflops", type=float, help="override the device's peak")
+    g.add_argument("--memory-gb", type=float, help="override the device's memory")
+    g.add_argument("--price", type=float, help="USD per device-hour (default: the catalog's)")
+    g.add_argument("--power", type=float, help="watts per device (default: the catalog's)")
+    g.add_argument("--pue", type=float, default=1.1, help="data-centre power usage effectiveness")
+    g.add_argument("--grid", type=float, default=0.4, help="grid carbon intensity, kg CO2 per kWh")
+    g = p.add_argument_group("inference")
+    g.add_argument("--context", type=int, help="KV-cache context length (default: --seq-len)")
+    g.add_argument("--infer-batch", type=int, default=1, help="sequences decoded at once")
+    p.add_argument("--write-config", metavar="PATH", help="write the model section of a pretrain config (YAML)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _model_config(ns: argparse.Namespace, params: float | None):
+    from llmlab.config import from_dict
+    from llmlab.models import REGISTRY
+    from llmlab.models.presets import PRESETS, get_preset
+
+    if ns.model is None:
+        cfg = config_for_params(params, vocab_size=ns.vocab_size, max_seq_len=ns.seq_len)
+        return cfg, f"a LLaMA shape for {params:.3g} parameters"
+    if ns.model in PRESETS:
+        return get_preset(ns.model), f"preset {ns.model}"
+    path = Path(ns.model)
+    if not path.is_file():
+        raise LlmlabError(f"{ns.model!r} is neither a preset nor a file; presets: {', '.join(PRESETS)}")
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise LlmlabError(f"{path}: not a readable YAML file: {e}") from None
+    section = data.get("model", data) if isinstance(data, dict) else None
+    family = section.get("family", "llama") if isinstance(section, dict) else None
+    if family not in REGISTRY:
+        raise LlmlabError(f"{path}: expected a model config (family: {' or '.join(REGISTRY)}) or a model: section")
+    return from_dict(REGISTRY[family][0], {**section, "family": family}, source=str(path)), str(path)
+
+
+def plan(ns: argparse.Namespace) -> dict:
+    """Every estimate for the command line's arguments, as a JSON-ready dict (bytes, FLOPs, hours)."""
+    if ns.model is None and ns.params is None and ns.budget_flops is None:
+        raise LlmlabError("name a model (preset or config file), --params N or --budget-flops C")
+    if ns.model is not None and ns.params is not None:
+        raise LlmlabError("give a model or --params, not both")
+    for name in ("params", "tokens", "budget_flops"):
+        if getattr(ns, name) is not None:
+            est.positive(f"--{name.replace('_', '-')}", getattr(ns, name))
+    for name in ("seq_len", "batch", "devices", "infer_batch", "mfu", "pue"):
+        est.positive(f"--{name.replace('_', '-')}", getattr(ns, name))
+    optimal = {}
+    if ns.budget_flops is not None:
+        optimal = {law: dict(zip(("params", "tokens"), fn(ns.budget_flops))) for law, fn in LAWS.items()}
+    params = ns.params
+    if ns.model is None and params is None:
+        params = optimal[ns.law]["params"]
+    cfg, source = _model_config(ns, params)
+    shape = est.shape_of(cfg)
+    per_token = cfg.flops_per_token(ns.seq_len)
+    if ns.tokens is not None:
+        tokens = ns.tokens
+    elif ns.budget_flops is not None:
+        tokens = ns.budget_flops / per_token
+    else:
+        tokens = 20 * shape.params  # the compute-optimal rule of thumb
+    flops = est.training_flops(per_token, tokens)
+
+    hw = get_hardware(ns.hardware, peak_flops=ns.peak_tflops and ns.peak_tflops * 1e12,
+                      memory_bytes=ns.memory_gb and ns.memory_gb * 1e9, price_per_hour=ns.price,
+                      power_watts=ns.power)
+    memory = est.training_memory(shape, batch=ns.batch, seq_len=ns.seq_len, precision=ns.precision,
+                                 optimizer=ns.optimizer, checkpointing=ns.checkpointing, lora_rank=ns.lora_rank,
+                                 qlora=ns.qlora, zero_stage=ns.zero, devices=ns.devices)
+    cost = est.run_cost(flops, hw.peak_flops, devices=ns.devices, mfu=ns.mfu, price_per_hour=hw.price_per_hour,
+                        power_watts=hw.power_watts, pue=ns.pue, grid_kg_per_kwh=ns.grid)
+    context = ns.context or ns.seq_len
+    result = {
+        "model": {"source": source, "params": shape.params, "non_embedding_params": shape.non_embedding,
+                  "config": {k: v for k, v in asdict(cfg).items() if v is not None}},
+        "tokens": tokens, "tokens_per_param": tokens / shape.params,
+        "flops": flops, "pf_days": est.pf_days(flops), "flops_per_token": per_token,
+        "flops_6nd": 6 * shape.params * tokens,  # the usual headline figure, without the attention term
+        "inference_memory": {
+            "weights": {p: est.weight_bytes(shape.params, p) for p in ("fp32", "bf16", "int8", "4bit")},
+            "kv_cache": est.kv_cache_bytes(shape, ns.infer_batch, context, "bf16"),
+            "kv_cache_for": {"batch": ns.infer_batch, "context": context, "precision": "bf16"},
+        },
+        "training_memory": {**asdict(memory), "total": memory.total, "device_memory": hw.memory_bytes,
+                            "fits": memory.total <= hw.memory_bytes},
+        "hardware": asdict(hw),
+        "run": {**asdict(cost), "days": cost.hours / 24, "devices": ns.devices, "mfu": ns.mfu},
+    }
+    if optimal:
+        result["compute_optimal"] = {"budget_flops": ns.budget_flops, "law": ns.law, **optimal}
+    return result
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:,.2f} GB"
+
+
+def run_plan(ns: argparse.Namespace) -> None:
+    result = plan(ns)
+    if ns.write_config:
+        import yaml
+
+        from llmlab.common import atomic_write_text
+
+        atomic_write_text(ns.write_config, yaml.safe_dump({"model": result["model"]["config"]}, sort_keys=False))
+    if ns.json:
+        print(json.dumps(result, indent=2))
+        return
+    m, mem, run, hw = result["model"], result["training_memory"], result["run"], result["hardware"]
+    c = m["config"]
+    print(f"model      {m['source']}: {_size(m['params'])} parameters ({_size(m['non_embedding_params'])} "
+          f"non-embedding), {c['family']} dim {c['dim']}, {c['n_layers']} layers, {c['n_heads']} heads")
+    if "compute_optimal" in result:
+        opt = result["compute_optimal"]
+        print(f"budget     {opt['budget_flops']:.3g} FLOPs, compute-optimal (N params, D tokens):")
+        for law in LAWS:
+            mark = "  <- used" if law == opt["law"] else ""
+            print(f"             {law:17s} N {_size(opt[law]['params']):>7s}  D {_size(opt[law]['tokens']):>7s}{mark}")
+    print(f"training   {_size(result['tokens'])} tokens ({result['tokens_per_param']:.1f} per parameter): "
+          f"{result['flops']:.3g} FLOPs = {result['pf_days']:,.1f} petaflop/s-days")
+    weights = result["inference_memory"]["weights"]
+    kv = result["inference_memory"]["kv_cache_for"]
+    print("inference  weights " + ", ".join(f"{p} {_gb(b)}" for p, b in weights.items())
+          + f"; KV cache {_gb(result['inference_memory']['kv_cache'])} (batch {kv['batch']}, {kv['context']} tokens)")
+    parts = ", ".join(f"{k.replace('_', ' ')} {_gb(mem[k])}" for k in
+                      ("weights", "master_weights", "gradients", "optimizer", "activations") if mem[k])
+    verdict = "fits" if mem["fits"] else "DOES NOT FIT"
+    print(f"memory     {_gb(mem['total'])} per device ({parts}); {verdict} in {_gb(mem['device_memory'])}")
+    print(f"time       {run['days']:,.1f} days on {run['devices']} x {hw['name']} at {run['mfu']:.0%} MFU "
+          f"({run['device_hours']:,.0f} device-hours)")
+    print(f"cost       ${run['cost']:,.0f} at ${hw['price_per_hour']:.2f}/device-hour; energy "
+          f"{run['energy_kwh']:,.0f} kWh, {run['co2_kg'] / 1000:,.1f} t CO2")
+    if ns.write_config:
+        print(f"config     wrote {ns.write_config}")

@@ -1,0 +1,70 @@
+"""Accelerators the planner knows: peak throughput, memory, bandwidth and power, from data sheets.
+
+Peaks are dense (no structured sparsity). Anything can be overridden on the command line, and
+`this-cpu` is measured on the spot (a fp32 matmul and a memory copy).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, replace
+
+from llmlab.common import LlmlabError
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    peak_flops: float  # dense FLOP/s at the training precision (bf16/fp16 tensor cores; fp32 on a CPU)
+    memory_bytes: float  # device memory
+    bandwidth: float  # memory bandwidth, bytes/s
+    power_watts: float  # board power at load (TDP)
+    price_per_hour: float  # on-demand cloud price per device-hour in USD, a rough 2024-2025 figure
+    source: str = ""
+
+
+GB = 1e9
+GIB = 2**30
+
+CATALOG: dict[str, Hardware] = {h.name: h for h in [
+    Hardware("v100-32gb", 125e12, 32 * GIB, 900 * GB, 300, 2.5, "NVIDIA V100 SXM2 data sheet (fp16 tensor core)"),
+    Hardware("a100-40gb", 312e12, 40 * GIB, 1555 * GB, 400, 3.0, "NVIDIA A100 SXM4 data sheet (bf16 dense)"),
+    Hardware("a100-80gb", 312e12, 80 * GIB, 2039 * GB, 400, 3.5, "NVIDIA A100 SXM4 80GB data sheet (bf16 dense)"),
+    Hardware("h100-80gb", 989e12, 80 * GIB, 3350 * GB, 700, 4.5, "NVIDIA H100 SXM5 data sheet (bf16 dense)"),
+    Hardware("h200-141gb", 989e12, 141 * GB, 4800 * GB, 700, 5.5, "NVIDIA H200 SXM data sheet (bf16 dense)"),
+    Hardware("tpu-v4", 275e12, 32 * GIB, 1200 * GB, 192, 3.2, "Jouppi et al. 2023, TPU v4, Table 1 (bf16)"),
+]}
+
+
+def measure_cpu(seconds: float = 0.5) -> Hardware:
+    """This machine: fp32 matmul rate and copy bandwidth measured now, memory from the OS."""
+    import torch
+
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    best_flops, deadline = 0.0, time.perf_counter() + seconds / 2
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        a @ b
+        best_flops = max(best_flops, 2 * 1024**3 / (time.perf_counter() - t0))
+    src, dst = torch.empty(2**25), torch.empty(2**25)  # 128 MB each
+    best_bw, deadline = 0.0, time.perf_counter() + seconds / 2
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best_bw = max(best_bw, 2 * src.numel() * 4 / (time.perf_counter() - t0))  # read + write
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return Hardware("this-cpu", best_flops, memory, best_bw, 15.0 * (os.cpu_count() or 1), 0.0,
+                    f"measured now: {torch.get_num_threads()} threads, fp32")
+
+
+def get_hardware(name: str, **overrides) -> Hardware:
+    """A catalog entry (or "this-cpu", measured), with fields replaced by the non-None `overrides`."""
+    key = name.lower()
+    if key == "this-cpu":
+        hw = measure_cpu()
+    elif key in CATALOG:
+        hw = CATALOG[key]
+    else:
+        raise LlmlabError(f"unknown hardware {name!r}; known: {', '.join([*CATALOG, 'this-cpu'])}")
+    return replace(hw, **{k: v for k, v in overrides.items() if v is not None})

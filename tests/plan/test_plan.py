@@ -1,0 +1,140 @@
+"""The planner against published figures, hand-computed memory, and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmlab.cli import main
+from llmlab.models.presets import get_preset
+from llmlab.plan import estimate as est
+from llmlab.plan.hardware import CATALOG, get_hardware
+from llmlab.plan.scaling import CHINCHILLA, CHINCHILLA_REFIT, config_for_params, kaplan_optimal, tokens_per_param_optimal
+
+GOPHER_FLOPS = 5.76e23  # Hoffmann et al. 2022, Table 3: Gopher's training compute
+
+
+def plan_json(capsys, *args) -> dict:
+    assert main(["plan", *map(str, args), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_gpt3_training_compute(capsys):
+    # Brown et al. 2020, Table D.1: GPT-3 175B on 300B tokens, 3.14e23 FLOPs = 3,640 petaflop/s-days
+    out = plan_json(capsys, "gpt3-175b", "--tokens", 300e9)
+    assert out["flops_6nd"] == pytest.approx(3.14e23, rel=0.01)
+    assert est.pf_days(out["flops_6nd"]) == pytest.approx(3640, rel=0.01)
+    assert out["flops"] == pytest.approx(3.14e23, rel=0.05)  # plus attention at 2048 tokens (~3%)
+
+
+def test_chinchilla_allocation_for_gophers_budget():
+    # Hoffmann et al. 2022: Gopher's compute is best spent on ~70B parameters and ~1.4T tokens (Chinchilla)
+    n, d = tokens_per_param_optimal(GOPHER_FLOPS)
+    assert n == pytest.approx(70e9, rel=0.03) and d == pytest.approx(1.4e12, rel=0.03)
+    n, d = CHINCHILLA_REFIT.optimal(GOPHER_FLOPS)  # Besiroglu et al. 2024's refit agrees
+    assert n == pytest.approx(70e9, rel=0.05) and d == pytest.approx(1.4e12, rel=0.07)
+    n, d = CHINCHILLA.optimal(GOPHER_FLOPS)  # the published Approach 3 constants favour more data
+    assert 25e9 < n < 45e9 and 6 * n * d == pytest.approx(GOPHER_FLOPS)
+    n, _ = kaplan_optimal(GOPHER_FLOPS)  # Kaplan et al.'s law spends far more on parameters
+    assert n > 300e9
+
+
+def test_the_parametric_optimum_is_the_minimum_on_the_budget_line():
+    n, d = CHINCHILLA.optimal(1e21)
+    best = CHINCHILLA.loss(n, d)
+    for f in (0.7, 0.9, 1.1, 1.4):
+        assert CHINCHILLA.loss(n * f, d / f) > best
+
+
+def test_weights_of_one_billion_parameters():
+    assert est.weight_bytes(1e9, "fp32") == 4e9
+    assert est.weight_bytes(1e9, "bf16") == 2e9
+    assert est.weight_bytes(1e9, "int8") == 1e9
+    assert est.weight_bytes(1e9, "4bit") == pytest.approx(0.516e9, rel=0.01)
+
+
+def test_bloomberggpt_schedule():
+    # Wu et al. 2023, BloombergGPT: 50.6B parameters, 569B tokens, 64 x 8 A100 40GB for ~53 days,
+    # i.e. ~0.65M A100-hours; their reported schedule implies ~25% of the bf16 peak
+    shape = est.shape_of(config_for_params(50.6e9))
+    per_token = 6 * shape.params + 12 * 70 * 7680 * 2048  # 70 layers of width 7680, 2048-token context
+    run = est.run_cost(est.training_flops(per_token, 569e9), CATALOG["a100-40gb"].peak_flops, devices=512,
+                       mfu=0.25)
+    assert run.device_hours == pytest.approx(0.65e6, rel=0.05)
+    assert run.hours / 24 == pytest.approx(53, rel=0.05)
+
+
+def test_kv_cache_hand_computed():
+    shape = est.shape_of(get_preset("llama-2-70b"))  # 80 layers, 8 KV heads of 128
+    assert est.kv_cache_bytes(shape, 1, 4096, "bf16") == 2 * 80 * 8 * 128 * 4096 * 2  # 1.34 GB
+
+
+def test_training_memory_by_component():
+    shape = est.shape_of(get_preset("llama-7b"))
+    p = shape.params
+    full = est.training_memory(shape, batch=1, seq_len=2048)
+    # mixed-precision Adam: 2 + 2 + 12 bytes per parameter (Rajbhandari et al. 2020, ZeRO)
+    assert full.weights + full.gradients + full.master_weights + full.optimizer == 16 * p
+    fp32 = est.training_memory(shape, batch=1, seq_len=2048, precision="fp32")
+    assert fp32.weights + fp32.gradients + fp32.optimizer == 16 * p and fp32.master_weights == 0
+    assert fp32.activations == 2 * full.activations
+    sharded = est.training_memory(shape, batch=1, seq_len=2048, zero_stage=3, devices=8)
+    assert sharded.weights + sharded.gradients + sharded.master_weights + sharded.optimizer == 2 * p
+    ckpt = est.training_memory(shape, batch=1, seq_len=2048, checkpointing=True)
+    assert ckpt.activations < full.activations / 10
+    lora = est.training_memory(shape, batch=1, seq_len=2048, lora_rank=8)
+    assert lora.trainable_params == est.lora_params(shape, 8) < p / 100
+    assert lora.optimizer == 8 * lora.trainable_params
+    qlora = est.training_memory(shape, batch=1, seq_len=2048, lora_rank=8, qlora=True)
+    assert qlora.weights == pytest.approx(p * 4.127 / 8 + 2 * lora.trainable_params)
+
+
+def test_config_for_params_lands_near_the_count():
+    for n in (5e7, 1.3e9, 7e9, 7e10):
+        cfg = config_for_params(n)
+        assert cfg.num_params().total == pytest.approx(n, rel=0.1)
+        assert 60 <= cfg.dim / cfg.n_layers <= 160
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--params", "-5"], "--params must be > 0"),
+    (["--params", "0"], "--params must be > 0"),
+    (["--params", "1e9", "--tokens", "0"], "--tokens must be > 0"),
+    (["--params", "1e9", "--hardware", "tpu-v9"], "unknown hardware 'tpu-v9'"),
+    (["--budget-flops", "1e9"], "below the smallest model"),
+    (["--params", "1e9", "--mfu", "1.5"], "mfu must be in (0, 1]"),
+    (["nope-7b"], "neither a preset nor a file"),
+    ([], "name a model"),
+    (["--params", "1e9", "--qlora"], "qlora needs a lora_rank"),
+])
+def test_bad_input_is_a_clear_error(capsys, args, message):
+    assert main(["plan", *args]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_precision_is_named():
+    with pytest.raises(est.PlanError, match="unknown precision 'int3'"):
+        est.weight_bytes(1e9, "int3")
+
+
+def test_human_output_and_a_runnable_config(capsys, tmp_path):
+    out = tmp_path / "model.yaml"
+    assert main(["plan", "--budget-flops", "1e17", "--vocab-size", "4096", "--hardware", "a100-80gb",
+                 "--write-config", str(out)]) == 0
+    text = capsys.readouterr().out
+    for word in ("compute-optimal", "petaflop/s-days", "KV cache", "per device", "device-hours", "CO2"):
+        assert word in text
+    from llmlab.config import load_config
+    from llmlab.train.pretrain import PretrainConfig
+
+    cfg = load_config(PretrainConfig, out)  # the written section is a valid model config for pretrain
+    assert cfg.model.num_params().total == pytest.approx(tokens_per_param_optimal(1e17)[0], rel=0.15)
+    again = plan_json(capsys, str(out), "--tokens", 1e9)
+    assert again["model"]["params"] == cfg.model.num_params().total
+
+
+def test_hardware_overrides_and_this_cpu():
+    assert get_hardware("h100-80gb", price_per_hour=1.0, power_watts=None).price_per_hour == 1.0
+    cpu = get_hardware("this-cpu")
+    assert cpu.peak_flops > 1e9 and cpu.bandwidth > 1e9 and cpu.memory_bytes > 1e9

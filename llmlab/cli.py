@@ -20,6 +20,8 @@ CONFIG_VERBS = {
     "tokenizer train": ("llmlab.data.prepare", "TokenizerTrainConfig", "train_tokenizer",
                         "train a byte-level BPE tokenizer on a corpus"),
     "pretrain": ("llmlab.train.pretrain", "PretrainConfig", "run", "pretrain a language model from token shards"),
+    "scaling fit": ("llmlab.train.sweep", "ScalingFitConfig", "run",
+                    "train a sweep of small models and fit your own scaling law L(N, D)"),
 }
 
 

@@ -56,7 +56,7 @@ from llmlab.config import save_config, to_dict
 from llmlab.data import DataError
 from llmlab.data.clean import CleanConfig, normalize, quality_problem
 from llmlab.data.dedup import Deduplicator
-from llmlab.data.ingest import Document, default_corpus, iter_documents
+from llmlab.data.ingest import Document, default_corpus, iter_documents, python_sources
 from llmlab.data.shards import MANIFEST, MANIFEST_VERSION, ShardWriter, token_dtype
 from llmlab.tokenizer import check_vocab_size, load_tokenizer, train_bpe
 
@@ -69,6 +69,8 @@ SAMPLE_CHARS = 2**20  # text kept aside to report the trained tokenizer's bytes 
 @dataclass
 class PrepareConfig:
     inputs: list[str] = field(default_factory=list)  # .txt/.md/.jsonl files or directories; empty: the embedded default
+    default: Literal["docs", "python"] = "docs"  # with no inputs: the CPython docs, or the stdlib's .py files (code)
+    default_bytes: int = 0  # read at most this much of the .py corpus (0: all of its ~30 MB)
     out_dir: str = "runs/data"  # output directory; must not exist yet (or be empty)
     tokenizer: str = ""  # tokenizer.json or its folder (required; make one with `llmlab tokenizer train`)
     text_field: str = "text"  # JSONL field that holds the text
@@ -84,6 +86,8 @@ class PrepareConfig:
     eos: bool = True  # put EOS after every document, so the model learns where documents end
 
     def __post_init__(self):
+        if self.default_bytes < 0:
+            raise ValueError(f"default_bytes must be >= 0, got {self.default_bytes}")
         for name in ("val_frac", "test_frac"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -99,6 +103,8 @@ class PrepareConfig:
 @dataclass
 class TokenizerTrainConfig:
     inputs: list[str] = field(default_factory=list)  # .txt/.md/.jsonl files or directories; empty: the embedded default
+    default: Literal["docs", "python"] = "docs"  # with no inputs: the CPython docs, or the stdlib's .py files (code)
+    default_bytes: int = 0  # read at most this much of the .py corpus (0: all of its ~30 MB)
     out_dir: str = "runs/tokenizer"  # output folder; must not exist yet (or be empty)
     vocab_size: int = 4096  # ids, special tokens included
     min_frequency: int = 2  # a pair seen fewer times than this is never merged
@@ -108,6 +114,8 @@ class TokenizerTrainConfig:
 
     def __post_init__(self):
         check_vocab_size(self.vocab_size)
+        if self.default_bytes < 0:
+            raise ValueError(f"default_bytes must be >= 0, got {self.default_bytes}")
         if self.max_docs is not None and self.max_docs < 1:
             raise ValueError(f"max_docs must be >= 1 or null, got {self.max_docs}")
 
@@ -162,7 +170,7 @@ def run(cfg: PrepareConfig, *, tokenizer: Any = None) -> dict:
     splits = [s for s, frac in zip(SPLITS, (1.0, cfg.val_frac, cfg.test_frac)) if frac > 0]
 
     file_stats: Counter = Counter()
-    docs = _documents(cfg.inputs, cfg.text_field, cfg.encoding_errors, file_stats)
+    docs = _documents(cfg, file_stats)
     dedup = None if cfg.dedup == "none" else Deduplicator(near=cfg.dedup == "near", threshold=cfg.near_threshold)
 
     with _staging(out) as tmp:
@@ -253,7 +261,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
     out = Path(cfg.out_dir)
     _check_free(out)
     file_stats: Counter = Counter()
-    docs = _documents(cfg.inputs, cfg.text_field, cfg.encoding_errors, file_stats)
+    docs = _documents(cfg, file_stats)
     counts: Counter = Counter()
     sample: list[str] = []
 
@@ -295,11 +303,13 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
 # --------------------------------------------------------------------------- helpers
 
 
-def _documents(inputs: list[str], text_field: str, encoding_errors: str, stats: Counter) -> Iterator[Document]:
-    """The documents of `inputs`, or the embedded default when there are none."""
-    if not inputs:
+def _documents(cfg: PrepareConfig | TokenizerTrainConfig, stats: Counter) -> Iterator[Document]:
+    """The documents of `cfg.inputs`, or the embedded default corpus `cfg.default` when there are none."""
+    if not cfg.inputs:
+        if cfg.default == "python":
+            return python_sources(cfg.default_bytes or None, stats)
         return default_corpus()
-    return iter_documents(inputs, text_field=text_field, encoding_errors=encoding_errors, stats=stats)
+    return iter_documents(cfg.inputs, text_field=cfg.text_field, encoding_errors=cfg.encoding_errors, stats=stats)
 
 
 def _check_free(out: Path) -> None:

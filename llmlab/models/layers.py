@@ -286,6 +286,11 @@ class SwiGLU(nn.Module):
 # --------------------------------------------------------------------------- loss
 
 
+# logits held at once by the blockwise loss: rows per block = this // vocabulary size
+LOSS_BLOCK_ELEMENTS_CPU = 2**22
+LOSS_BLOCK_ELEMENTS_GPU = 2**26
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of `hidden @ weight.T`, computed a block of rows at a time.
 
@@ -366,7 +371,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     and far lighter in memory for large vocabularies, since a (N, V) buffer is never allocated.
     """
     if block_rows is None:  # 16 MB of fp32 logits per block on CPUs, 256 MB on GPUs
-        block_rows = max(16, (2**26 if hidden.is_cuda else 2**22) // weight.size(0))
+        block_rows = max(16, (LOSS_BLOCK_ELEMENTS_GPU if hidden.is_cuda else LOSS_BLOCK_ELEMENTS_CPU)
+                         // weight.size(0))
     return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, block_rows)
 
 

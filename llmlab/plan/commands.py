@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("hardware and cost")
     g.add_argument("--hardware", default="h100-80gb", help=f"one of {', '.join([*CATALOG, 'this-cpu'])}")
     g.add_argument("--devices", type=int, default=1)
-    g.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed")
+    g.add_argument("--mfu", type=float, help="model FLOPs utilisation assumed (default: the hardware's, 0.4 "
+                   "for accelerators, 0.6 for this-cpu)")
     g.add_argument("--peak-tflops", type=float, help="override the device's peak")
     g.add_argument("--memory-gb", type=float, help="override the device's memory")
     g.add_argument("--price", type=float, help="USD per device-hour (default: the catalog's)")
@@ -84,7 +85,7 @@ def plan(ns: argparse.Namespace) -> dict:
     for name in ("params", "tokens", "budget_flops"):
         if getattr(ns, name) is not None:
             est.positive(f"--{name.replace('_', '-')}", getattr(ns, name))
-    for name in ("seq_len", "batch", "devices", "infer_batch", "mfu", "pue"):
+    for name in ("seq_len", "batch", "devices", "infer_batch", "pue"):
         est.positive(f"--{name.replace('_', '-')}", getattr(ns, name))
     optimal = {}
     if ns.budget_flops is not None:
@@ -105,11 +106,11 @@ def plan(ns: argparse.Namespace) -> dict:
 
     hw = get_hardware(ns.hardware, peak_flops=ns.peak_tflops and ns.peak_tflops * 1e12,
                       memory_bytes=ns.memory_gb and ns.memory_gb * 1e9, price_per_hour=ns.price,
-                      power_watts=ns.power)
+                      power_watts=ns.power, mfu=ns.mfu)
     memory = est.training_memory(shape, batch=ns.batch, seq_len=ns.seq_len, precision=ns.precision,
                                  optimizer=ns.optimizer, checkpointing=ns.checkpointing, lora_rank=ns.lora_rank,
                                  qlora=ns.qlora, zero_stage=ns.zero, devices=ns.devices)
-    cost = est.run_cost(flops, hw.peak_flops, devices=ns.devices, mfu=ns.mfu, price_per_hour=hw.price_per_hour,
+    cost = est.run_cost(flops, hw.peak_flops, devices=ns.devices, mfu=hw.mfu, price_per_hour=hw.price_per_hour,
                         power_watts=hw.power_watts, pue=ns.pue, grid_kg_per_kwh=ns.grid)
     context = ns.context or ns.seq_len
     result = {
@@ -126,7 +127,7 @@ def plan(ns: argparse.Namespace) -> dict:
         "training_memory": {**asdict(memory), "total": memory.total, "device_memory": hw.memory_bytes,
                             "fits": memory.total <= hw.memory_bytes},
         "hardware": asdict(hw),
-        "run": {**asdict(cost), "days": cost.hours / 24, "devices": ns.devices, "mfu": ns.mfu},
+        "run": {**asdict(cost), "days": cost.hours / 24, "devices": ns.devices, "mfu": hw.mfu},
     }
     if optimal:
         result["compute_optimal"] = {"budget_flops": ns.budget_flops, "law": ns.law, **optimal}

@@ -92,20 +92,21 @@ def activation_bytes(shape: Shape, batch: int, seq_len: int, precision: str = "b
                      checkpointing: bool = False, flash: bool = True) -> float:
     """Activations kept for the backward pass of one micro-batch.
 
-    Per token and layer the block stores the inputs of both norms and of the projections after them
-    (4 d), q, k and v (d + 2 kv), the attention output (d) and the MLP's inner tensors (3 h gated:
-    gate, up and their product; 2 h for GELU: its input and output); without a fused attention also
-    the softmax probabilities (n_heads x seq_len). With checkpointing only each layer's input (d) is
-    kept, plus one layer's full set while it is recomputed. The head adds the final hidden state.
+    Per token and layer (counted from the tensors autograd saves in llmlab's blocks): each of the
+    two norms keeps its input, the normalised input and its output (3 d); attention keeps q, k, v,
+    its output and that output re-laid for the output projection (3 q + 2 kv); the MLP keeps its
+    inner tensors (4 h gated: gate, SiLU(gate), up and their product; 2 h for GELU: its input and
+    output). Without a fused attention it also keeps the softmax probabilities (n_heads x seq_len).
+    With checkpointing only each layer's input (d) is kept, plus one layer's full set while it is
+    recomputed. The final norm adds 3 d.
     """
     tokens = positive("batch", batch) * positive("seq_len", seq_len)
-    kv = shape.n_kv_heads * shape.head_dim
-    per_layer = 4 * shape.dim + shape.n_heads * shape.head_dim + 2 * kv + shape.dim
-    per_layer += (3 if shape.gated_mlp else 2) * shape.hidden_dim
+    q, kv = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
+    per_layer = 6 * shape.dim + 3 * q + 2 * kv + (4 if shape.gated_mlp else 2) * shape.hidden_dim
     if not flash:
         per_layer += shape.n_heads * seq_len
     stored = shape.dim * shape.n_layers + per_layer if checkpointing else per_layer * shape.n_layers
-    return tokens * (stored + shape.dim) * precision_bytes(precision)
+    return tokens * (stored + 3 * shape.dim) * precision_bytes(precision)
 
 
 def lora_params(shape: Shape, rank: int) -> int:

@@ -22,6 +22,7 @@ class Hardware:
     power_watts: float  # board power at load (TDP)
     price_per_hour: float  # on-demand cloud price per device-hour in USD, a rough 2024-2025 figure
     source: str = ""
+    mfu: float = 0.4  # model FLOPs utilisation assumed when none is given (well-tuned large-model training)
 
 
 GB = 1e9
@@ -54,8 +55,9 @@ def measure_cpu(seconds: float = 0.5) -> Hardware:
         dst.copy_(src)
         best_bw = max(best_bw, 2 * src.numel() * 4 / (time.perf_counter() - t0))  # read + write
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    # small models train at 50-75% of the matmul rate here (benchmarks/train_throughput.py)
     return Hardware("this-cpu", best_flops, memory, best_bw, 15.0 * (os.cpu_count() or 1), 0.0,
-                    f"measured now: {torch.get_num_threads()} threads, fp32")
+                    f"measured now: {torch.get_num_threads()} threads, fp32", mfu=0.6)
 
 
 def get_hardware(name: str, **overrides) -> Hardware:

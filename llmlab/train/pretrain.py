@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -27,6 +28,8 @@ from llmlab.config import save_config
 from llmlab.data.fim import FimSpec, fim_permute
 from llmlab.data.shards import TokenShards
 from llmlab.models import GPTConfig, LlamaConfig, build_model
+from llmlab.models.layers import LOSS_BLOCK_ELEMENTS_CPU, LOSS_BLOCK_ELEMENTS_GPU
+from llmlab.plan.estimate import TrainingMemory, shape_of, training_memory
 from llmlab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from llmlab.train.optim import OptimConfig, build_optimizer, lr_at
 
@@ -51,6 +54,7 @@ class SystemConfig:
     autocast: Literal["none", "bf16"] = "none"  # bf16 autocast (GPUs); CPUs here are fastest in fp32
     compile: bool = False  # torch.compile the model (GPUs)
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    preflight: bool = True  # estimate peak memory first and refuse a run that cannot fit the device
 
 
 @dataclass
@@ -134,6 +138,8 @@ def run(cfg: PretrainConfig) -> dict:
     if cfg.seq_len > cfg.model.max_seq_len:
         raise LlmlabError(f"seq_len={cfg.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     fim = _fim_spec(cfg, manifest)
+    if cfg.system.preflight:
+        preflight(cfg, device, processes=world if device.type == "cpu" else 1)
     out, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"
 
     seed_everything(cfg.seed)
@@ -273,6 +279,48 @@ def _stop_reason(signals: StopSignals, out_of_time: bool, world: int, device: to
         name = signal.Signals(signals.received).name if signals.received is not None else "on another rank"
         return f"signal:{name}"
     return "max_minutes" if code == 1 else None
+
+
+def preflight(cfg: PretrainConfig, device: torch.device, processes: int = 1) -> float:
+    """Peak memory of this run per process, by the planner's estimate; LlmlabError when `processes`
+    of them (ranks sharing the RAM of one CPU) exceed the memory the device has free (CPU: available
+    RAM). Returns the estimate in bytes."""
+    memory = estimate_training_memory(cfg, device)
+    have = available_memory(device)
+    if have is not None and memory.total * processes > have:
+        parts = ", ".join(f"{k.replace('_', ' ')} {v / 1e9:.2f}" for k, v in
+                          (("weights", memory.weights + memory.master_weights), ("gradients", memory.gradients),
+                           ("optimizer", memory.optimizer), ("activations", memory.activations)) if v)
+        raise LlmlabError(f"preflight: this run needs about {memory.total / 1e9:.2f} GB per process ({parts} GB) "
+                          f"x {processes} processes but {device} has {have / 1e9:.2f} GB free; lower batch_size or seq_len, set "
+                          "system.gradient_checkpointing=true, or skip the check with system.preflight=false")
+    return memory.total
+
+
+def estimate_training_memory(cfg: PretrainConfig, device: torch.device) -> TrainingMemory:
+    """The planner's training-memory estimate for this config: fp32 AdamW states, activations at the
+    autocast precision, plus the one logits block the blockwise loss holds at a time."""
+    precision = "bf16" if cfg.system.autocast == "bf16" else "fp32"
+    memory = training_memory(shape_of(cfg.model), batch=cfg.batch_size, seq_len=cfg.seq_len, precision=precision,
+                             checkpointing=cfg.system.gradient_checkpointing)
+    block = LOSS_BLOCK_ELEMENTS_GPU if device.type == "cuda" else LOSS_BLOCK_ELEMENTS_CPU
+    memory.activations += 4 * min(block, cfg.batch_size * cfg.seq_len * cfg.model.vocab_size)
+    return memory
+
+
+def available_memory(device: torch.device) -> float | None:
+    """Bytes free on `device` now (CPU: MemAvailable), or None where it cannot be known."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    return None
 
 
 def _fim_spec(cfg: PretrainConfig, manifest: dict) -> FimSpec | None:

@@ -324,3 +324,15 @@ def test_train_tokenizer(tmp_path, capsys):
     with pytest.raises(DataError, match="empty corpus"):
         train_tokenizer(TokenizerTrainConfig(inputs=[str(tmp_path / "nothing")], out_dir=str(tmp_path / "tok2")))
     assert not (tmp_path / "tok2").exists()
+
+
+def test_python_sources_are_a_selectable_default_corpus(tmp_path):
+    from llmlab.data.prepare import PrepareConfig, TokenizerTrainConfig, run, train_tokenizer
+
+    tok = train_tokenizer(TokenizerTrainConfig(out_dir=str(tmp_path / "tok"), vocab_size=512, default="python",
+                                               default_bytes=300_000))
+    manifest = run(PrepareConfig(out_dir=str(tmp_path / "data"), tokenizer=str(tok), default="python",
+                                 default_bytes=300_000))
+    assert 0 < manifest["documents"]["in"] and manifest["splits"]["train"]["bytes"] <= 300_000
+    with pytest.raises(ValueError, match="default_bytes must be >= 0"):
+        PrepareConfig(default_bytes=-1)

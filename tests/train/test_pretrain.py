@@ -164,3 +164,27 @@ def test_fill_in_the_middle_needs_its_tokens_and_a_probability(corpus_dir, tmp_p
     (data / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(LlmlabError, match=r"needs <\|fim_prefix\|>.*prepare the data again"):
         run(_cfg(data, tmp_path / "b", fim_rate=0.5))
+
+
+def test_preflight_refuses_a_run_that_cannot_fit_before_writing_anything(corpus_dir, tmp_path):
+    from llmlab.train.pretrain import estimate_training_memory
+
+    huge = _cfg(corpus_dir, tmp_path / "huge", **{"model.dim": 8192, "model.n_layers": 80, "model.n_heads": 64,
+                                                   "model.hidden_dim": 28672})
+    with pytest.raises(LlmlabError, match=r"preflight: this run needs about \d+.*system.preflight=false"):
+        run(huge)
+    assert not (tmp_path / "huge").exists()
+    # the estimate behind it: 16 bytes per parameter for fp32 AdamW, plus activations
+    memory = estimate_training_memory(huge, torch.device("cpu"))
+    params = huge.model.num_params().total
+    assert memory.weights + memory.gradients + memory.optimizer == 16 * params
+    assert memory.activations > 0
+
+
+def test_preflight_can_be_skipped(corpus_dir, tmp_path, monkeypatch):
+    import llmlab.train.pretrain as pretrain
+
+    monkeypatch.setattr(pretrain, "available_memory", lambda device: 1.0)  # a device with 1 byte free
+    with pytest.raises(LlmlabError, match="preflight"):
+        run(_cfg(corpus_dir, tmp_path / "a", max_steps=1))
+    assert run(_cfg(corpus_dir, tmp_path / "b", max_steps=1, **{"system.preflight": False}))["step"] == 1

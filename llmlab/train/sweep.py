@@ -1,0 +1,170 @@
+"""`llmlab scaling fit`: measure your own scaling law on this machine.
+
+Trains a grid of small LLaMA models (widths x token budgets) with the pretraining loop, fits
+L(N, D) = E + A / N^alpha + B / D^beta to their final validation losses (`llmlab.plan.fit`), and
+reports the constants with bootstrap errors, how well the fit predicts the largest run when that
+run is held out, a plot of loss against compute with the fitted compute-optimal frontier, and the
+optimal size for a larger budget. N counts non-embedding parameters (Kaplan et al. 2020 find the
+law cleanest that way at small sizes); a finished run is read back instead of trained again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from llmlab.common import LlmlabError, atomic_path, atomic_write_text, style
+from llmlab.config import save_config
+from llmlab.data.prepare import PrepareConfig, TokenizerTrainConfig, train_tokenizer
+from llmlab.data.prepare import run as prepare
+from llmlab.models import LlamaConfig
+from llmlab.plan.fit import LawFit, fit_law
+from llmlab.train.pretrain import PretrainConfig
+from llmlab.train.pretrain import run as pretrain
+
+
+@dataclass
+class ScalingFitConfig:
+    out_dir: str = "runs/scaling"  # sweep folder: data/, tokenizer/, runs/, fit.json, scaling.png
+    data: str = ""  # token shards from `llmlab data prepare`; empty: prepare an embedded corpus here
+    corpus: Literal["docs", "python"] = "python"  # embedded corpus: CPython docs (~0.2M tokens) or stdlib code
+    corpus_bytes: int = 8_000_000  # of the code corpus: ~2.2M training tokens, so no run repeats data
+    vocab_size: int = 2048  # tokenizer trained for the embedded corpus
+    widths: list[int] = field(default_factory=lambda: [32, 48, 64, 96])  # depth = max(2, width / 32), heads of 16
+    tokens: list[float] = field(default_factory=lambda: [2.5e5, 5e5, 1e6, 2e6])  # training tokens of each run
+    seq_len: int = 128
+    batch_size: int = 16
+    lr: float = 3e-3  # peak learning rate of every run (warmup 10%, cosine to the end)
+    hold_out: bool = True  # fit without the largest run and report how well it is predicted
+    predict_flops: float = 1e18  # a budget to size compute-optimally with the fitted law
+    bootstrap: int = 50  # resamples for the constants' standard errors
+    seed: int = 0
+
+
+def _model(width: int, vocab_size: int, seq_len: int) -> LlamaConfig:
+    return LlamaConfig(vocab_size=vocab_size, dim=width, n_layers=max(2, width // 32), n_heads=max(1, width // 16),
+                       max_seq_len=seq_len, tie_embeddings=True)
+
+
+def _prepare_data(cfg: ScalingFitConfig, out: Path) -> Path:
+    if cfg.data:
+        return Path(cfg.data)
+    data = out / "data"
+    if not (data / "manifest.json").is_file():
+        tok = out / "tokenizer"
+        if not (tok / "tokenizer.json").is_file():
+            train_tokenizer(TokenizerTrainConfig(out_dir=str(tok), vocab_size=cfg.vocab_size, default=cfg.corpus,
+                                                 default_bytes=cfg.corpus_bytes))
+        prepare(PrepareConfig(out_dir=str(data), tokenizer=str(tok), val_frac=0.1, seed=cfg.seed, default=cfg.corpus,
+                              default_bytes=cfg.corpus_bytes))
+    return data
+
+
+def _run_one(cfg: ScalingFitConfig, data: Path, vocab: int, width: int, tokens: float, folder: Path) -> dict:
+    result_file = folder / "result.json"
+    if result_file.is_file():  # finished earlier: read, do not train again
+        return json.loads(result_file.read_text())
+    model = _model(width, vocab, cfg.seq_len)
+    steps = max(1, math.ceil(tokens / (cfg.batch_size * cfg.seq_len)))
+    run_cfg = PretrainConfig(data=str(data), out_dir=str(folder / "train"), model=model, seq_len=cfg.seq_len,
+                             batch_size=cfg.batch_size, max_steps=steps, seed=cfg.seed, log_every=10**9)
+    run_cfg.optim.lr = cfg.lr
+    run_cfg.optim.warmup_steps = max(1, steps // 10)
+    run_cfg.eval.every, run_cfg.eval.batches = steps, 16
+    run_cfg.ckpt.every, run_cfg.ckpt.keep_last = steps, 1
+    if (folder / "train").exists():  # an interrupted run: start it over
+        import shutil
+
+        shutil.rmtree(folder / "train")
+    out = pretrain(run_cfg)
+    if out["val_loss"] is None or not math.isfinite(out["val_loss"]):
+        raise LlmlabError(f"run {folder.name} ended without a finite validation loss")
+    result = {"width": width, "params": model.num_params().non_embedding, "tokens": steps * cfg.batch_size * cfg.seq_len,
+              "val_loss": out["val_loss"]}
+    atomic_write_text(result_file, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def run(cfg: ScalingFitConfig) -> dict:
+    """Train (or read) the sweep, fit the law; returns the fit, the held-out error and the prediction."""
+    if len(set(cfg.widths)) < 2 or len(set(cfg.tokens)) < 2:
+        raise LlmlabError("widths and tokens need at least two values each to tell the exponents apart")
+    if len(cfg.widths) * len(cfg.tokens) < 5 + cfg.hold_out:
+        raise LlmlabError(f"{len(cfg.widths)} widths x {len(cfg.tokens)} token counts give too few runs to fit "
+                          f"5 constants{' with one held out' if cfg.hold_out else ''}")
+    if any(w < 16 or w % 16 for w in cfg.widths):
+        raise LlmlabError(f"widths must be multiples of 16 (heads of 16), got {cfg.widths}")
+    out = Path(cfg.out_dir)
+    save_config(cfg, out / "config.yaml")
+    data = _prepare_data(cfg, out)
+    vocab = json.loads((data / "manifest.json").read_text())["vocab_size"]
+
+    runs = []
+    grid = [(w, t) for w in sorted(cfg.widths) for t in sorted(cfg.tokens)]
+    for i, (width, tokens) in enumerate(grid, 1):
+        folder = out / "runs" / f"w{width}-t{tokens:.3g}"
+        print(style(f"[{i}/{len(grid)}] width {width}, {tokens:.3g} tokens", "1"))
+        runs.append(_run_one(cfg, data, vocab, width, tokens, folder))
+
+    held = max(runs, key=lambda r: (r["params"], r["tokens"])) if cfg.hold_out else None
+    fitted = [r for r in runs if r is not held]
+    fit = fit_law([r["params"] for r in fitted], [r["tokens"] for r in fitted], [r["val_loss"] for r in fitted],
+                  bootstrap=cfg.bootstrap, seed=cfg.seed)
+    law = fit.law
+    summary = {"constants": {k: getattr(law, k) for k in ("E", "A", "B", "alpha", "beta")}, "stderr": fit.stderr,
+               "runs": runs}
+    if held is not None:
+        predicted = law.loss(held["params"], held["tokens"])
+        summary["held_out"] = {**held, "predicted": predicted, "error": predicted / held["val_loss"] - 1}
+    n_opt, d_opt = law.optimal(cfg.predict_flops)
+    summary["prediction"] = {"flops": cfg.predict_flops, "params": n_opt, "tokens": d_opt,
+                             "loss": law.loss(n_opt, d_opt)}
+    plot_fit(runs, fit, out / "scaling.png")
+    atomic_write_text(out / "fit.json", json.dumps(summary, indent=2) + "\n")
+    _report(summary, out)
+    return summary
+
+
+def _report(summary: dict, out: Path) -> None:
+    c, s = summary["constants"], summary["stderr"]
+    print(style("\nfitted L(N, D) = E + A / N^alpha + B / D^beta (N non-embedding parameters)", "1"))
+    for k in ("E", "A", "B", "alpha", "beta"):
+        print(f"  {k:5s} = {c[k]:10.4g}  +- {s[k]:.2g}")
+    if "held_out" in summary:
+        h = summary["held_out"]
+        print(f"  held-out largest run (N {h['params']:,}, D {h['tokens']:,}): loss {h['val_loss']:.4f}, "
+              f"predicted {h['predicted']:.4f} ({h['error']:+.1%})")
+    p = summary["prediction"]
+    print(f"  compute-optimal at {p['flops']:.3g} FLOPs: N {p['params']:.3g}, D {p['tokens']:.3g}, "
+          f"loss {p['loss']:.3f}")
+    print(f"  plot {out / 'scaling.png'}; numbers {out / 'fit.json'}")
+
+
+def plot_fit(runs: list[dict], fit: LawFit, png: Path) -> None:
+    """Final loss against training compute (6 N D), a line per model size, with the fitted frontier."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for params in sorted({r["params"] for r in runs}):
+        rows = sorted((6 * r["params"] * r["tokens"], r["val_loss"]) for r in runs if r["params"] == params)
+        ax.plot(*zip(*rows), "o-", ms=4, label=f"N = {params / 1e3:,.0f}K")
+    flops = [6 * r["params"] * r["tokens"] for r in runs]
+    grid = np.geomspace(min(flops) / 2, max(flops) * 10, 100)
+    frontier = [fit.law.loss(*fit.law.optimal(c)) for c in grid]
+    ax.plot(grid, frontier, "k--", lw=1.2, label="fitted compute-optimal frontier")
+    ax.set_xscale("log")
+    ax.set_xlabel("training compute 6 N D (FLOPs)")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)

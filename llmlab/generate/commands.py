@@ -105,7 +105,7 @@ def run_chat(ns: argparse.Namespace) -> None:
 
     generator = load_generator(ns)
     template = load_chat_template(ns.checkpoint, ns.template)
-    session = ChatSession(generator, template, sampling_params(ns), system=ns.system)
+    session = ChatSession(generator, template, sampling_params(ns), system=ns.system, stop=ns.stop)
     interactive = sys.stdin.isatty()
     if interactive:
         print(style(f"chat with {ns.checkpoint} ({template.name} template, context {generator.context} tokens); "

@@ -217,6 +217,9 @@ def sequence_logprobs(model: nn.Module, context: Sequence[int], continuations: S
         raise GenerationError("context is empty; give at least one token")
     rows = [list(context) + list(c) for c in continuations]
     width = max(len(r) for r in rows)
+    if width > context_length(model):
+        raise GenerationError(f"context plus continuation is {width} tokens, more than the model's "
+                              f"{context_length(model)}")
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, :len(r)] = torch.tensor(r)

@@ -151,8 +151,9 @@ class ChatSession:
     """A conversation: the history, rendered with a chat template and trimmed to the context window."""
 
     def __init__(self, generator: TextGenerator, template: ChatTemplate, params: SamplingParams, *,
-                 system: str | None = None):
+                 system: str | None = None, stop: Sequence[str] = ()):
         self.generator, self.template, self.params = generator, template, params
+        self.stop = [template.stop, *stop]  # the end of an assistant turn, and the caller's own
         self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
 
     def reset(self) -> None:
@@ -186,7 +187,7 @@ class ChatSession:
         self.messages.append({"role": "user", "content": content})
         ids, _ = self.prompt_ids(self.messages)
         reply = []
-        for delta in self.generator.stream(ids, self.params, stop=[self.template.stop]):
+        for delta in self.generator.stream(ids, self.params, stop=self.stop):
             reply.append(delta.text)
             yield delta
         self.messages.append({"role": "assistant", "content": "".join(reply)})

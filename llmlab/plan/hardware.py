@@ -43,21 +43,24 @@ def measure_cpu(seconds: float = 0.5) -> Hardware:
     import torch
 
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    best_flops, deadline = 0.0, time.perf_counter() + seconds / 2
-    while time.perf_counter() < deadline:
-        t0 = time.perf_counter()
-        a @ b
-        best_flops = max(best_flops, 2 * 1024**3 / (time.perf_counter() - t0))
-    src, dst = torch.empty(2**25), torch.empty(2**25)  # 128 MB each
-    best_bw, deadline = 0.0, time.perf_counter() + seconds / 2
-    while time.perf_counter() < deadline:
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best_bw = max(best_bw, 2 * src.numel() * 4 / (time.perf_counter() - t0))  # read + write
+    src, dst = torch.zeros(2**25), torch.zeros(2**25)  # 128 MB each, pages touched before timing
+    best_flops = _best_rate(lambda: a @ b, 2 * 1024**3, seconds / 2)
+    best_bw = _best_rate(lambda: dst.copy_(src), 2 * src.numel() * 4, seconds / 2)  # read + write
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     # small models train at 50-75% of the matmul rate here (benchmarks/train_throughput.py)
     return Hardware("this-cpu", best_flops, memory, best_bw, 15.0 * (os.cpu_count() or 1), 0.0,
                     f"measured now: {torch.get_num_threads()} threads, fp32", mfu=0.6)
+
+
+def _best_rate(work, amount: float, seconds: float, min_runs: int = 3) -> float:
+    """The best amount / second of `work` over at least `min_runs` runs and about `seconds`."""
+    best, runs, deadline = 0.0, 0, time.perf_counter() + seconds
+    while runs < min_runs or time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        work()
+        best = max(best, amount / (time.perf_counter() - t0))
+        runs += 1
+    return best
 
 
 def get_hardware(name: str, **overrides) -> Hardware:

@@ -211,3 +211,9 @@ def test_beam_search_with_one_beam_per_step_matches_exhaustive_search_on_real_mo
     best = seqs[max(range(len(seqs)), key=scores.__getitem__)]
     beam = Engine(model).generate([prompt], SamplingParams(num_beams=V, max_new_tokens=2))[0]
     assert beam.token_ids == best
+
+
+def test_sequence_logprobs_refuses_rows_longer_than_the_context():
+    model = chain(8, [1, 2, 3])
+    with pytest.raises(GenerationError, match="more than the model's 64"):
+        sequence_logprobs(model, [1] * 60, [[2] * 5])

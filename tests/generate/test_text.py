@@ -178,6 +178,9 @@ def test_chat_session_streams_a_reply_and_keeps_the_history(tok):
     assert session.messages[-1] == {"role": "assistant", "content": reply}
     session.reset()
     assert session.messages == [{"role": "system", "content": "Be brief."}]
+    stopped = ChatSession(gen, builtin_template("llmlab"), SamplingParams(temperature=0.0, max_new_tokens=20),
+                          stop=["bye"])
+    assert "".join(d.text for d in stopped.send("Hello")) == "Sure, "
 
 
 def test_chat_history_is_trimmed_oldest_first_to_fit_the_context(tok):

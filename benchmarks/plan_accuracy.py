@@ -5,10 +5,10 @@ step `llmlab pretrain` takes) for a few steps, reporting its peak resident set s
 step time. It runs twice: with glibc's default allocator, whose free lists keep memory that the
 process has released (so the resident size grows above the live tensors from step to step), and
 with large blocks always mapped and unmapped (MALLOC_MMAP_THRESHOLD_=1 MiB), where the resident
-size follows the live tensors, at the price of slower steps. The prediction is what `pretrain`'s preflight computes (weights, gradients, AdamW
-states, activations and the loss block) on top of the process's resident size before the model is
-built (the interpreter and torch), and the training FLOPs over this CPU's matmul rate measured now
-at the planner's assumed utilisation for it.
+size follows the live tensors, at the price of slower steps. The prediction is what `pretrain`'s
+preflight computes (weights, gradients, AdamW states, activations and the loss block) on top of
+the process's resident size before the model is built (the interpreter and torch), and the
+training FLOPs over this CPU's matmul rate measured now at the planner's assumed utilisation for it.
 
     python benchmarks/plan_accuracy.py
     python benchmarks/plan_accuracy.py --configs 14m --steps 8

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from llmlab.generate.engine import Completion, StopCheck, _ends_with
+from llmlab.generate.engine import Completion, StopCheck, _ends_with, context_length
 from llmlab.generate.sampling import SamplingParams
 
 
@@ -37,7 +37,7 @@ def beam_search(model: nn.Module, prompt: list[int], params: SamplingParams, pro
     (called with the beam index and its tokens) finishes a hypothesis like a stop token does."""
     k, penalty = params.num_beams, params.length_penalty
     device = next(model.parameters()).device
-    budget = min(params.max_new_tokens, int(model.config.max_seq_len) - len(prompt))
+    budget = min(params.max_new_tokens, context_length(model) - len(prompt))
     cache = model.make_kv_cache(1, len(prompt) + budget)
     logits = model(torch.tensor([prompt], device=device), kv_cache=cache)[:, -1]
     cache.select_rows(torch.zeros(k, dtype=torch.long, device=device))

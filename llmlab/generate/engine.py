@@ -159,6 +159,7 @@ class Engine:
         generators = _row_generators(params, len(prompts))
         stop_ids = set(params.stop_token_ids)
         outputs: list[list[int]] = [[] for _ in range(n_rows)]
+        every_row = torch.arange(n_rows, device=self.device)
         active = list(range(n_rows))
 
         for step in range(max_steps):
@@ -190,9 +191,9 @@ class Engine:
             if not active:
                 return
             if counts is not None:
-                counts[torch.arange(n_rows, device=self.device), tokens] += 1
+                counts[every_row, tokens] += 1
                 if seen is not None:
-                    seen[torch.arange(n_rows, device=self.device), tokens] = True
+                    seen[every_row, tokens] = True
             if mask is not None:
                 mask[:, width + step] = 1
                 step_mask = mask[:, :width + step + 1]

@@ -260,9 +260,10 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
+        if torch.is_grad_enabled() or x.device.type != "cpu" or w.numel() < GEMV_SPLIT_MIN or w.size(0) % 4:
+            return F.linear(x, w, self.bias)  # training takes this exit first: nothing more to compute
         rows = x.numel() // x.size(-1) if x.size(-1) else 0
-        if (not 0 < rows <= GEMV_SPLIT_MAX_ROWS or w.numel() < GEMV_SPLIT_MIN or w.size(0) % 4
-                or x.device.type != "cpu" or torch.is_grad_enabled()):
+        if not 0 < rows <= GEMV_SPLIT_MAX_ROWS:
             return F.linear(x, w, self.bias)
         blocks = w.view(4, -1, w.size(1)).transpose(1, 2)  # (4, in, out / 4)
         out = torch.bmm(x.reshape(1, rows, -1).expand(4, rows, -1), blocks)  # (4, rows, out / 4)

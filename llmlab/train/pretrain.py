@@ -209,7 +209,8 @@ def run(cfg: PretrainConfig) -> dict:
             tokens += tokens_per_step
             dt = time.time() - t0
             record = {"step": done, "loss": loss.item(), "lr": lr, "tokens": tokens,
-                      "tokens_per_s": tokens_per_step / dt, "grad_norm": grad_norm.item(), "time": time.time() - t_start}
+                      "tokens_per_s": tokens_per_step / dt, "grad_norm": grad_norm.item(),
+                      "time": time.time() - t_start}
             _write(metrics, record)
             if rank == 0:
                 _report(progress, record, cfg, done - start)
@@ -291,8 +292,9 @@ def preflight(cfg: PretrainConfig, device: torch.device, processes: int = 1) -> 
         parts = ", ".join(f"{k.replace('_', ' ')} {v / 1e9:.2f}" for k, v in
                           (("weights", memory.weights + memory.master_weights), ("gradients", memory.gradients),
                            ("optimizer", memory.optimizer), ("activations", memory.activations)) if v)
-        raise LlmlabError(f"preflight: this run needs about {memory.total / 1e9:.2f} GB per process ({parts} GB) "
-                          f"x {processes} processes but {device} has {have / 1e9:.2f} GB free; lower batch_size or seq_len, set "
+        ranks = f" x {processes} processes" if processes > 1 else ""
+        raise LlmlabError(f"preflight: this run needs about {memory.total / 1e9:.2f} GB per process ({parts} GB)"
+                          f"{ranks} but {device} has {have / 1e9:.2f} GB free; lower batch_size or seq_len, set "
                           "system.gradient_checkpointing=true, or skip the check with system.preflight=false")
     return memory.total
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -76,14 +77,12 @@ def _run_one(cfg: ScalingFitConfig, data: Path, vocab: int, width: int, tokens: 
     run_cfg.eval.every, run_cfg.eval.batches = steps, 16
     run_cfg.ckpt.every, run_cfg.ckpt.keep_last = steps, 1
     if (folder / "train").exists():  # an interrupted run: start it over
-        import shutil
-
         shutil.rmtree(folder / "train")
     out = pretrain(run_cfg)
     if out["val_loss"] is None or not math.isfinite(out["val_loss"]):
         raise LlmlabError(f"run {folder.name} ended without a finite validation loss")
-    result = {"width": width, "params": model.num_params().non_embedding, "tokens": steps * cfg.batch_size * cfg.seq_len,
-              "val_loss": out["val_loss"]}
+    result = {"width": width, "params": model.num_params().non_embedding,
+              "tokens": steps * cfg.batch_size * cfg.seq_len, "val_loss": out["val_loss"]}
     atomic_write_text(result_file, json.dumps(result, indent=2) + "\n")
     return result
 

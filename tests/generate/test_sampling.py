@@ -23,7 +23,8 @@ def test_top_k_keeps_the_k_largest():
     assert kept(top_k_filter(LOGITS, 0)) == {0, 1, 2, 3}
 
 
-@pytest.mark.parametrize("p, expected", [(0.5, {0}), (0.7, {0, 1}), (0.8, {0, 1}), (0.81, {0, 1, 2}), (1.0, {0, 1, 2, 3})])
+@pytest.mark.parametrize("p, expected", [(0.5, {0}), (0.7, {0, 1}), (0.8, {0, 1}), (0.81, {0, 1, 2}),
+                                         (1.0, {0, 1, 2, 3})])
 def test_top_p_keeps_the_smallest_set_reaching_p(p, expected):
     assert kept(top_p_filter(LOGITS, p)) == expected
 

@@ -10,7 +10,8 @@ from llmlab.cli import main
 from llmlab.models.presets import get_preset
 from llmlab.plan import estimate as est
 from llmlab.plan.hardware import CATALOG, get_hardware
-from llmlab.plan.scaling import CHINCHILLA, CHINCHILLA_REFIT, config_for_params, kaplan_optimal, tokens_per_param_optimal
+from llmlab.plan.scaling import (CHINCHILLA, CHINCHILLA_REFIT, config_for_params, kaplan_optimal,
+                                 tokens_per_param_optimal)
 
 GOPHER_FLOPS = 5.76e23  # Hoffmann et al. 2022, Table 3: Gopher's training compute
 

@@ -19,7 +19,11 @@ CONFIG_VERBS = {
                      "clean, deduplicate, split and tokenize a corpus into token shards"),
     "tokenizer train": ("llmlab.data.prepare", "TokenizerTrainConfig", "train_tokenizer",
                         "train a byte-level BPE tokenizer on a corpus"),
+    "data synth": ("llmlab.data.synth", "SynthConfig", "run",
+                   "write a synthetic instruction set whose answers a program can check"),
     "pretrain": ("llmlab.train.pretrain", "PretrainConfig", "run", "pretrain a language model from token shards"),
+    "finetune": ("llmlab.train.finetune", "FinetuneConfig", "run",
+                 "fine-tune a model: full, frozen layers, LoRA or QLoRA, on instructions, chats or raw text"),
     "scaling fit": ("llmlab.train.sweep", "ScalingFitConfig", "run",
                     "train a sweep of small models and fit your own scaling law L(N, D)"),
 }

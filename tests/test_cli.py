@@ -24,7 +24,7 @@ def _llmlab(*args, cwd=None, env=None):
 def test_help_lists_the_verbs_that_exist():
     out = _llmlab("--help")
     assert out.returncode == 0
-    for verb in ("demo", "data", "tokenizer", "pretrain", "convert"):
+    for verb in ("demo", "data", "tokenizer", "pretrain", "finetune", "convert"):
         assert verb in out.stdout
     assert "\033[" not in out.stdout
     out = _llmlab("pretrain", "--help")
@@ -92,3 +92,21 @@ def test_console_script_is_installed():
     if not os.path.exists(exe):
         pytest.skip("package not installed in this environment")
     assert subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.startswith("llmlab ")
+
+
+def test_synth_then_finetune_then_generate(tmp_path, capsys):
+    from llmlab.models import LlamaConfig
+    from llmlab.tokenizer import train_bpe
+
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    save_model(build_model(LlamaConfig(vocab_size=300, dim=32, n_layers=1, n_heads=4, max_seq_len=64)), base)
+    train_bpe([f"Add the two numbers. {i} + {i} is {2 * i}" for i in range(200)], vocab_size=300).save(base)
+    assert main(["data", "synth", f"out_dir={tmp_path / 'synth'}", "tasks=[add]", "train=40", "val=8", "test=0"]) == 0
+    assert main(["finetune", f"base={base}", f"out_dir={tmp_path / 'ft'}", f"data.train={tmp_path / 'synth/train.jsonl'}",
+                 "seq_len=64", "batch_size=4", "max_steps=3", "eval.exact_match=2", "eval.max_new_tokens=4"]) == 0
+    assert "exact match" in capsys.readouterr().out
+    assert main(["generate", str(tmp_path / "ft" / "final"), "--prompt", "Add", "--max-new-tokens", "3"]) == 0
+    assert (tmp_path / "ft" / "adapter" / "adapter_config.json").is_file()
+    out = _llmlab("finetune", f"base={tmp_path / 'nope'}")
+    assert out.returncode == 1 and out.stderr.startswith("error: base=") and "Traceback" not in out.stderr

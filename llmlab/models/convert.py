@@ -151,6 +151,22 @@ def llmlab_to_hf_state(state: dict[str, torch.Tensor], family: str) -> dict[str,
     return _convert(state, TABLES[family], to_ours=False)
 
 
+def module_name_map(name: str, family: str, *, to_hf: bool) -> tuple[str, str]:
+    """The HF path of llmlab linear layer `name` (or, with to_hf=False, the llmlab path of an HF one),
+    with the layout op of its weight ("copy", or "transpose" for a Conv1D): what adapters need, whose
+    tensors attach to whole layers. A layer that HF fuses with others (GPT-2's c_attn) has no such
+    one-to-one counterpart and is an error."""
+    for rule in TABLES[family].rules:
+        source, target = (rule.ours[0], rule.hf) if to_hf else (rule.hf, rule.ours[0])
+        m = _pattern(source).match(name + ".weight")
+        if m:
+            if len(rule.ours) > 1:
+                raise ConversionError(f"{name}: HF fuses this layer into {rule.hf.format(*m.groups())}; an adapter "
+                                      "on it has no HF/PEFT counterpart")
+            return target.format(*m.groups()).removesuffix(".weight"), rule.op
+    raise ConversionError(f"{name}: no {family} linear layer of that name")
+
+
 # --------------------------------------------------------------------------- configs
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2")

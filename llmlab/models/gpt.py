@@ -199,7 +199,8 @@ class GPT(nn.Module):
                        p.device, p.dtype)
 
     def forward(self, input_ids: torch.Tensor, *, kv_cache: KVCache | None = None,
-                attention_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits, or the mean next-token loss when `targets` are given.
 
         Args:
@@ -207,6 +208,8 @@ class GPT(nn.Module):
             kv_cache: keys and values of earlier tokens; the new T tokens are appended to it.
             attention_mask: (B, S) with S = cached + T; 1 for tokens, 0 for padding (left or right).
             targets: (B, T) next-token ids, -100 where no loss is wanted.
+            segment_ids: (B, T) with several sequences packed in a row: the id of each token's sequence
+                (training, no cache); positions restart and attention stays within each sequence.
 
         Returns:
             logits (B, T, vocab_size), or with targets the mean cross-entropy (a scalar), computed
@@ -216,11 +219,11 @@ class GPT(nn.Module):
         B, T = input_ids.shape
         start = kv_cache.length if kv_cache is not None else 0
         S = start + T
-        positions = positions_from_mask(attention_mask, 0, S, input_ids.device)  # (B|1, S)
+        positions = positions_from_mask(attention_mask, 0, S, input_ids.device, segment_ids)  # (B|1, S)
         if cfg.position == "learned" and int(positions.max()) >= cfg.max_seq_len:
             raise ValueError(f"sequence of {S} tokens exceeds the {cfg.max_seq_len} learned positions")
         mask, distances = build_attention_mask(T, S, padding_mask=attention_mask, device=input_ids.device,
-                                               force=cfg.position != "learned"), None
+                                               force=cfg.position != "learned", segment_ids=segment_ids), None
         if cfg.position != "learned":
             distances = (positions[:, -T:, None] - positions[:, None, :]).clamp(min=0)  # (B|1, T, S)
             mask = torch.zeros(mask.shape, dtype=self.embed_tokens.weight.dtype,

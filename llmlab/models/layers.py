@@ -194,21 +194,30 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def positions_from_mask(attention_mask: torch.Tensor | None, start: int, length: int,
-                        device: torch.device) -> torch.Tensor:
+                        device: torch.device, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Position ids [B|1, length] of all tokens seen so far (cache plus new).
 
     With a padding mask (1 = token, 0 = pad) positions count real tokens only, so a left-padded
-    row gets the same positions as the unpadded sequence.
+    row gets the same positions as the unpadded sequence. With `segment_ids` (B, T), several
+    sequences packed into one row, each segment's positions start again at 0.
     """
+    if segment_ids is not None:
+        index = torch.arange(segment_ids.size(1), device=device)
+        new = torch.ones_like(segment_ids, dtype=torch.bool)
+        new[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+        return index - torch.where(new, index, 0).cummax(-1).values  # distance from the segment's first token
     if attention_mask is None:
         return torch.arange(start, start + length, device=device)[None]
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def build_attention_mask(q_len: int, kv_len: int, *, padding_mask: torch.Tensor | None = None,
-                   sliding_window: int | None = None, device: torch.device,
-                   force: bool = False) -> torch.Tensor | None:
+                         sliding_window: int | None = None, device: torch.device, force: bool = False,
+                         segment_ids: torch.Tensor | None = None) -> torch.Tensor | None:
     """Boolean mask [B|1, 1, q_len, kv_len] (True = may attend) for the last q_len of kv_len tokens.
+
+    `segment_ids` (B, T) packs several sequences into a row (no cache): a token attends only to
+    earlier tokens of its own segment, so packed examples never see each other.
 
     Returns None when plain causal attention is enough and the caller can pass is_causal instead:
     no padding, no window, and either a full square (prefill) or a single query (decode); `force`
@@ -216,7 +225,8 @@ def build_attention_mask(q_len: int, kv_len: int, *, padding_mask: torch.Tensor 
     Every query may always attend to itself, so a row of padding never becomes all -inf (which
     would make SDPA return NaN and poison later layers through the pad positions' keys).
     """
-    if not force and padding_mask is None and sliding_window is None and q_len in (kv_len, 1):
+    plain = padding_mask is None and sliding_window is None and segment_ids is None
+    if not force and plain and q_len in (kv_len, 1):
         return None
     q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
     k_pos = torch.arange(kv_len, device=device)[None, :]
@@ -226,6 +236,10 @@ def build_attention_mask(q_len: int, kv_len: int, *, padding_mask: torch.Tensor 
     mask = mask[None, None]
     if padding_mask is not None:
         mask = mask & padding_mask[:, None, None, :kv_len].bool()
+    if segment_ids is not None:
+        if q_len != kv_len:
+            raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     return mask | (k_pos == q_pos)
 
 

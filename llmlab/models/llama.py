@@ -156,7 +156,8 @@ class Llama(nn.Module):
                        p.device, p.dtype)
 
     def forward(self, input_ids: torch.Tensor, *, kv_cache: KVCache | None = None,
-                attention_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits, or the mean next-token loss when `targets` are given.
 
         Args:
@@ -164,6 +165,8 @@ class Llama(nn.Module):
             kv_cache: keys and values of earlier tokens; the new T tokens are appended to it.
             attention_mask: (B, S) with S = cached + T; 1 for tokens, 0 for padding (left or right).
             targets: (B, T) next-token ids, -100 where no loss is wanted.
+            segment_ids: (B, T) with several sequences packed in a row: the id of each token's sequence
+                (training, no cache); positions restart and attention stays within each sequence.
 
         Returns:
             logits (B, T, vocab_size), or with targets the mean cross-entropy (a scalar), computed
@@ -171,10 +174,11 @@ class Llama(nn.Module):
         """
         B, T = input_ids.shape
         start = kv_cache.length if kv_cache is not None else 0
-        positions = positions_from_mask(attention_mask, start, T, input_ids.device)[:, -T:]
+        positions = positions_from_mask(attention_mask, start, T, input_ids.device, segment_ids)[:, -T:]
         cos, sin = self.rotary(positions, self.embed_tokens.weight.dtype)
         mask = build_attention_mask(T, start + T, padding_mask=attention_mask,
-                                    sliding_window=self.config.sliding_window, device=input_ids.device)
+                                    sliding_window=self.config.sliding_window, device=input_ids.device,
+                                    segment_ids=segment_ids)
         x = self.embed_tokens(input_ids)  # (B, T, dim)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training:

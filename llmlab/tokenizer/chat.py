@@ -95,6 +95,55 @@ class ChatTemplate:
             raise ChatTemplateError(f"chat template {self.name!r} failed to render: {e}") from None
 
 
+def encode_chat(template: ChatTemplate, tokenizer, messages: list, *, add_eos: bool = True,
+                source: str = "messages") -> tuple[list[int], list[bool]]:
+    """Token ids of a conversation for instruction tuning, and a loss mask true exactly on what the
+    assistant says: each assistant turn's text through the template's end-of-turn marker, plus the
+    EOS token appended after the last turn (so the model learns to stop).
+
+    The conversation is rendered in pieces: before assistant turn i comes `render(messages[:i],
+    add_generation_prompt=True)`, and the turn is what `render(messages[:i + 1])` adds to that.
+    Each piece is tokenized on its own, as generation sees a prompt and then its continuation.
+    Messages after the last assistant turn teach nothing and are left out.
+
+    Raises:
+        ChatTemplateError: no assistant turn, an empty one, or one that opens the conversation, or a
+            template whose rendering of a conversation does not extend its rendering of the beginning.
+    """
+    messages = check_messages(messages, source)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not turns:
+        raise ChatTemplateError(f"{source}: no assistant turn to learn from")
+    ids: list[int] = []
+    mask: list[bool] = []
+    done = ""  # the text covered so far
+    for i in turns:
+        if i == 0:
+            raise ChatTemplateError(f"{source}[0]: the conversation opens with an assistant turn; it needs a prompt")
+        if not messages[i]["content"].strip():
+            raise ChatTemplateError(f"{source}[{i}]: empty assistant turn")
+        prompt = template.render(messages[:i], add_generation_prompt=True)
+        full = template.render(messages[:i + 1], add_generation_prompt=False)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise ChatTemplateError(f"chat template {template.name!r} renders {source}[:{i + 1}] as text that does "
+                                    "not extend the rendering of the earlier turns; cannot tell the assistant's "
+                                    "tokens apart")
+        answer = full[len(prompt):]
+        end = answer.rfind(template.stop) if template.stop else -1
+        if end >= 0:  # the turn ends with its marker; what follows (a newline) opens the next prompt
+            answer = answer[:end + len(template.stop)]
+        for text, trained in ((prompt[len(done):], False), (answer, True)):
+            piece = tokenizer.encode(text) if text else []
+            ids += piece
+            mask += [trained] * len(piece)
+        done = prompt + answer
+    eos = tokenizer.eos_id
+    if add_eos and eos is not None and ids[-1] != eos:
+        ids.append(eos)
+        mask.append(True)
+    return ids, mask
+
+
 def builtin_template(name: str, bos_token: str = "", eos_token: str = "") -> ChatTemplate:
     if name not in TEMPLATES:
         raise ChatTemplateError(f"unknown chat template {name!r}; built in: {', '.join(TEMPLATES)}")

@@ -18,6 +18,7 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +37,13 @@ class CheckpointWriteError(LlmlabError):
 
 
 def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict, keep_last: int = 3, tokenizer_dir: str | os.PathLike | None = None) -> Path:
+                    state: dict, keep_last: int = 3, tokenizer_dir: str | os.PathLike | None = None,
+                    save_weights: Callable[[nn.Module, Path], object] = save_model) -> Path:
     """Write checkpoint `step` atomically and delete all but the newest `keep_last`.
 
     With `tokenizer_dir`, its tokenizer files are copied in too, so the checkpoint alone is enough
-    for `llmlab generate`.
+    for `llmlab generate`. `save_weights(model, folder)` writes the weights: the whole model by
+    default, or only what trains (a LoRA adapter).
 
     Raises:
         CheckpointWriteError: a weight is NaN or inf (such a checkpoint is never written).
@@ -55,12 +58,13 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Module, op
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=ckpt_dir))
     try:
-        save_model(model, tmp)
+        save_weights(model, tmp)
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
         opt = optimizer.state_dict()
-        tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous()
-                   for i, s in opt["state"].items() for k, v in s.items()}
+        tensors, scalars = {}, {}
+        for i, s in opt["state"].items():
+            _flatten(s, f"state.{i}.", tensors, scalars)
         save_safetensors(tensors, tmp / "optimizer.safetensors")
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -68,7 +72,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Module, op
         save_safetensors(rng, tmp / "rng.safetensors")
         py_version, py_state, py_gauss = random.getstate()
         np_state = np.random.get_state()
-        full = {**state, "step": step, "param_groups": opt["param_groups"],
+        full = {**state, "step": step, "param_groups": opt["param_groups"], "optimizer_scalars": scalars,
                 "python_rng": [py_version, list(py_state), py_gauss],
                 "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
         atomic_write_text(tmp / "state.json", json.dumps(full))
@@ -104,19 +108,44 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, *, clean: bool = True) -> Pat
     return found[-1] if found else None
 
 
-def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore weights, optimizer state and every RNG from `path`; returns the saved `state.json`."""
+def _flatten(state: dict, prefix: str, tensors: dict, scalars: dict) -> None:
+    """Optimizer state into safetensors-ready tensors and JSON scalars; nested dicts (an 8-bit
+    optimizer's quantization state) get '/'-joined keys."""
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor):
+            tensors[prefix + k] = v.detach().cpu().contiguous()
+        elif isinstance(v, dict):
+            _flatten(v, f"{prefix}{k}/", tensors, scalars)
+        else:
+            scalars[prefix + k] = v
+
+
+def _unflatten(items: dict) -> dict[int, dict]:
+    out: dict[int, dict] = {}
+    for key, value in items.items():
+        _, index, name = key.split(".", 2)
+        node = out.setdefault(int(index), {})
+        *parents, leaf = name.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    load_weights: Callable[[nn.Module, Path], object] | None = None) -> dict:
+    """Restore weights, optimizer state and every RNG from `path`; returns the saved `state.json`.
+    `load_weights(model, folder)` reads what `save_checkpoint`'s `save_weights` wrote."""
     path = Path(path)
     try:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise LlmlabError(f"{path / 'state.json'}: cannot resume from this checkpoint ({e})") from None
-    load_state_into(model, read_state_dict(path), str(path))
-    tensors = load_file(path / "optimizer.safetensors")
-    opt_state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        _, index, name = key.split(".", 2)
-        opt_state.setdefault(int(index), {})[name] = value
+    if load_weights is None:
+        load_state_into(model, read_state_dict(path), str(path))
+    else:
+        load_weights(model, path)
+    opt_state = _unflatten({**load_file(path / "optimizer.safetensors"), **state.get("optimizer_scalars", {})})
     # JSON turned tuples such as AdamW's betas into lists; give them back their type
     groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
               for g in state["param_groups"]]

@@ -10,11 +10,7 @@ bit for bit on CPU.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
-import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +19,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from llmlab.common import LlmlabError, atomic_write_text, choose_device, init_distributed, seed_everything
+from llmlab.common import LlmlabError, choose_device, init_distributed, seed_everything
 from llmlab.config import save_config
 from llmlab.data.fim import FimSpec, fim_permute
 from llmlab.data.shards import TokenShards
@@ -31,6 +27,8 @@ from llmlab.models import GPTConfig, LlamaConfig, build_model
 from llmlab.models.layers import LOSS_BLOCK_ELEMENTS_CPU, LOSS_BLOCK_ELEMENTS_GPU
 from llmlab.plan.estimate import TrainingMemory, shape_of, training_memory
 from llmlab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from llmlab.train.loop import (StopSignals, available_memory, print_line, progress_bar, report, resume_path,
+                               step_seed, stop_reason, truncate_metrics, write_metrics)
 from llmlab.train.optim import OptimConfig, build_optimizer, lr_at
 
 
@@ -105,21 +103,6 @@ def evaluate(model, shards: TokenShards, cfg: PretrainConfig, device: torch.devi
     return sum(losses) / len(losses)
 
 
-class StopSignals:
-    """Turn SIGINT/SIGTERM into a flag the loop checks after each step (then it saves and exits)."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def _handle(self, signum, frame):
-        self.received = signum
-
-    def restore(self):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-
 def run(cfg: PretrainConfig) -> dict:
     """Pretrain; returns {"step", "tokens", "val_loss", "stopped", "checkpoint", "exit_code"}."""
     # ---- setup
@@ -147,7 +130,7 @@ def run(cfg: PretrainConfig) -> dict:
     model.gradient_checkpointing = cfg.system.gradient_checkpointing
     optimizer = build_optimizer(model, cfg.optim, device)
     start, tokens, best, bad_evals, skipped = 0, 0, math.inf, 0, 0
-    resume_from = _resume_path(cfg, ckpt_dir, rank)
+    resume_from = resume_path(cfg, ckpt_dir, rank)
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer)
         start, tokens, skipped = state["step"], state["tokens"], state["skipped"]
@@ -155,7 +138,7 @@ def run(cfg: PretrainConfig) -> dict:
         print(f"resumed from {resume_from} at step {start}")
     if rank == 0:
         save_config(cfg, out / "config.yaml")
-        _truncate_metrics(out / "metrics.jsonl", start)
+        truncate_metrics(out / "metrics.jsonl", start)
     train_model = model
     if cfg.system.compile:
         train_model = torch.compile(model)
@@ -166,7 +149,7 @@ def run(cfg: PretrainConfig) -> dict:
     bytes_per_token = _bytes_per_token(manifest, "val")
     signals = StopSignals()
     metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if rank == 0 else None
-    progress = _progress(start, cfg.max_steps, rank)
+    progress = progress_bar(start, cfg.max_steps, rank)
     t_start, stopped, val_loss, done = time.time(), None, None, start
 
     # ---- the loop
@@ -178,7 +161,7 @@ def run(cfg: PretrainConfig) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
-            torch.manual_seed(_step_seed(cfg.seed, step, rank))  # dropout: a function of (seed, step, rank)
+            torch.manual_seed(step_seed(cfg.seed, step, rank))  # dropout: a function of (seed, step, rank)
             for micro in range(cfg.grad_accum):
                 # batch k of the step's grad_accum x world; so 2 ranks x 1 equals 1 process x 2 micro-batches
                 k = rank * cfg.grad_accum + micro
@@ -201,7 +184,7 @@ def run(cfg: PretrainConfig) -> dict:
                                       f"without saving. Lower optim.lr, or set nonfinite=skip to skip such batches")
                 skipped += 1
                 done = step + 1
-                _write(metrics, {"step": done, "skipped_nonfinite": skipped, "lr": lr})
+                write_metrics(metrics, {"step": done, "skipped_nonfinite": skipped, "lr": lr})
                 continue
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -211,19 +194,19 @@ def run(cfg: PretrainConfig) -> dict:
             record = {"step": done, "loss": loss.item(), "lr": lr, "tokens": tokens,
                       "tokens_per_s": tokens_per_step / dt, "grad_norm": grad_norm.item(),
                       "time": time.time() - t_start}
-            _write(metrics, record)
+            write_metrics(metrics, record)
             if rank == 0:
-                _report(progress, record, cfg, done - start)
+                report(progress, record, cfg, done - start)
 
-            stopped = _stop_reason(signals, cfg.max_minutes and time.time() - t_start > 60 * cfg.max_minutes,
+            stopped = stop_reason(signals, cfg.max_minutes and time.time() - t_start > 60 * cfg.max_minutes,
                                    world, device)
             last = done == cfg.max_steps or stopped is not None
             if val_data is not None and (done % cfg.eval.every == 0 or last):
                 val_loss = evaluate(model, val_data, cfg, device)
-                _write(metrics, {"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
+                write_metrics(metrics, {"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
                                  "val_bpb": val_loss / math.log(2) / bytes_per_token})
                 if rank == 0:
-                    _print(progress, f"step {done}: val_loss {val_loss:.4f}  ppl {math.exp(min(val_loss, 50)):.2f}")
+                    print_line(progress, f"step {done}: val_loss {val_loss:.4f}  ppl {math.exp(min(val_loss, 50)):.2f}")
                 best, bad_evals = (val_loss, 0) if val_loss < best else (best, bad_evals + 1)
                 if cfg.eval.patience and bad_evals >= cfg.eval.patience and stopped is None:
                     stopped, last = "early_stopping", True
@@ -249,37 +232,6 @@ def run(cfg: PretrainConfig) -> dict:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _resume_path(cfg: PretrainConfig, ckpt_dir: Path, rank: int) -> Path | None:
-    if cfg.ckpt.resume == "none":
-        if any(ckpt_dir.glob("step-*")):
-            raise LlmlabError(f"{cfg.out_dir} already holds checkpoints; pass ckpt.resume=auto to continue "
-                              "that run, or choose another out_dir")
-        return None
-    if cfg.ckpt.resume == "auto":
-        return latest_checkpoint(ckpt_dir, clean=rank == 0)  # none yet: a fresh start
-    path = Path(cfg.ckpt.resume)
-    if not (path / "state.json").is_file():
-        raise LlmlabError(f"ckpt.resume={cfg.ckpt.resume}: not a training checkpoint (no state.json)")
-    return path
-
-
-def _step_seed(seed: int, step: int, rank: int) -> int:
-    return int(np.random.SeedSequence((seed, 2, step, rank)).generate_state(1)[0])
-
-
-def _stop_reason(signals: StopSignals, out_of_time: bool, world: int, device: torch.device) -> str | None:
-    """Why to stop after this step, agreed by all ranks (a signal or the clock may reach one rank first)."""
-    code = 2 if signals.received is not None else 1 if out_of_time else 0
-    if world > 1:
-        flag = torch.tensor(code, device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        code = int(flag)
-    if code == 2:
-        name = signal.Signals(signals.received).name if signals.received is not None else "on another rank"
-        return f"signal:{name}"
-    return "max_minutes" if code == 1 else None
 
 
 def preflight(cfg: PretrainConfig, device: torch.device, processes: int = 1) -> float:
@@ -310,21 +262,6 @@ def estimate_training_memory(cfg: PretrainConfig, device: torch.device) -> Train
     return memory
 
 
-def available_memory(device: torch.device) -> float | None:
-    """Bytes free on `device` now (CPU: MemAvailable), or None where it cannot be known."""
-    if device.type == "cuda":
-        return float(torch.cuda.mem_get_info(device)[0])
-    if device.type == "cpu":
-        try:
-            for line in Path("/proc/meminfo").read_text().splitlines():
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
-    return None
-
-
 def _fim_spec(cfg: PretrainConfig, manifest: dict) -> FimSpec | None:
     for name in ("fim_rate", "fim_spm_rate"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
@@ -339,47 +276,8 @@ def _fim_spec(cfg: PretrainConfig, manifest: dict) -> FimSpec | None:
     return FimSpec(prefix, middle, suffix, manifest["eos_id"], cfg.fim_rate, cfg.fim_spm_rate)
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past `step`: a killed run may have logged steps its checkpoint lacks."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-
 def _bytes_per_token(manifest: dict, split: str) -> float:
     s = manifest["splits"].get(split) or {}
     return s["bytes"] / s["tokens"] if s.get("tokens") else float("nan")
 
 
-def _write(metrics, record: dict) -> None:
-    if metrics is not None:
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
-
-
-def _progress(start: int, total: int, rank: int):
-    if rank != 0 or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-
-
-def _print(progress, text: str) -> None:
-    if progress is not None:
-        progress.write(text)
-    else:
-        print(text, flush=True)
-
-
-def _report(progress, record: dict, cfg: PretrainConfig, steps_this_run: int) -> None:
-    if progress is not None:
-        progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                             tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-        progress.update(1)
-    elif record["step"] % cfg.log_every == 0 or record["step"] == cfg.max_steps:
-        eta = (cfg.max_steps - record["step"]) * record["time"] / steps_this_run
-        print(f"step {record['step']}/{cfg.max_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-              f"{record['tokens_per_s']:.0f} tok/s  eta {eta:.0f}s", flush=True)

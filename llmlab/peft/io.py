@@ -1,0 +1,146 @@
+"""LoRA adapters in PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
+
+PEFT names a tensor by the module path inside the HF model under `base_model.model.`, for example
+`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`; llmlab's tensors are the same
+matrices under llmlab's module path, so export and import rename paths through the conversion
+table and copy the tensors unchanged. An adapter saved here loads with `peft.PeftModel` on the HF
+export of the same base, and an adapter trained with `peft` loads here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from llmlab.common import atomic_write_text
+from llmlab.models.convert import ConversionError, module_name_map
+from llmlab.models.io import save_safetensors
+from llmlab.peft.lora import AdapterError, LoraConfig, apply_lora, linear_names, load_lora_state, lora_layers
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+# PEFT options that change what the adapter computes; an adapter using any of them is refused
+UNSUPPORTED = {"use_dora": False, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
+               "modules_to_save": None, "bias": "none", "layer_replication": None}
+
+
+def is_adapter(path: str | os.PathLike) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, cfg: LoraConfig, *, base: str = "") -> Path:
+    """Write the model's LoRA layers as a PEFT adapter folder; `base` is recorded as
+    `base_model_name_or_path`. The weights are written before the config, each atomically, so a
+    folder with a config always has its weights."""
+    path = Path(path)
+    family = model.config.family
+    tensors, hf_names, ops = {}, [], set()
+    for name, layer in lora_layers(model):
+        try:
+            hf, op = module_name_map(name, family, to_hf=True)
+        except ConversionError as e:
+            raise AdapterError(f"cannot export the adapter in PEFT format: {e}") from None
+        hf_names.append(hf)
+        ops.add(op)
+        for part in ("lora_A", "lora_B"):
+            tensors[f"{PREFIX}{hf}.{part}.weight"] = getattr(layer, part).weight.detach().cpu().contiguous()
+    if not hf_names:
+        raise AdapterError("the model has no LoRA layers to save")
+    if len(ops) > 1:
+        raise AdapterError("cannot export in PEFT format: the adapted layers mix Linear and Conv1D layouts in HF")
+    path.mkdir(parents=True, exist_ok=True)
+    save_safetensors(tensors, path / ADAPTER_WEIGHTS)
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base or None,
+        "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
+        "target_modules": _peft_targets(model, family, hf_names), "fan_in_fan_out": ops == {"transpose"},
+        "bias": "none", "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+    }
+    atomic_write_text(path / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
+    return path
+
+
+def _peft_targets(model: nn.Module, family: str, hf_names: list[str]) -> list[str]:
+    """Leaf names (q_proj, v_proj) when they select exactly the adapted layers in the HF model, else
+    the full paths (an adapter on some layers only)."""
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in hf_names})
+    selected = set()
+    for name in linear_names(model):
+        try:
+            hf, _ = module_name_map(name, family, to_hf=True)
+        except ConversionError:
+            continue
+        if hf.rsplit(".", 1)[-1] in leaves:
+            selected.add(hf)
+    return leaves if selected == set(hf_names) else sorted(hf_names)
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict:
+    file = Path(path) / ADAPTER_CONFIG
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AdapterError(f"{path}: not an adapter folder (no {ADAPTER_CONFIG})") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{file}: cannot read the adapter config ({e})") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise AdapterError(f"{file}: peft_type must be LORA, got {config.get('peft_type') if isinstance(config, dict) else config!r}")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
+            raise AdapterError(f"{file}: {key} must be a positive number, got {config.get(key)!r}")
+    for key, default in UNSUPPORTED.items():
+        if config.get(key, default) not in (default, None, {}, [], False):
+            raise AdapterError(f"{file}: {key}={config[key]!r} is not supported (only plain LoRA adapters load)")
+    return config
+
+
+def read_adapter(path: str | os.PathLike, family: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The adapter's config and its tensors under llmlab module names for `family`."""
+    path = Path(path)
+    config = read_adapter_config(path)
+    try:
+        raw = load_file(path / ADAPTER_WEIGHTS)
+    except (OSError, SafetensorError) as e:
+        raise AdapterError(f"{path / ADAPTER_WEIGHTS}: cannot read the adapter weights ({e})") from None
+    state = {}
+    for key, tensor in raw.items():
+        module, dot, part = key.removeprefix(PREFIX).removesuffix(".weight").rpartition(".")
+        if not dot or part not in ("lora_A", "lora_B") or not key.startswith(PREFIX):
+            raise AdapterError(f"{path / ADAPTER_WEIGHTS}: unexpected tensor {key} (expected "
+                               f"{PREFIX}<module>.lora_A.weight / .lora_B.weight)")
+        try:
+            name, _ = module_name_map(module, family, to_hf=False)
+        except ConversionError as e:
+            raise AdapterError(f"{path / ADAPTER_WEIGHTS}: {e} (an adapter for another model family?)") from None
+        state[f"{name}.{part}.weight"] = tensor
+    return config, state
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> LoraConfig:
+    """Wrap `model`'s layers as the PEFT adapter at `path` says and load its tensors; returns the
+    LoRA settings. Errors name the file and the first mismatches: a layer the model lacks, a shape
+    that differs (an adapter trained on another base), a missing tensor."""
+    config, state = read_adapter(path, model.config.family)
+    modules = list(dict.fromkeys(key.rsplit(".", 2)[0] for key in state))
+    cfg = LoraConfig(r=int(config["r"]), alpha=float(config["lora_alpha"]),
+                     dropout=float(config.get("lora_dropout") or 0.0), targets=modules,
+                     rslora=bool(config.get("use_rslora", False)))
+    try:
+        apply_lora(model, cfg)
+    except AdapterError as e:
+        raise AdapterError(f"{path}: the adapter does not fit the model: {e}") from None
+    load_lora_state(model, state, str(Path(path) / ADAPTER_WEIGHTS))
+    return cfg
+
+
+def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load an adapter's tensors into a model whose LoRA layers are already in place (resuming)."""
+    _, state = read_adapter(path, model.config.family)
+    load_lora_state(model, state, str(Path(path) / ADAPTER_WEIGHTS))

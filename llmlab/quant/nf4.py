@@ -1,0 +1,397 @@
+"""4-bit NormalFloat (NF4) linear layers: the frozen base of QLoRA, as a module swap on a built model.
+
+Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs" (arXiv:2305.14314). Each block of
+`blocksize` consecutive weights (in row-major order of the (out, in) matrix) is scaled by its absolute
+maximum a and every value w is stored as the index of the nearest of 16 NF4 code values q_i (the quantiles
+of a standard normal, rescaled to [-1, 1]):  w ~ a * q_i. Double quantization (Sec. 3) stores the absmax
+constants themselves in 8 bits: their mean is subtracted and the rest is quantized blockwise (256 per
+block) with bitsandbytes' 8-bit dynamic code. The packing, the kernels and the 8-bit code are bitsandbytes'.
+
+Three entry points:
+- `NF4Linear`: one frozen 4-bit layer; `forward` runs `bitsandbytes.matmul_4bit` in `compute_dtype`.
+- `quantize_model`: swap every linear layer of a built model (but `lm_head`) for an NF4Linear, in place.
+- `load_quantized`: read a checkpoint one tensor at a time and quantize as it goes, so the full-precision
+  model never exists in memory.
+
+The packed 4-bit weights are not part of a state_dict: quantization is deterministic, so a QLoRA base is
+re-created from its full-precision checkpoint with `load_quantized`, and only the adapters are saved.
+bitsandbytes is imported inside functions, since importing it takes seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from llmlab.models import build_model
+from llmlab.models.convert import TABLES, ConversionError, hf_to_llmlab_state
+from llmlab.models.io import INDEX, WEIGHTS, CheckpointError, read_config
+
+if TYPE_CHECKING:
+    from bitsandbytes.functional import QuantState
+
+# The 16 NF4 code values (QLoRA, Appendix E; `bitsandbytes.functional.get_4bit_type("nf4")`), ascending.
+NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+            0.7229568362236023, 1.0)
+# blocks of absmax constants that share one second-level scale under double quantization (bitsandbytes)
+ABSMAX_BLOCKSIZE = 256
+
+
+def _bitsandbytes():
+    import bitsandbytes  # lazily: the import costs seconds
+
+    return bitsandbytes
+
+
+# --------------------------------------------------------------------------- the layer
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer y = x W^T + b whose weight W (out, in) is stored in 4-bit NF4.
+
+    The packed weight is a uint8 buffer `packed_weight` ((out * in + 1) // 2, 1), two codes per byte, kept
+    out of the state_dict (persistent=False): see the module docstring. bitsandbytes' `QuantState` (the
+    absmax constants, the code tables, the shape) lives beside it in `quant_state`; `_apply` moves it
+    with the module, so `.to(device)` and `.cuda()` move both. Dtype casts of the module (`.half()`)
+    change only the bias: the arithmetic precision is `compute_dtype`. The layer has no trainable
+    parameters (the bias is frozen), and gradients flow to the input only, as QLoRA needs.
+    """
+
+    def __init__(self, packed_weight: torch.Tensor, quant_state: QuantState, bias: torch.Tensor | None = None, *,
+                 compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.out_features, self.in_features = (int(n) for n in quant_state.shape)
+        self.blocksize = int(quant_state.blocksize)
+        self.double_quant = bool(quant_state.nested)
+        self.compute_dtype = compute_dtype
+        self.quant_state = quant_state
+        self.register_buffer("packed_weight", packed_weight, persistent=False)
+        self.register_parameter("bias", None if bias is None else nn.Parameter(bias.detach(), requires_grad=False))
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *, blocksize: int = 64,
+                    double_quant: bool = True, compute_dtype: torch.dtype = torch.float32) -> NF4Linear:
+        """Quantize a full-precision (out, in) weight on its own device. Deterministic: the same weight
+        gives the same packed bytes and constants."""
+        if weight.dim() != 2:
+            raise ValueError(f"NF4Linear needs a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
+        if weight.is_meta:
+            raise ValueError("cannot quantize a weight on the meta device; load real weights first")
+        functional = _bitsandbytes().functional
+        packed, state = functional.quantize_4bit(weight.detach().contiguous(), blocksize=blocksize,
+                                                 compress_statistics=double_quant, quant_type="nf4")
+        state.dtype = compute_dtype  # what dequantize_4bit returns
+        return cls(packed, state, bias, compute_dtype=compute_dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, blocksize: int = 64, double_quant: bool = True,
+                    compute_dtype: torch.dtype = torch.float32) -> NF4Linear:
+        """The NF4 version of `linear` (its weight quantized, its bias kept in full precision, frozen)."""
+        return cls.from_weight(linear.weight, linear.bias, blocksize=blocksize, double_quant=double_quant,
+                               compute_dtype=compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        # the transposed view is bitsandbytes' calling convention for an (out, in) weight
+        y = _bitsandbytes().matmul_4bit(x.to(self.compute_dtype), self.packed_weight.t(), self.quant_state,
+                                        bias=bias)
+        return y.to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight the layer computes with, (out, in) in compute_dtype."""
+        weight = _bitsandbytes().functional.dequantize_4bit(self.packed_weight, self.quant_state)
+        return weight.reshape(self.out_features, self.in_features).to(self.compute_dtype)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> NF4Linear:
+        super()._apply(fn, recurse)
+        self.quant_state.to(self.packed_weight.device)  # in place: absmax, codes, offset
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}")
+
+
+def nf4_error_bound(weight: torch.Tensor, blocksize: int = 64, *, double_quant: bool = True) -> torch.Tensor:
+    """The elementwise bound on |dequantize(quantize(W)) - W| that the NF4 code guarantees, W's shape.
+
+    A value rounds to the nearest NF4 code value, so in a block with absmax a its error is at most
+    a * g4 / 2, with g4 the largest gap between adjacent code values (0.3038, between -1 and -0.6962).
+    With double quantization the block is rescaled by an approximate absmax a' instead of a; a' - m is the
+    8-bit dynamic-code quantization of a - m (m the mean absmax of the tensor) with scale
+    S = max |a - m| over the block's group of 256 absmax values. Since every |q_i| <= 1 this adds at most
+    |a' - a| <= g8 * S, where g8 is the largest gap of the dynamic code (0.0141; it also covers the
+    ends of [-1, 1] that the code leaves out). The full gap, not half of it, because bitsandbytes' CPU
+    kernel rounds to one of the two neighbouring codes but not always the nearest (past a midpoint by
+    about 0.1% of a gap). The slack is thus at most 1.4% of the largest absmax deviation in the group,
+    about a tenth of the 4-bit term. Sixteen float32 ulps of the largest absmax cover the rounding of
+    the scale and rescale products.
+
+    Args:
+        weight: the full-precision tensor (any shape; blocks run over its row-major flattening).
+        blocksize: the NF4 block size used to quantize it.
+        double_quant: whether the absmax constants were themselves quantized.
+    """
+    flat = weight.detach().float().reshape(-1)
+    n = flat.numel()
+    n_blocks = -(-n // blocksize)
+    absmax = F.pad(flat.abs(), (0, n_blocks * blocksize - n)).view(n_blocks, blocksize).amax(1)
+    code = torch.tensor(NF4_CODE)
+    bound = absmax * float(code.diff().max()) / 2
+    if double_quant:
+        dynamic = _bitsandbytes().functional.create_dynamic_map(signed=True)
+        g8 = max(float(dynamic.diff().max()), 1 + float(dynamic.min()), 1 - float(dynamic.max()))
+        deviation = (absmax - absmax.mean()).abs()
+        n_groups = -(-n_blocks // ABSMAX_BLOCKSIZE)
+        group_max = F.pad(deviation, (0, n_groups * ABSMAX_BLOCKSIZE - n_blocks)).view(n_groups, -1).amax(1)
+        bound = bound + g8 * group_max.repeat_interleave(ABSMAX_BLOCKSIZE)[:n_blocks]
+    bound = bound + 16 * torch.finfo(torch.float32).eps * absmax.max()
+    return bound.repeat_interleave(blocksize)[:n].view(weight.shape)
+
+
+# --------------------------------------------------------------------------- model swaps
+
+
+def _skipped(name: str, skip: Sequence[str]) -> bool:
+    # whole dotted components: "lm_head" skips "lm_head" and "x.lm_head", not "xlm_head"
+    return any(name == s or name.endswith("." + s) for s in skip)
+
+
+def quantize_model(model: nn.Module, *, skip: Sequence[str] = ("lm_head",), blocksize: int = 64,
+                   double_quant: bool = True, compute_dtype: torch.dtype = torch.float32) -> list[str]:
+    """Replace every `nn.Linear` (llmlab's `Linear` included) whose qualified name does not end with one
+    of `skip` by an NF4Linear, in place; returns the replaced names in module order.
+
+    The full-precision weights are dropped with their layers (and freed unless referenced elsewhere,
+    as a tied embedding is). The new layers' biases are frozen; other parameters keep their flags.
+    A linear layer shared between two places stays shared: it is quantized once.
+    """
+    done: dict[int, NF4Linear] = {}
+    replaced = []
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if not name or not isinstance(module, nn.Linear) or _skipped(name, skip):
+            continue
+        if id(module) not in done:
+            done[id(module)] = NF4Linear.from_linear(module, blocksize=blocksize, double_quant=double_quant,
+                                                     compute_dtype=compute_dtype)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, done[id(module)])
+        replaced.append(name)
+    return replaced
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every NF4Linear by a full-precision linear layer holding its dequantized weight, in
+    place (to save or export a QLoRA model as an ordinary checkpoint); returns the model."""
+    from llmlab.models.layers import Linear
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, NF4Linear):
+            weight = module.dequantize()
+            linear = Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                            device=weight.device, dtype=weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(weight)
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, linear)
+    return model
+
+
+# --------------------------------------------------------------------------- streaming load
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Register every new nn.Parameter on the meta device and leave buffers where they are created.
+
+    A model built inside gets shapes but no parameter memory, while buffers that constructors compute
+    (rotary inv_freq, ALiBi slopes) are real: the method of accelerate's
+    `init_empty_weights(include_buffers=False)`. It patches `nn.Module.register_parameter` for the
+    duration, so build nothing else in other threads meanwhile. Parameters are first allocated (never
+    touched, so no pages are used) and initialised on meta, which does nothing.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _weight_files(path: Path) -> tuple[dict[str, Path], str]:
+    """Each stored tensor's safetensors file, and the file to name in errors (the index when sharded)."""
+    if (path / INDEX).is_file():
+        index_file = path / INDEX
+        try:
+            weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+            files = {str(key): path / str(shard) for key, shard in weight_map.items()}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index_file}: not a valid shard index ({e!r})") from None
+        for file in set(files.values()):
+            if file.parent != path:
+                raise CheckpointError(f"{index_file}: shard name {file.name!r} must be a plain file name")
+        return files, str(index_file)
+    if (path / WEIGHTS).is_file():
+        return {key: path / WEIGHTS for key in _keys(path / WEIGHTS)}, str(path / WEIGHTS)
+    raise CheckpointError(f"{path}: no safetensors weights found (expected {WEIGHTS} or {INDEX}); "
+                          "load_quantized reads safetensors only, convert pickled weights first")
+
+
+def _keys(file: Path) -> list[str]:
+    try:
+        with safe_open(file, framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def _shapes(files: dict[str, Path], source: str) -> dict[str, torch.Tensor]:
+    """Every stored tensor as a meta tensor of its shape, read from the file headers only."""
+    out = {}
+    for file in sorted(set(files.values())):
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing")
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    if files.get(key) == file:
+                        out[key] = torch.empty(f.get_slice(key).get_shape(), device="meta")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+    absent = sorted(set(files) - set(out))
+    if absent:
+        raise CheckpointError(f"{source}: tensors listed in the index but absent from the shards: {absent[:10]}")
+    return out
+
+
+def _read_tensor(file: Path, key: str) -> torch.Tensor:
+    # one open per tensor: the mapping, and the page cache it pulled into this process, go with it
+    try:
+        with safe_open(file, framework="pt") as f:
+            return f.get_tensor(key)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: could not read tensor {key} ({e})") from None
+
+
+def _check_names(provided: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], aliases: set[str],
+                 source: str) -> None:
+    """Missing, unexpected and misshapen tensors, all named at once, as `load_state_into` reports them."""
+    missing = sorted(set(expected) - set(provided))
+    unexpected = sorted(set(provided) - set(expected) - aliases)
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected[:20])}")
+    problems += [f"{k}: shape {tuple(provided[k].shape)} but the config implies {tuple(v.shape)}"
+                 for k, v in expected.items() if k in provided and provided[k].shape != v.shape]
+    if problems:
+        raise CheckpointError(f"{source}: weights do not match the config:\n  " + "\n  ".join(problems))
+
+
+def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", *, skip: Sequence[str] = ("lm_head",),
+                   blocksize: int = 64, double_quant: bool = True,
+                   compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load an llmlab checkpoint or an HF-format folder (auto-detected) with its linear layers in NF4.
+
+    Equal to `quantize_model(load_model(path), ...)`, bit for bit, but the full-precision model never
+    exists: the model is built with its parameters on the meta device (buffers computed as usual),
+    and the safetensors tensors are read one at a time, converted from HF names when needed, moved to
+    `device`, and either quantized into an NF4Linear or put in place as a frozen parameter of the
+    model's dtype. Peak memory is the 4-bit model plus about four times the largest tensor (read,
+    cast to float32, and bitsandbytes' working copies). Every name and shape is checked against the
+    config, from the file headers, before any tensor is read. Tied parameters stay tied; a stored copy
+    of a tied parameter (an HF `lm_head.weight` next to tied embeddings) is ignored, as in `load_model`.
+
+    Returns:
+        the model in eval mode, on `device`, with every parameter's requires_grad False.
+
+    Raises:
+        CheckpointError: a missing, unreadable or mismatched file or tensor, named with the problem.
+    """
+    path = Path(path)
+    cfg, kind = read_config(path)
+    files, source = _weight_files(path)
+    stored = _shapes(files, source)
+
+    # stored key -> the llmlab names (and layouts) it becomes; GPT-2's fused qkv gives three
+    if kind == "hf":
+        table = TABLES[cfg.family]
+        if stored and not any(k.startswith(table.base_prefix) or k == "lm_head.weight" for k in stored):
+            renamed = {table.base_prefix + k: k for k in stored}  # a bare base model, as hf_to_llmlab_state
+        else:
+            renamed = {k: k for k in stored}
+        try:  # on meta tensors: checks every name before any data is read
+            provided = hf_to_llmlab_state({k: stored[v] for k, v in renamed.items()}, cfg.family)
+        except ConversionError as e:
+            raise CheckpointError(f"{source}: {e}") from None
+        convert = {v: (lambda t, k=k: hf_to_llmlab_state({k: t}, cfg.family)) for k, v in renamed.items()}
+    else:
+        provided = stored
+        convert = {k: (lambda t, k=k: {k: t}) for k in stored}
+
+    with _parameters_on_meta():
+        model = build_model(cfg)
+    names_of: dict[int, list[str]] = {}  # tied parameters share one entry: [canonical, aliases ...]
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    aliases = {n for names in names_of.values() for n in names[1:]}
+    expected = {names[0]: model.get_parameter(names[0]) for names in names_of.values()}
+    expected.update((k, v) for k, v in model.state_dict(keep_vars=True).items()  # persistent buffers
+                    if k not in expected and k not in aliases)
+    _check_names(provided, expected, aliases, source)
+    targets = {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and not _skipped(name, skip)}
+    group = {names[0]: names for names in names_of.values()}
+
+    for key in sorted(stored, key=lambda k: (str(files[k]), k)):
+        tensor = _read_tensor(files[key], key)
+        for name, t in convert[key](tensor).items():
+            if name in aliases:
+                continue
+            _place(model, group.get(name, [name]), t.to(device=device, dtype=expected[name].dtype), targets,
+                   blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype)
+        del tensor  # before the next read: one full-precision tensor at a time
+
+    model.to(device)  # the buffers computed at build time
+    model.requires_grad_(False)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{source}: tensors never loaded: {', '.join(left[:20])}")
+    return model.eval()
+
+
+def _place(model: nn.Module, names: list[str], tensor: torch.Tensor, targets: set[str], **quant) -> None:
+    """Put one loaded tensor under all its (tied) names: a weight of a target linear layer becomes an
+    NF4Linear (taking the layer's bias as it stands; a bias read later replaces it), anything else a
+    frozen parameter shared by the names, or a buffer."""
+    param = None
+    for name in names:
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if owner_name in targets and attr == "weight" and isinstance(owner, nn.Linear):
+            parent, _, child = owner_name.rpartition(".")
+            setattr(model.get_submodule(parent), child, NF4Linear.from_weight(tensor, owner.bias, **quant))
+        elif attr in owner._parameters:
+            param = param if param is not None else nn.Parameter(tensor, requires_grad=False)
+            setattr(owner, attr, param)
+        else:
+            owner.register_buffer(attr, tensor)

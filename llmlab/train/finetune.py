@@ -1,0 +1,396 @@
+"""`llmlab finetune`: adapt a trained model, fully, with frozen layers, with LoRA, or with QLoRA.
+
+Setup loads the base checkpoint (4-bit for QLoRA), swaps in adapters or freezes what the config
+names, and tokenizes the records. Then one `for step ...` loop as in pretraining: micro-batches,
+a backward pass whose loss is weighted by each micro-batch's share of the step's target tokens
+(so accumulation equals one big batch even when examples differ in length), clip, AdamW step,
+log, evaluate (validation loss, and exact-match accuracy of greedy answers when asked), and
+checkpoint. LoRA checkpoints hold the adapter alone in PEFT format. At the end the run directory
+gets `final/`, the merged model with its tokenizer (what `llmlab generate` and `serve` load), and
+for LoRA runs `adapter/`, which `peft` loads on the HF export of the base.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from llmlab.common import LlmlabError, atomic_dir, choose_device, init_distributed, seed_everything
+from llmlab.config import save_config
+from llmlab.data.sft import Batches, Example, build_examples
+from llmlab.data.shards import TokenShards
+from llmlab.data.synth import exact_match
+from llmlab.generate import SamplingParams
+from llmlab.generate.text import TextGenerator
+from llmlab.models.io import copy_tokenizer_files, load_model, read_config, save_model
+from llmlab.peft import (LoraConfig, apply_lora, freeze, merge_and_unload, save_adapter, trainable_parameters)
+from llmlab.peft.io import load_adapter_weights
+from llmlab.plan.estimate import TrainingMemory, shape_of, training_memory
+from llmlab.tokenizer import load_tokenizer
+from llmlab.tokenizer.chat import load_chat_template
+from llmlab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from llmlab.train.loop import (StopSignals, available_memory, print_line, progress_bar, report, resume_path,
+                               step_seed, stop_reason, truncate_metrics, write_metrics)
+from llmlab.train.optim import OptimConfig, build_optimizer, lr_at
+from llmlab.train.pretrain import CheckpointConfig, SystemConfig, sample_batch
+
+
+@dataclass
+class DataConfig:
+    train: str = "runs/synth/train.jsonl"  # records (.json/.jsonl or a folder), or a `llmlab data prepare` folder
+    val: str = ""  # records to evaluate on; "" = hold out val_fraction of train (a prepared folder: its val split)
+    val_fraction: float = 0.05  # share of the training records held out when val is ""
+    template: str = ""  # chat template: a built-in name or a Jinja file; "" = the base's own, else llmlab's
+    packing: bool = True  # several examples per row (attention stays within each) instead of one, padded
+
+
+@dataclass
+class FinetuneEvalConfig:
+    every: int = 50  # evaluate every N optimizer steps (and after the last)
+    batches: int = 20  # validation batches per evaluation (at most the whole validation set)
+    patience: int = 0  # stop after N evaluations without a new best val loss; 0 = never
+    exact_match: int = 0  # validation records answered greedily and scored by exact match; 0 = off
+    max_new_tokens: int = 64  # answer length limit for exact match
+
+
+@dataclass
+class FinetuneConfig:
+    base: str = "runs/demo/pretrain"  # model to adapt: a checkpoint, HF folder or run directory (its newest checkpoint)
+    out_dir: str = "runs/finetune"  # run directory: config.yaml, metrics.jsonl, checkpoints/, final/, adapter/
+    data: DataConfig = field(default_factory=DataConfig)
+    peft: Literal["none", "lora", "qlora"] = "lora"  # none = full fine-tuning (minus `freeze`)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    freeze: list[str] = field(default_factory=list)  # with peft=none: names, globs or ranges (layers.0-3) to keep
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20, weight_decay=0.0))
+    seq_len: int = 256  # tokens per row; longer examples are cut
+    batch_size: int = 8  # rows per micro-batch (per process)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 300  # optimizer steps; the schedule ends here
+    epochs: float = 0.0  # when > 0, max_steps is set to this many passes over the training rows
+    max_minutes: float = 0.0  # also stop (with a checkpoint) after this much wall time; 0 = no limit
+    nonfinite: Literal["stop", "skip"] = "stop"  # on a NaN/inf loss: stop the run, or skip the batch
+    log_every: int = 10  # plain log line every N steps when stderr is not a terminal
+    seed: int = 0
+    eval: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
+    ckpt: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=100))
+    system: SystemConfig = field(default_factory=SystemConfig)
+
+
+class TokenWindows:
+    """Continued pretraining on a `llmlab data prepare` folder: random windows, as `pretrain` samples."""
+
+    def __init__(self, shards: TokenShards, seq_len: int, batch_size: int, seed: int):
+        self.shards, self.seq_len, self.batch_size, self.seed = shards, seq_len, batch_size, seed
+
+    def batch(self, index: int, device: torch.device) -> dict[str, torch.Tensor]:
+        x, y = sample_batch(self.shards, self.batch_size, self.seq_len, (self.seed, 4, index), device)
+        return {"input_ids": x, "targets": y}
+
+    def epoch_of(self, index: int) -> float:
+        return (index + 1) * self.batch_size * self.seq_len / len(self.shards)
+
+
+def run(cfg: FinetuneConfig) -> dict:
+    """Fine-tune; returns {"step", "tokens", "val_loss", "exact_match", "stopped", "final", "adapter", ...}."""
+    # ---- setup
+    device = choose_device(cfg.system.device)
+    rank, world = init_distributed(device)
+    if cfg.peft != "none" and cfg.freeze:
+        raise LlmlabError(f"freeze applies to full fine-tuning (peft=none); with peft={cfg.peft} only the "
+                          "adapters train already")
+    cfg.base = str(_base_checkpoint(cfg.base))
+    model_cfg, _ = read_config(cfg.base)
+    if cfg.seq_len > model_cfg.max_seq_len:
+        raise LlmlabError(f"seq_len={cfg.seq_len} exceeds the base model's context of {model_cfg.max_seq_len}")
+    tokenizer = load_tokenizer(cfg.base)
+    template = load_chat_template(cfg.base, cfg.data.template or None)
+    train_data, val_data, val_examples = _data(cfg, tokenizer, template)
+    if cfg.epochs > 0:
+        cfg.max_steps = max(1, math.ceil(cfg.epochs / train_data.epoch_of(0) / (cfg.grad_accum * world)))
+    if cfg.system.preflight:
+        _preflight(cfg, model_cfg, device, world if device.type == "cpu" else 1)
+    out, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"
+
+    seed_everything(cfg.seed)
+    model = _load_base(cfg, device)
+    lora = cfg.peft in ("lora", "qlora")
+    if lora:
+        adapted = apply_lora(model, cfg.lora)
+        print(f"LoRA r={cfg.lora.r} on {len(adapted)} layers ({', '.join(sorted({n.split('.')[-1] for n in adapted}))})")
+    elif cfg.freeze:
+        print(f"froze {len(freeze(model, cfg.freeze))} parameter tensors")
+    trained, total = trainable_parameters(model)
+    print(f"training {trained:,} of {total:,} parameters ({100 * trained / total:.2f}%)")
+    model.gradient_checkpointing = cfg.system.gradient_checkpointing
+    optimizer = build_optimizer(model, cfg.optim, device)
+    save_weights = (lambda m, path: save_adapter(m, path, cfg.lora, base=cfg.base)) if lora else save_model
+    load_weights = load_adapter_weights if lora else None
+    start, tokens, best, bad_evals, skipped = 0, 0, math.inf, 0, 0
+    resume_from = resume_path(cfg, ckpt_dir, rank)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, load_weights)
+        start, tokens, skipped = state["step"], state["tokens"], state["skipped"]
+        best, bad_evals = state["best_val_loss"], state["bad_evals"]
+        print(f"resumed from {resume_from} at step {start}")
+    if rank == 0:
+        save_config(cfg, out / "config.yaml")
+        truncate_metrics(out / "metrics.jsonl", start)
+    train_model = torch.compile(model) if cfg.system.compile else model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(train_model)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.system.autocast == "bf16")
+    signals = StopSignals()
+    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if rank == 0 else None
+    progress = progress_bar(start, cfg.max_steps, rank)
+    t_start, stopped, val_loss, accuracy, done = time.time(), None, None, None, start
+    if start == 0 and cfg.eval.exact_match and val_examples:
+        accuracy = _evaluate_answers(model, tokenizer, template, val_examples, cfg)
+        write_metrics(metrics, {"step": 0, **_flat_accuracy(accuracy)})
+        print_line(progress, f"step 0: exact match {accuracy['accuracy']:.1%} (before fine-tuning)")
+
+    # ---- the loop
+    try:
+        model.train()
+        for step in range(start, cfg.max_steps):
+            t0 = time.time()
+            lr = lr_at(step, cfg.max_steps, cfg.optim)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            torch.manual_seed(step_seed(cfg.seed, step, rank))  # dropout: a function of (seed, step, rank)
+            # this rank's micro-batches: k-th of the step's grad_accum x world batches
+            batches = [train_data.batch(step * cfg.grad_accum * world + rank * cfg.grad_accum + micro, device)
+                       for micro in range(cfg.grad_accum)]
+            counts = torch.tensor([float((b["targets"] != -100).sum()) for b in batches], device=device)
+            total_targets = counts.sum()
+            if world > 1:
+                torch.distributed.all_reduce(total_targets)
+            loss_sum = torch.zeros((), device=device)
+            for micro, batch in enumerate(batches):
+                sync = world == 1 or micro == cfg.grad_accum - 1
+                with autocast, (contextlib.nullcontext() if sync else train_model.no_sync()):
+                    loss = train_model(**batch)  # mean over this micro-batch's targets
+                    # weighted by its share of all targets of the step (x world: DDP averages gradients)
+                    (loss * counts[micro] * world / total_targets).backward()
+                loss_sum += loss.detach() * counts[micro]
+            loss = loss_sum / counts.sum()
+            if world > 1:
+                torch.distributed.all_reduce(loss)
+                loss /= world
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                       cfg.optim.grad_clip or math.inf)
+            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                if cfg.nonfinite == "stop":
+                    raise LlmlabError(f"non-finite loss ({loss.item()}) or gradient norm at step {step}; stopping "
+                                      f"without saving. Lower optim.lr, or set nonfinite=skip to skip such batches")
+                skipped += 1
+                done = step + 1
+                write_metrics(metrics, {"step": done, "skipped_nonfinite": skipped, "lr": lr})
+                continue
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            step_tokens = int(total_targets)
+            tokens += step_tokens
+            dt = time.time() - t0
+            epoch = train_data.epoch_of(done * cfg.grad_accum * world - 1)
+            record = {"step": done, "loss": loss.item(), "lr": lr, "tokens": tokens, "tokens_per_s": step_tokens / dt,
+                      "grad_norm": grad_norm.item(), "epoch": round(epoch, 4), "time": time.time() - t_start}
+            write_metrics(metrics, record)
+            if rank == 0:
+                report(progress, record, cfg, done - start)
+
+            stopped = stop_reason(signals, cfg.max_minutes and time.time() - t_start > 60 * cfg.max_minutes,
+                                  world, device)
+            last = done == cfg.max_steps or stopped is not None
+            if val_data is not None and (done % cfg.eval.every == 0 or last):
+                val_loss = _evaluate_loss(model, val_data, cfg, device)
+                line = {"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+                if cfg.eval.exact_match and val_examples:
+                    accuracy = _evaluate_answers(model, tokenizer, template, val_examples, cfg)
+                    line.update(_flat_accuracy(accuracy))
+                write_metrics(metrics, line)
+                if rank == 0:
+                    print_line(progress, f"step {done}: val_loss {val_loss:.4f}  ppl {line['val_ppl']:.2f}"
+                               + (f"  exact match {accuracy['accuracy']:.1%}" if "exact_match" in line else ""))
+                best, bad_evals = (val_loss, 0) if val_loss < best else (best, bad_evals + 1)
+                if cfg.eval.patience and bad_evals >= cfg.eval.patience and stopped is None:
+                    stopped, last = "early_stopping", True
+            if rank == 0 and (done % cfg.ckpt.every == 0 or last):
+                save_checkpoint(ckpt_dir, done, model, optimizer,
+                                {"tokens": tokens, "skipped": skipped, "best_val_loss": best, "bad_evals": bad_evals},
+                                cfg.ckpt.keep_last, cfg.base, save_weights)
+            if stopped is not None:
+                break
+    finally:
+        signals.restore()
+        if progress is not None:
+            progress.close()
+        if metrics is not None:
+            metrics.close()
+    stopped = stopped or "max_steps"
+    final = adapter = None
+    if rank == 0:
+        final, adapter = _export(cfg, model, template)
+        print(f"stopped after step {done} ({stopped}); {tokens:,} target tokens; model {final}"
+              + (f"; adapter {adapter}" if adapter else ""))
+    latest = latest_checkpoint(ckpt_dir, clean=False)
+    return {"step": done, "tokens": tokens, "val_loss": val_loss, "stopped": stopped, "skipped": skipped,
+            "exact_match": accuracy["accuracy"] if accuracy else None, "final": final, "adapter": adapter,
+            "checkpoint": str(latest) if latest else None,
+            "exit_code": 128 + signals.received if signals.received is not None else 0}
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def _base_checkpoint(base: str) -> Path:
+    """`base` itself, or for a run directory its newest complete checkpoint."""
+    path = Path(base)
+    if not (path / "config.json").is_file() and (path / "checkpoints").is_dir():
+        latest = latest_checkpoint(path / "checkpoints", clean=False)
+        if latest is None:
+            raise LlmlabError(f"base={base}: the run directory holds no complete checkpoint")
+        return latest
+    if not path.exists():
+        raise LlmlabError(f"base={base}: no such checkpoint or run directory")
+    return path
+
+
+def _load_base(cfg: FinetuneConfig, device: torch.device) -> torch.nn.Module:
+    if cfg.peft == "qlora":
+        from llmlab.quant import load_quantized
+
+        return load_quantized(cfg.base, device)
+    model = load_model(cfg.base, device)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def _data(cfg: FinetuneConfig, tokenizer, template) -> tuple[Batches | TokenWindows, Batches | None,
+                                                              list[Example]]:
+    """Training batches, validation batches and the validation examples that have a reference answer."""
+    if (Path(cfg.data.train) / "manifest.json").is_file():  # continued pretraining on token shards
+        train = TokenShards(cfg.data.train, "train")
+        windows = TokenWindows(train, cfg.seq_len, cfg.batch_size, cfg.seed)
+        val = TokenShards(cfg.data.train, "val") if train.manifest["splits"].get("val", {}).get("tokens") else None
+        val_windows = TokenWindows(val, cfg.seq_len, cfg.batch_size, cfg.seed + 1) if val is not None else None
+        return windows, val_windows, []
+    stats: Counter = Counter()
+    examples = build_examples(cfg.data.train, tokenizer, template, cfg.seq_len, stats)
+    if cfg.data.val:
+        val = build_examples(cfg.data.val, tokenizer, template, cfg.seq_len, stats)
+    else:
+        if not 0.0 <= cfg.data.val_fraction < 1.0:
+            raise LlmlabError(f"data.val_fraction={cfg.data.val_fraction}: expected a fraction in [0, 1)")
+        order = np.random.default_rng((cfg.seed, 5)).permutation(len(examples))
+        n_val = int(len(examples) * cfg.data.val_fraction)
+        val = [examples[i] for i in order[:n_val]]
+        examples = [examples[i] for i in sorted(order[n_val:])]
+    if not examples:
+        raise LlmlabError(f"{cfg.data.train}: no training examples left after holding out validation records")
+    print(f"data: {len(examples):,} training and {len(val):,} validation examples"
+          + "".join(f"; {n:,} {k.replace('_', ' ')}" for k, n in stats.items() if k != "records" and n))
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    train = Batches(examples, cfg.seq_len, cfg.batch_size, packed=cfg.data.packing, seed=cfg.seed, pad_id=pad)
+    val_batches = Batches(val, cfg.seq_len, cfg.batch_size, packed=cfg.data.packing, seed=cfg.seed, pad_id=pad) \
+        if val else None
+    return train, val_batches, [e for e in val if e.reference is not None]
+
+
+def _preflight(cfg: FinetuneConfig, model_cfg, device: torch.device, processes: int) -> None:
+    memory = estimate_memory(cfg, model_cfg)
+    have = available_memory(device)
+    if have is not None and memory.total * processes > have:
+        raise LlmlabError(f"preflight: fine-tuning needs about {memory.total / 1e9:.2f} GB per process (weights "
+                          f"{memory.weights / 1e9:.2f}, optimizer {memory.optimizer / 1e9:.2f}, activations "
+                          f"{memory.activations / 1e9:.2f}) but {device} has {have / 1e9:.2f} GB free; lower "
+                          "batch_size or seq_len, use peft=lora or qlora, set system.gradient_checkpointing=true, "
+                          "or skip the check with system.preflight=false")
+
+
+def estimate_memory(cfg: FinetuneConfig, model_cfg) -> TrainingMemory:
+    """The planner's estimate for this run: the base in fp32 (4-bit for QLoRA) and adapter or full
+    AdamW states. Freezing is not credited, so the estimate errs high for partly frozen runs."""
+    precision = "bf16" if cfg.system.autocast == "bf16" else "fp32"
+    rank = cfg.lora.r if cfg.peft != "none" else 0
+    return training_memory(shape_of(model_cfg), batch=cfg.batch_size, seq_len=cfg.seq_len, precision=precision,
+                           checkpointing=cfg.system.gradient_checkpointing, lora_rank=rank,
+                           qlora=cfg.peft == "qlora", optimizer="adamw8bit" if "8bit" in cfg.optim.name else "adamw")
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def _evaluate_loss(model, data: Batches | TokenWindows, cfg: FinetuneConfig, device: torch.device) -> float:
+    """Mean loss per target token over the first `eval.batches` validation batches (the same each time;
+    for records, each validation example at most once)."""
+    model.eval()
+    total, count = 0.0, 0
+    batches = (data.batch(i, device) for i in range(cfg.eval.batches)) if isinstance(data, TokenWindows) \
+        else data.first_epoch(cfg.eval.batches, device)
+    for batch in batches:
+        targets = int((batch["targets"] != -100).sum())
+        total += model(**batch).item() * targets
+        count += targets
+    model.train()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def _evaluate_answers(model, tokenizer, template, examples: list[Example], cfg: FinetuneConfig) -> dict:
+    """Greedy answers to the first `eval.exact_match` validation prompts, scored by exact match
+    against the reference answers, overall and per task."""
+    model.eval()
+    chosen = examples[:cfg.eval.exact_match]
+    generator = TextGenerator(model, tokenizer)
+    params = SamplingParams(temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens)
+    answers = []
+    for i in range(0, len(chosen), 32):
+        prompts = [template.render(e.prompt, add_generation_prompt=True) for e in chosen[i:i + 32]]
+        answers += [c.text for c in generator.complete(prompts, params, stop=[template.stop], truncate=True)]
+    model.train()
+    right = [exact_match(a, e.reference) for a, e in zip(answers, chosen)]
+    tasks: dict[str, list[bool]] = {}
+    for ok, e in zip(right, chosen):
+        tasks.setdefault(e.task or "all", []).append(ok)
+    return {"accuracy": sum(right) / len(right), "tasks": {t: sum(v) / len(v) for t, v in sorted(tasks.items())}}
+
+
+def _flat_accuracy(accuracy: dict) -> dict:
+    return {"exact_match": accuracy["accuracy"],
+            **{f"exact_match/{t}": v for t, v in accuracy["tasks"].items() if len(accuracy["tasks"]) > 1}}
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _export(cfg: FinetuneConfig, model, template) -> tuple[str, str | None]:
+    """`final/`: the merged full-precision model with the base's tokenizer files (a checkpoint
+    `llmlab generate` loads); `adapter/`: the LoRA adapter alone, in PEFT format."""
+    from llmlab.quant import dequantize_model
+
+    out = Path(cfg.out_dir)
+    adapter = None
+    if cfg.peft != "none":
+        with atomic_dir(out / "adapter") as tmp:
+            save_adapter(model, tmp, cfg.lora, base=str(Path(cfg.base).resolve()))
+        adapter = str(out / "adapter")
+        model = dequantize_model(merge_and_unload(model))
+    model.eval()
+    with atomic_dir(out / "final") as tmp:
+        save_model(model, tmp)
+        copy_tokenizer_files(cfg.base, tmp)
+        if cfg.data.template:  # the model now speaks this template: chat and serve should use it
+            (tmp / "chat_template.jinja").write_text(template.source, encoding="utf-8")
+    return str(out / "final"), adapter

@@ -1,0 +1,119 @@
+"""Plumbing every training loop shares: signals, resume, per-step seeds, stop agreement across
+ranks, free memory, the metrics file and the progress display. The loops themselves stay in their
+own files (`pretrain.py`, `finetune.py`), readable top to bottom."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmlab.common import LlmlabError, atomic_write_text
+from llmlab.train.checkpoint import latest_checkpoint
+
+
+class StopSignals:
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each step (then it saves and exits)."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def restore(self):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def resume_path(cfg, ckpt_dir: Path, rank: int) -> Path | None:
+    if cfg.ckpt.resume == "none":
+        if any(ckpt_dir.glob("step-*")):
+            raise LlmlabError(f"{cfg.out_dir} already holds checkpoints; pass ckpt.resume=auto to continue "
+                              "that run, or choose another out_dir")
+        return None
+    if cfg.ckpt.resume == "auto":
+        return latest_checkpoint(ckpt_dir, clean=rank == 0)  # none yet: a fresh start
+    path = Path(cfg.ckpt.resume)
+    if not (path / "state.json").is_file():
+        raise LlmlabError(f"ckpt.resume={cfg.ckpt.resume}: not a training checkpoint (no state.json)")
+    return path
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return int(np.random.SeedSequence((seed, 2, step, rank)).generate_state(1)[0])
+
+
+def stop_reason(signals: StopSignals, out_of_time: bool, world: int, device: torch.device) -> str | None:
+    """Why to stop after this step, agreed by all ranks (a signal or the clock may reach one rank first)."""
+    code = 2 if signals.received is not None else 1 if out_of_time else 0
+    if world > 1:
+        flag = torch.tensor(code, device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        code = int(flag)
+    if code == 2:
+        name = signal.Signals(signals.received).name if signals.received is not None else "on another rank"
+        return f"signal:{name}"
+    return "max_minutes" if code == 1 else None
+
+
+def available_memory(device: torch.device) -> float | None:
+    """Bytes free on `device` now (CPU: MemAvailable), or None where it cannot be known."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    return None
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past `step`: a killed run may have logged steps its checkpoint lacks."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def write_metrics(metrics, record: dict) -> None:
+    if metrics is not None:
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+
+
+def progress_bar(start: int, total: int, rank: int):
+    if rank != 0 or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+
+def print_line(progress, text: str) -> None:
+    if progress is not None:
+        progress.write(text)
+    else:
+        print(text, flush=True)
+
+
+def report(progress, record: dict, cfg, steps_this_run: int) -> None:
+    if progress is not None:
+        progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                             tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+        progress.update(1)
+    elif record["step"] % cfg.log_every == 0 or record["step"] == cfg.max_steps:
+        eta = (cfg.max_steps - record["step"]) * record["time"] / steps_this_run
+        print(f"step {record['step']}/{cfg.max_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+              f"{record['tokens_per_s']:.0f} tok/s  eta {eta:.0f}s", flush=True)

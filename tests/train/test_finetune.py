@@ -1,0 +1,173 @@
+"""The fine-tuning loop end to end on CPU: LoRA, QLoRA, full and frozen runs, exact resume,
+exports, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmlab.common import LlmlabError
+from llmlab.config import from_dict
+from llmlab.data.synth import SynthConfig
+from llmlab.data.synth import run as synth
+from llmlab.models import LlamaConfig, build_model
+from llmlab.models.io import copy_tokenizer_files, load_model, save_model
+from llmlab.train.checkpoint import list_checkpoints
+from llmlab.train.finetune import FinetuneConfig, run
+
+
+@pytest.fixture(scope="module")
+def base(corpus_dir, tmp_path_factory):
+    """A tiny random LLaMA checkpoint with the corpus tokenizer."""
+    root = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    model = build_model(LlamaConfig(vocab_size=320, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_seq_len=128))
+    save_model(model, root / "ckpt")
+    copy_tokenizer_files(corpus_dir.parent / "tok", root / "ckpt")
+    return root / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    synth(SynthConfig(out_dir=str(out), tasks=["reverse", "add"], train=120, val=16, test=0))
+    return out
+
+
+def _cfg(base, data, out_dir, **overrides) -> FinetuneConfig:
+    cfg = {"base": str(base), "out_dir": str(out_dir), "data": {"train": str(data / "train.jsonl"),
+                                                               "val": str(data / "val.jsonl")},
+           "seq_len": 64, "batch_size": 4, "max_steps": 8, "optim": {"lr": 1e-2, "warmup_steps": 2},
+           "lora": {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"], "dropout": 0.1},
+           "eval": {"every": 4, "batches": 2, "exact_match": 4, "max_new_tokens": 6},
+           "ckpt": {"every": 4, "keep_last": 5}}
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return from_dict(FinetuneConfig, cfg)
+
+
+def _metrics(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lora_run_writes_adapter_checkpoints_and_merged_model(base, synth_dir, tmp_path):
+    result = run(_cfg(base, synth_dir, tmp_path))
+    assert result["step"] == 8 and result["exit_code"] == 0
+    lines = _metrics(tmp_path)
+    assert [r["step"] for r in lines if "loss" in r] == list(range(1, 9))
+    accuracy = [r for r in lines if "exact_match" in r]
+    assert [r["step"] for r in accuracy] == [0, 4, 8]  # before fine-tuning, then at each evaluation
+    assert "exact_match/reverse" in accuracy[0]
+    ckpt = list_checkpoints(tmp_path / "checkpoints")[-1]
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors", "tokenizer.json"} <= names
+    assert "model.safetensors" not in names  # the frozen base is not copied into every checkpoint
+    adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert len(adapter) == 2 * 2 * 2 and all(k.startswith("base_model.model.model.layers.") for k in adapter)
+    # the merged model differs from the base exactly in the adapted matrices
+    merged, original = load_model(tmp_path / "final").state_dict(), load_model(base).state_dict()
+    changed = {k for k in original if not torch.equal(merged[k], original[k])}
+    assert changed == {f"layers.{i}.attn.{p}_proj.weight" for i in range(2) for p in "qv"}
+    assert (tmp_path / "final" / "tokenizer.json").is_file()
+
+
+def test_lora_resume_is_exact(base, synth_dir, tmp_path):
+    whole = tmp_path / "whole"
+    run(_cfg(base, synth_dir, whole))
+    part = tmp_path / "part"
+    run(_cfg(base, synth_dir, part))
+    # as if killed right after the step-4 checkpoint: later checkpoints and outputs never happened
+    shutil.rmtree(part / "checkpoints" / "step-00000008")
+    shutil.rmtree(part / "final")
+    run(_cfg(base, synth_dir, part, **{"ckpt.resume": "auto"}))
+    strip = [{k: v for k, v in r.items() if k not in ("tokens_per_s", "time")} for r in _metrics(whole)]
+    assert [{k: v for k, v in r.items() if k not in ("tokens_per_s", "time")} for r in _metrics(part)] == strip
+    a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (whole, part))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_qlora_trains_adapters_over_a_4bit_base(base, synth_dir, tmp_path):
+    result = run(_cfg(base, synth_dir, tmp_path, peft="qlora", **{"lora.targets": ["all-linear"],
+                                                                  "optim.name": "adamw8bit"}))
+    train = [r for r in _metrics(tmp_path) if "loss" in r]
+    assert len(train) == 8 and all(torch.isfinite(torch.tensor(r["loss"])) for r in train)
+    assert train[-1]["loss"] < train[0]["loss"]
+    model = load_model(result["final"])  # merged and dequantized: an ordinary fp32 checkpoint
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+def test_full_finetune_with_frozen_layers(base, synth_dir, tmp_path):
+    run(_cfg(base, synth_dir, tmp_path, peft="none", freeze=["embed_tokens", "layers.0"], **{"eval.exact_match": 0}))
+    assert not (tmp_path / "adapter").exists()
+    merged, original = load_model(tmp_path / "final").state_dict(), load_model(base).state_dict()
+    same = {k for k in original if torch.equal(merged[k], original[k])}
+    assert same == {"embed_tokens.weight"} | {k for k in original if k.startswith("layers.0.")}
+    assert "model.safetensors" in {p.name for p in list_checkpoints(tmp_path / "checkpoints")[-1].iterdir()}
+
+
+def test_continued_pretraining_on_prepared_shards(base, corpus_dir, tmp_path):
+    cfg = _cfg(base, corpus_dir, tmp_path, peft="none", **{"eval.exact_match": 0})
+    cfg.data.train, cfg.data.val = str(corpus_dir), ""
+    result = run(cfg)
+    assert result["val_loss"] is not None and result["tokens"] == 8 * 4 * 64
+
+
+def _write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+@pytest.mark.parametrize("lines, match", [
+    (['{"instruction": "Say hi", "output": "hi"}', '{"instruction": "x", "output": '], r"bad\.jsonl:2: malformed JSON"),
+    (['{"instruction": "Say hi", "input": ""}'], r"bad\.jsonl:1: an Alpaca record needs a string 'output'"),
+    (['{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}'],
+     r"bad\.jsonl:1: messages\[1\]: empty assistant turn"),
+    (['{"prompt": "hi"}'], r"bad\.jsonl:1: unknown record"),
+])
+def test_bad_records_are_named_and_nothing_is_written(base, tmp_path, lines, match):
+    data = _write(tmp_path / "bad.jsonl", lines)
+    cfg = _cfg(base, tmp_path, tmp_path / "run")
+    cfg.data.train, cfg.data.val = str(data), ""
+    with pytest.raises(LlmlabError, match=match):
+        run(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_template_that_raises_is_a_clear_error(base, synth_dir, tmp_path):
+    template = tmp_path / "strict.jinja"
+    template.write_text("{{ raise_exception('this template takes no system turn') }}")
+    with pytest.raises(LlmlabError, match="this template takes no system turn"):
+        run(_cfg(base, synth_dir, tmp_path / "run", **{"data.template": str(template)}))
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_settings_are_refused(base, synth_dir, tmp_path):
+    with pytest.raises(LlmlabError, match="freeze applies to full fine-tuning"):
+        run(_cfg(base, synth_dir, tmp_path, freeze=["layers.0"]))
+    with pytest.raises(LlmlabError, match="exceeds the base model's context"):
+        run(_cfg(base, synth_dir, tmp_path, seq_len=1024))
+    with pytest.raises(LlmlabError, match="no such checkpoint"):
+        run(_cfg(tmp_path / "nope", synth_dir, tmp_path))
+
+
+def test_preflight_refuses_a_run_that_cannot_fit(base, synth_dir, tmp_path, monkeypatch):
+    import llmlab.train.finetune as finetune
+
+    cfg = _cfg(base, synth_dir, tmp_path / "run")
+    full = finetune.estimate_memory(_cfg(base, synth_dir, tmp_path, peft="none"), load_model(base).config)
+    lora = finetune.estimate_memory(cfg, load_model(base).config)
+    assert lora.optimizer < full.optimizer / 5  # adapters only: a small fraction of the optimizer state
+    monkeypatch.setattr(finetune, "available_memory", lambda device: 1e3)
+    with pytest.raises(LlmlabError, match="preflight: fine-tuning needs about"):
+        run(cfg)
+    assert not (tmp_path / "run").exists()

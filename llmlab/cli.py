@@ -70,6 +70,8 @@ def build_parser(argv: list[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pickled pytorch_model.bin weights (read with weights_only=True)")
+    p.add_argument("--adapter", metavar="PATH",
+                   help="a LoRA adapter in PEFT format (from llmlab finetune or peft) to merge into the weights")
 
     from llmlab.generate import commands  # light: torch is imported when a verb runs
 
@@ -125,14 +127,22 @@ def _run_config_verb(verb: str, args: list[str]) -> int:
 
 
 def _convert(ns: argparse.Namespace) -> None:
+    from llmlab.common import atomic_dir
     from llmlab.models.io import copy_tokenizer_files, load_model, save_hf, save_model
 
     out = Path(ns.out)
     if out.resolve() == Path(ns.path).resolve():
         raise LlmlabError(f"--out {out} is the input folder; choose another")
     model = load_model(ns.path, allow_pickle=ns.allow_pickle)
-    (save_hf if ns.to == "hf" else save_model)(model, out)
-    copied = copy_tokenizer_files(ns.path, out)
+    if ns.adapter:
+        from llmlab.peft import load_adapter, merge_and_unload
+
+        cfg = load_adapter(model, ns.adapter)
+        model = merge_and_unload(model)
+        print(f"merged LoRA adapter {ns.adapter} (r={cfg.r}, {len(cfg.targets)} layers)")
+    with atomic_dir(out) as tmp:
+        (save_hf if ns.to == "hf" else save_model)(model, tmp)
+        copied = copy_tokenizer_files(ns.path, tmp)
     extra = f" (+ {', '.join(copied)})" if copied else ""
     print(f"wrote {ns.to} checkpoint {out}{extra}")
 

@@ -107,6 +107,13 @@ def test_synth_then_finetune_then_generate(tmp_path, capsys):
                  "seq_len=64", "batch_size=4", "max_steps=3", "eval.exact_match=2", "eval.max_new_tokens=4"]) == 0
     assert "exact match" in capsys.readouterr().out
     assert main(["generate", str(tmp_path / "ft" / "final"), "--prompt", "Add", "--max-new-tokens", "3"]) == 0
-    assert (tmp_path / "ft" / "adapter" / "adapter_config.json").is_file()
+    # base + adapter merged by convert, to HF format: the same model as finetune's merged final/
+    assert main(["convert", str(base), "--adapter", str(tmp_path / "ft" / "adapter"), "--to", "hf",
+                 "--out", str(tmp_path / "hf")]) == 0
+    x = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(load_model(tmp_path / "hf")(x), load_model(tmp_path / "ft" / "final")(x), atol=1e-5)
+    assert main(["convert", str(base), "--adapter", str(tmp_path), "--to", "hf", "--out", str(tmp_path / "x")]) == 1
+    assert not (tmp_path / "x").exists()
     out = _llmlab("finetune", f"base={tmp_path / 'nope'}")
     assert out.returncode == 1 and out.stderr.startswith("error: base=") and "Traceback" not in out.stderr

@@ -103,8 +103,9 @@ def test_synth_then_finetune_then_generate(tmp_path, capsys):
     save_model(build_model(LlamaConfig(vocab_size=300, dim=32, n_layers=1, n_heads=4, max_seq_len=64)), base)
     train_bpe([f"Add the two numbers. {i} + {i} is {2 * i}" for i in range(200)], vocab_size=300).save(base)
     assert main(["data", "synth", f"out_dir={tmp_path / 'synth'}", "tasks=[add]", "train=40", "val=8", "test=0"]) == 0
-    assert main(["finetune", f"base={base}", f"out_dir={tmp_path / 'ft'}", f"data.train={tmp_path / 'synth/train.jsonl'}",
-                 "seq_len=64", "batch_size=4", "max_steps=3", "eval.exact_match=2", "eval.max_new_tokens=4"]) == 0
+    assert main(["finetune", f"base={base}", f"out_dir={tmp_path / 'ft'}",
+                 f"data.train={tmp_path / 'synth/train.jsonl'}", "seq_len=64", "batch_size=4", "max_steps=3",
+                 "eval.exact_match=2", "eval.max_new_tokens=4"]) == 0
     assert "exact match" in capsys.readouterr().out
     assert main(["generate", str(tmp_path / "ft" / "final"), "--prompt", "Add", "--max-new-tokens", "3"]) == 0
     # base + adapter merged by convert, to HF format: the same model as finetune's merged final/

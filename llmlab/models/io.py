@@ -9,8 +9,10 @@ Every file is written to a temporary name and renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 import shutil
 from pathlib import Path
 
@@ -105,8 +107,36 @@ def _read_file(file: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file}: could not be read with weights_only=True ({e})") from None
 
 
-def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Check names and shapes against `model`, then copy. Tied output heads may be absent."""
+@contextlib.contextmanager
+def meta_parameters() -> Iterator[None]:
+    """Register every new nn.Parameter on the meta device and leave buffers where they are created.
+
+    A model built inside gets shapes but no parameter memory, while buffers that constructors compute
+    (rotary inv_freq, ALiBi slopes) are real: the method of accelerate's
+    `init_empty_weights(include_buffers=False)`. It patches `nn.Module.register_parameter` for the
+    duration, so build nothing else in other threads meanwhile. Parameters are first allocated (never
+    touched, so no pages are used) and initialised on meta, which does nothing.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, *, assign: bool = False) -> None:
+    """Check names and shapes against `model`, then copy. Tied output heads may be absent.
+
+    With `assign` (a model built under `meta_parameters()`), the tensors become the parameters,
+    cast to the model's dtype and moved to its buffers' device, so no second copy is ever made.
+    """
     expected = model.state_dict()
     if getattr(model.config, "tie_embeddings", False):
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
@@ -122,7 +152,14 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: st
                  for k, v in expected.items() if state.get(k) is not None and state[k].shape != v.shape]
     if problems:
         raise CheckpointError(f"{source}: weights do not match the config:\n  " + "\n  ".join(problems))
-    model.load_state_dict(state, strict=True)
+    if not assign:
+        model.load_state_dict(state, strict=True)
+        return
+    device = next(model.buffers()).device if next(model.buffers(), None) is not None else torch.device("cpu")
+    model.load_state_dict({k: v.to(device=device, dtype=expected[k].dtype) for k, v in state.items()},
+                          strict=True, assign=True)
+    if getattr(model.config, "tie_embeddings", False):
+        model.lm_head.weight = model.embed_tokens.weight
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", *, dtype: torch.dtype | None = None,
@@ -142,9 +179,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", *, d
     state = read_state_dict(path, allow_pickle=allow_pickle)
     if kind == "hf":
         state = hf_to_llmlab_state(state, cfg.family)
-    with torch.device(device):
+    with torch.device(device), meta_parameters():  # the file's tensors become the weights: no second copy
         model = build_model(cfg)
-    load_state_into(model, state, str(path))
+    load_state_into(model, state, str(path), assign=True)
+    if any(t.is_meta for t in model.parameters()):
+        raise CheckpointError(f"{path}: some parameters were never loaded")
     if dtype is not None:
         model.to(dtype)
     return model.eval()

@@ -37,7 +37,8 @@ def freeze(model: nn.Module, patterns: list[str]) -> list[str]:
         hits = {n for n in names for p in expand_pattern(pattern) if _covers(p, n)}
         if not hits:
             modules = sorted({n.split(".")[0] for n in names})
-            raise LlmlabError(f"freeze pattern {pattern!r} matches no parameter; top-level modules: {', '.join(modules)}")
+            raise LlmlabError(f"freeze pattern {pattern!r} matches no parameter; top-level modules: "
+                              f"{', '.join(modules)}")
         frozen |= hits
     for n, p in model.named_parameters():
         if n in frozen:

@@ -90,8 +90,10 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
         raise AdapterError(f"{path}: not an adapter folder (no {ADAPTER_CONFIG})") from None
     except (OSError, json.JSONDecodeError) as e:
         raise AdapterError(f"{file}: cannot read the adapter config ({e})") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        raise AdapterError(f"{file}: peft_type must be LORA, got {config.get('peft_type') if isinstance(config, dict) else config!r}")
+    if not isinstance(config, dict):
+        raise AdapterError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    if config.get("peft_type") != "LORA":
+        raise AdapterError(f"{file}: peft_type must be LORA, got {config.get('peft_type')!r}")
     for key in ("r", "lora_alpha"):
         if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
             raise AdapterError(f"{file}: {key} must be a positive number, got {config.get(key)!r}")

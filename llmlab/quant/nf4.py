@@ -20,10 +20,9 @@ bitsandbytes is imported inside functions, since importing it takes seconds.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,7 +33,7 @@ from torch import nn
 
 from llmlab.models import build_model
 from llmlab.models.convert import TABLES, ConversionError, hf_to_llmlab_state
-from llmlab.models.io import INDEX, WEIGHTS, CheckpointError, read_config
+from llmlab.models.io import INDEX, WEIGHTS, CheckpointError, meta_parameters, read_config
 
 if TYPE_CHECKING:
     from bitsandbytes.functional import QuantState
@@ -213,30 +212,6 @@ def dequantize_model(model: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------- streaming load
 
 
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Register every new nn.Parameter on the meta device and leave buffers where they are created.
-
-    A model built inside gets shapes but no parameter memory, while buffers that constructors compute
-    (rotary inv_freq, ALiBi slopes) are real: the method of accelerate's
-    `init_empty_weights(include_buffers=False)`. It patches `nn.Module.register_parameter` for the
-    duration, so build nothing else in other threads meanwhile. Parameters are first allocated (never
-    touched, so no pages are used) and initialised on meta, which does nothing.
-    """
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and not param.is_meta:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-
-
 def _weight_files(path: Path) -> tuple[dict[str, Path], str]:
     """Each stored tensor's safetensors file, and the file to name in errors (the index when sharded)."""
     if (path / INDEX).is_file():
@@ -349,7 +324,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
         provided = stored
         convert = {k: (lambda t, k=k: {k: t}) for k in stored}
 
-    with _parameters_on_meta():
+    with meta_parameters():
         model = build_model(cfg)
     names_of: dict[int, list[str]] = {}  # tied parameters share one entry: [canonical, aliases ...]
     for name, p in model.named_parameters(remove_duplicate=False):

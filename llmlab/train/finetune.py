@@ -124,7 +124,8 @@ def run(cfg: FinetuneConfig) -> dict:
     lora = cfg.peft in ("lora", "qlora")
     if lora:
         adapted = apply_lora(model, cfg.lora)
-        print(f"LoRA r={cfg.lora.r} on {len(adapted)} layers ({', '.join(sorted({n.split('.')[-1] for n in adapted}))})")
+        kinds = ", ".join(sorted({n.split(".")[-1] for n in adapted}))
+        print(f"LoRA r={cfg.lora.r} on {len(adapted)} layers ({kinds})")
     elif cfg.freeze:
         print(f"froze {len(freeze(model, cfg.freeze))} parameter tensors")
     trained, total = trainable_parameters(model)

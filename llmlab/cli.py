@@ -108,6 +108,13 @@ def build_parser(argv: list[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--template", help="chat template: a built-in name (llmlab, chatml, llama3, llama2) or a "
                    "Jinja file (default: the checkpoint's own, else llmlab)")
     commands.add_sampling_arguments(p, default_max_new_tokens=256)
+
+    from llmlab.serve import commands as serve_commands
+
+    p = verbs.add_parser("serve", help="serve a checkpoint behind an OpenAI-compatible HTTP API",
+                         description="Serve a checkpoint: /v1/completions, /v1/chat/completions and /v1/models, "
+                         "streaming or not, with continuous batching. Binds 127.0.0.1 unless --host says otherwise.")
+    serve_commands.add_arguments(p)
     return parser
 
 
@@ -163,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
             from llmlab.generate import commands
 
             (commands.run_generate if ns.verb == "generate" else commands.run_chat)(ns)
+        elif ns.verb == "serve":
+            from llmlab.serve import commands as serve_commands
+
+            serve_commands.run_serve(ns)
     except LlmlabError as e:
         print(style("error:", "31", sys.stderr), e, file=sys.stderr)
         return 1

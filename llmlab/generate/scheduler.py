@@ -2,15 +2,15 @@
 
 The engine (`engine.py`) runs a fixed batch to its end; a server cannot wait for the slowest
 request before admitting the next. Here each `step()` first prefills the sequences that arrived
-(each alone, so the batch never waits on a long prompt's padding), merges them into the running
-batch, samples one token for every running sequence, and drops the ones that finished or were
+(together, as one left-padded batch), merges them into the running batch, samples one token for every running sequence, and drops the ones that finished or were
 cancelled, so their rows stop costing compute at once (iteration-level scheduling, Yu et al.,
 2022, "Orca").
 
 The batch's KV cache is left-aligned to a shared length L: a row's tokens end at column L, with
 padding before them hidden by the attention mask; position ids count real tokens only, so a row
 computes exactly what it computes alone. A joining row whose prompt is longer than L shifts the
-others right; when L reaches the cache's end, every row shifts left by the padding they all share.
+others right. The cache holds L plus some headroom and doubles when full; once it spans the whole
+context, every row shifts left by the padding they all share.
 Each sequence keeps its own sampling settings and random generator.
 """
 
@@ -27,6 +27,8 @@ from llmlab.generate.engine import check_prompts, context_length
 from llmlab.generate.sampling import SamplingParams, process_logits, sample
 from llmlab.models.layers import KVCache
 
+HEADROOM = 64  # decode steps a new cache has room for before it grows
+
 
 @dataclass(eq=False)
 class Sequence:
@@ -37,6 +39,7 @@ class Sequence:
     seed: int | None = None  # this completion's own seed (a request's seed + its index)
     stop_check: Callable[[list[int]], bool] | None = None  # True to finish now (stop strings)
     id: int = field(default_factory=itertools.count().__next__)
+    index: int = 0  # the caller's label (a server's choice index)
     output: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop", "length" or "cancelled"
     generator: torch.Generator | None = None
@@ -72,12 +75,24 @@ class Scheduler:
     def add(self, seq: Sequence) -> Sequence:
         """Queue a sequence; it joins the batch at the next step with room. Raises GenerationError
         for a prompt that is empty, out of vocabulary or too long, or bad sampling settings."""
+        self.check(seq)
+        return self.add_checked(seq)
+
+    def check(self, seq: Sequence) -> None:
+        """What `add` refuses, without queueing (a server validates before it answers)."""
         seq.params.validate(self.vocab_size)
         seq.prompt = check_prompts([seq.prompt], self.vocab_size, self.context, seq.params.max_new_tokens, False)[0]
+
+    def add_checked(self, seq: Sequence) -> Sequence:
         if seq.seed is not None and not seq.params.greedy:
             seq.generator = torch.Generator().manual_seed(seq.seed)
         self.waiting.append(seq)
         return seq
+
+    def reset(self) -> None:
+        """Drop every sequence, running or waiting (after a failed step)."""
+        self.waiting, self.running = [], []
+        self.cache = self.mask = self.logits = None
 
     def cancel(self, seq: Sequence) -> None:
         """Stop a sequence (its client went away): it leaves the batch at the next step."""
@@ -98,8 +113,8 @@ class Scheduler:
         self._keep([r for r, s in enumerate(self.running) if not s.cancelled])  # frees rows for the joiners
         joining = self.waiting[:max(0, self.max_batch - len(self.running))]
         self.waiting = self.waiting[len(joining):]
-        for seq in joining:
-            self._join(seq)
+        if joining:
+            self._admit(joining)
         if not self.running:
             return events
         tokens, logprobs, tops = self._sample()
@@ -124,34 +139,36 @@ class Scheduler:
 
     # ------------------------------------------------------------------ batch state
 
-    def _join(self, seq: Sequence) -> None:
-        """Prefill `seq` alone and merge its cache row into the batch, right-aligned at column L."""
-        p = len(seq.prompt)
-        cache = self.model.make_kv_cache(1, self.context)
-        ids = torch.tensor([seq.prompt], device=self.device)
-        logits = self.model(ids, kv_cache=cache)[:, -1].float()
-        if self.cache is None or not self.running:
-            self.cache, self.logits = cache, logits
-            self.mask = torch.zeros(1, self.context, dtype=torch.long, device=self.device)
-            self.mask[0, :p] = 1
-            self.running = [seq]
-            return
-        length = max(self.cache.length, p)
-        shift = length - self.cache.length
-        rows = len(self.running) + 1
-        merged = self.model.make_kv_cache(rows, self.context)
-        old = self.cache.length
-        merged.k[:, :-1, :, shift:length] = self.cache.k[:, :, :, :old]
-        merged.v[:, :-1, :, shift:length] = self.cache.v[:, :, :, :old]
-        merged.k[:, -1, :, length - p:length] = cache.k[:, 0, :, :p]
-        merged.v[:, -1, :, length - p:length] = cache.v[:, 0, :, :p]
-        merged.length = length
-        mask = torch.zeros(rows, self.context, dtype=torch.long, device=self.device)
-        mask[:-1, shift:length] = self.mask[:, :old]
-        mask[-1, length - p:length] = 1
-        self.cache, self.mask = merged, mask
-        self.logits = torch.cat([self.logits, logits])
-        self.running.append(seq)
+    def _admit(self, seqs: list[Sequence]) -> None:
+        """Prefill the joining sequences as one left-padded batch and merge their cache rows into the
+        running batch, everyone's tokens ending at the shared column L."""
+        width = max(len(s.prompt) for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s.prompt):] = torch.tensor(s.prompt)
+            mask[i, width - len(s.prompt):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        fresh = self.model.make_kv_cache(len(seqs), width)
+        ragged = any(len(s.prompt) != width for s in seqs)
+        logits = self.model(ids, kv_cache=fresh, attention_mask=mask if ragged else None)[:, -1].float()
+        old = self.cache.length if self.running else 0
+        length = max(old, width)
+        rows = len(self.running) + len(seqs)
+        cache = self.model.make_kv_cache(rows, min(self.context, length + HEADROOM))
+        full_mask = torch.zeros(rows, cache.max_len, dtype=torch.long, device=self.device)
+        n = len(self.running)
+        if n:  # the running rows move right so that they end at column `length` too
+            cache.k[:, :n, :, length - old:length] = self.cache.k[:, :, :, :old]
+            cache.v[:, :n, :, length - old:length] = self.cache.v[:, :, :, :old]
+            full_mask[:n, length - old:length] = self.mask[:, :old]
+        cache.k[:, n:, :, length - width:length] = fresh.k[:, :, :, :width]
+        cache.v[:, n:, :, length - width:length] = fresh.v[:, :, :, :width]
+        full_mask[n:, length - width:length] = mask
+        cache.length = length
+        self.cache, self.mask = cache, full_mask
+        self.logits = logits if not n else torch.cat([self.logits, logits])
+        self.running += seqs
 
     def _keep(self, rows: list[int]) -> None:
         """Drop finished rows from the batch (their cache, mask and logits)."""
@@ -167,18 +184,31 @@ class Scheduler:
 
     def _decode(self, tokens: list[int]) -> None:
         """One forward step of every running row on its newest token."""
-        if self.cache.length + 1 > self.context:  # shift every row left by the padding all rows have
-            pad = int((self.mask[:, :self.cache.length].cumsum(-1) == 0).sum(-1).min())
-            n = self.cache.length
-            self.cache.k[:, :, :, :n - pad] = self.cache.k[:, :, :, pad:n].clone()
-            self.cache.v[:, :, :, :n - pad] = self.cache.v[:, :, :, pad:n].clone()
-            self.mask[:, :n - pad] = self.mask[:, pad:n].clone()
-            self.mask[:, n - pad:] = 0
-            self.cache.length = n - pad
+        if self.cache.length + 1 > self.cache.max_len:
+            self._make_room()
         column = self.cache.length
         self.mask[:, column] = 1
         ids = torch.tensor(tokens, device=self.device)[:, None]
         self.logits = self.model(ids, kv_cache=self.cache, attention_mask=self.mask[:, :column + 1])[:, -1].float()
+
+    def _make_room(self) -> None:
+        """Grow the cache (doubling, up to the context), or when it spans the context already, shift
+        every row left by the padding all rows share."""
+        n = self.cache.length
+        if self.cache.max_len < self.context:
+            cache = self.model.make_kv_cache(len(self.running), min(self.context, 2 * self.cache.max_len))
+            cache.k[:, :, :, :n], cache.v[:, :, :, :n] = self.cache.k[:, :, :, :n], self.cache.v[:, :, :, :n]
+            cache.length = n
+            mask = torch.zeros(len(self.running), cache.max_len, dtype=torch.long, device=self.device)
+            mask[:, :n] = self.mask[:, :n]
+            self.cache, self.mask = cache, mask
+            return
+        pad = int((self.mask[:, :n].cumsum(-1) == 0).sum(-1).min())
+        self.cache.k[:, :, :, :n - pad] = self.cache.k[:, :, :, pad:n].clone()
+        self.cache.v[:, :, :, :n - pad] = self.cache.v[:, :, :, pad:n].clone()
+        self.mask[:, :n - pad] = self.mask[:, pad:n].clone()
+        self.mask[:, n - pad:] = 0
+        self.cache.length = n - pad
 
     def _sample(self) -> tuple[list[int], list[float] | None, list[dict[int, float]] | None]:
         """One token per running row, each with its own settings; rows that share settings are

@@ -57,6 +57,35 @@ def _held_back(text: str, stop: Sequence[str]) -> int:
     return hold
 
 
+class IncrementalText:
+    """The text of a completion as its tokens arrive, released in deltas that never split a UTF-8
+    character or show the start of a stop string that may still complete; the text is cut before
+    the first stop string, and a final stop token is not shown."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], stop_token_ids: Sequence[int]):
+        self.tokenizer, self.stop, self.stop_token_ids = tokenizer, list(stop), set(stop_token_ids)
+        self.tokens: list[int] = []
+        self.text = ""  # everything released so far
+        self.finished = False
+
+    def push(self, token_id: int, finish_reason: str | None) -> TextDelta | None:
+        """Add a token (finish_reason set on the last one); returns the new text, if any is safe to show."""
+        self.tokens.append(token_id)
+        finished = finish_reason is not None
+        body = self.tokens[:-1] if finished and token_id in self.stop_token_ids else self.tokens
+        text = self.tokenizer.decode(body)
+        cut = _first_stop(text, self.stop)
+        if cut is not None:
+            text, finished = text[:cut], True
+        end = len(text) if finished else len(text) - _held_back(text, self.stop)
+        self.finished = finished
+        if end > len(self.text) or finished:
+            delta = TextDelta(text[len(self.text):end], (finish_reason or "stop") if finished else None)
+            self.text = text[:end]
+            return delta
+        return None
+
+
 class TextGenerator:
     """Generation from text prompts with a model and its tokenizer."""
 
@@ -115,22 +144,12 @@ class TextGenerator:
             raise GenerationError("streaming gives one completion: n and num_beams must be 1")
         params, stop_text = self._params(params, stop)
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        tokens: list[int] = []
-        emitted = 0
+        text = IncrementalText(self.tokenizer, stop_text, params.stop_token_ids)
         for events in self.engine.stream([ids], params, stop_check=self._stop_check(stop_text), truncate=truncate):
-            event = events[0]
-            tokens.append(event.token_id)
-            finished = event.finish_reason is not None
-            body = tokens[:-1] if finished and event.token_id in params.stop_token_ids else tokens
-            text = self.tokenizer.decode(body)
-            cut = _first_stop(text, stop_text)
-            if cut is not None:
-                text, finished = text[:cut], True
-            end = len(text) if finished else len(text) - _held_back(text, stop_text)
-            if end > emitted or finished:
-                yield TextDelta(text[emitted:end], event.finish_reason if finished else None)
-                emitted = end
-            if finished:
+            delta = text.push(events[0].token_id, events[0].finish_reason)
+            if delta is not None:
+                yield delta
+            if text.finished:
                 return
 
     def _stop_check(self, stop: list[str]):

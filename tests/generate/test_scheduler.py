@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from llmlab.generate import Engine, GenerationError, SamplingParams
+from llmlab.generate import scheduler as scheduler_module
 from llmlab.generate.scheduler import Scheduler, Sequence
 from llmlab.models import build_model
 from tests.models.zoo import TINY, V
@@ -33,8 +34,10 @@ def _run(scheduler: Scheduler, arrivals: dict[int, list[Sequence]], steps: int =
     return events
 
 
+@pytest.mark.parametrize("headroom", [64, 2])  # 2: the cache grows while rows decode
 @pytest.mark.parametrize("name", ["llama", "llama-gqa-tied", "gpt2", "llama-window"])
-def test_staggered_joins_and_leaves_equal_one_by_one(name):
+def test_staggered_joins_and_leaves_equal_one_by_one(name, headroom, monkeypatch):
+    monkeypatch.setattr(scheduler_module, "HEADROOM", headroom)
     model = tiny(name)
     rng = random.Random(0)
     prompts = [[rng.randrange(V) for _ in range(rng.randint(1, 20))] for _ in range(7)]

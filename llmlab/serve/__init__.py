@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: `llmlab serve CHECKPOINT` (see `app.py`)."""

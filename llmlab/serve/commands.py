@@ -1,0 +1,62 @@
+"""`llmlab serve CHECKPOINT`: load the model, start the generation worker, run uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+from llmlab.common import LlmlabError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from llmlab.generate import commands
+
+    commands.add_model_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server to the network)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: $LLMLAB_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients ask for (default: folder name)")
+    p.add_argument("--template", help="chat template: a built-in name or a Jinja file (default: the checkpoint's)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="sequences that may wait; beyond this, 429")
+    p.add_argument("--max-tokens", type=int, default=None, help="most tokens one completion may ask for")
+    p.add_argument("--max-n", type=int, default=16, help="most completions per prompt")
+    p.add_argument("--cors-origin", action="append", default=[], help="allow browser calls from this origin")
+
+
+def build(ns: argparse.Namespace):
+    """(app, worker) for the parsed arguments."""
+    from llmlab.generate.commands import load_generator
+    from llmlab.serve.app import ServedModel, create_app
+    from llmlab.serve.protocol import Limits
+    from llmlab.serve.worker import Worker
+    from llmlab.tokenizer.chat import load_chat_template
+
+    generator = load_generator(ns)
+    model, tokenizer = generator.engine.model, generator.tokenizer
+    context = int(model.config.max_seq_len)
+    for name in ("max_batch", "max_queue", "max_n"):
+        if getattr(ns, name) < 1:
+            raise LlmlabError(f"--{name.replace('_', '-')} must be at least 1")
+    limits = Limits(context=context, max_tokens=min(ns.max_tokens or context, context), max_n=ns.max_n)
+    template = load_chat_template(ns.tokenizer or ns.checkpoint, ns.template)
+    served = ServedModel(ns.served_model_name or Path(ns.checkpoint).resolve().name, model, tokenizer, template,
+                         int(time.time()), add_bos=generator.add_bos)
+    worker = Worker(model, max_batch=ns.max_batch, max_queue=ns.max_queue)
+    api_key = ns.api_key if ns.api_key is not None else os.environ.get("LLMLAB_API_KEY") or None
+    return create_app(served, worker, limits, api_key=api_key, cors_origins=ns.cors_origin), worker
+
+
+def run_serve(ns: argparse.Namespace) -> None:
+    import uvicorn
+
+    app, worker = build(ns)
+    worker.start()
+    print(f"serving {ns.checkpoint} on http://{ns.host}:{ns.port}/v1 (Ctrl-C stops)", flush=True)
+    try:
+        uvicorn.run(app, host=ns.host, port=ns.port, log_level="warning", timeout_graceful_shutdown=5)
+    finally:
+        worker.stop()

@@ -1,0 +1,163 @@
+"""The OpenAI API's request fields, checked: every bad value becomes an `ApiError` that names the
+field and what was expected, answered with a 4xx in OpenAI's error shape, never a 500.
+
+Bounds follow the OpenAI API reference: temperature in [0, 2], penalties in [-2, 2], at most 4
+stop strings, completions `logprobs` up to 5, chat `top_logprobs` up to 20; the server's own
+limits (`Limits`) cap `n`, `max_tokens` and the prompt length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmlab.generate.sampling import SamplingParams
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Limits:
+    context: int  # the model's context window, in tokens
+    max_tokens: int  # the most tokens one completion may ask for
+    max_n: int = 16  # completions per prompt
+    max_prompts: int = 64  # prompts in one completions request
+    max_stop: int = 4  # stop strings per request
+    max_stop_chars: int = 200  # characters in one stop string
+    max_messages: int = 512  # messages in one chat request
+    max_body_bytes: int = 4 << 20  # request body size
+
+
+def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def _number(body: dict, name: str, default, lo: float, hi: float, *, integer: bool = False):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise bad(f"{name}: expected {'an integer' if integer else 'a number'}, got {value!r}", name)
+    if not lo <= value <= hi:
+        raise bad(f"{name}: {value} is out of range [{lo}, {hi}]", name)
+    return value
+
+
+def _bool(body: dict, name: str, default: bool = False) -> bool:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise bad(f"{name}: expected true or false, got {value!r}", name)
+    return value
+
+
+def stop_strings(body: dict, limits: Limits) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise bad("stop: expected a string or a list of strings", "stop")
+    if len(stop) > limits.max_stop:
+        raise bad(f"stop: at most {limits.max_stop} stop strings, got {len(stop)}", "stop")
+    for s in stop:
+        if not s:
+            raise bad("stop: a stop string must not be empty", "stop")
+        if len(s) > limits.max_stop_chars:
+            raise bad(f"stop: a stop string is limited to {limits.max_stop_chars} characters", "stop")
+    return stop
+
+
+@dataclass
+class Common:
+    """What completions and chat completions share."""
+
+    params: SamplingParams
+    n: int
+    stop: list[str]
+    seed: int | None
+    stream: bool
+    include_usage: bool
+    logprobs: int | None  # None = off; k = the chosen token and the top k
+    max_tokens: int
+    max_tokens_given: bool  # False: chat completions may fill the context
+
+
+def common_fields(body: dict, limits: Limits, *, max_tokens_names: tuple[str, ...], default_max_tokens: int,
+                  min_max_tokens: int = 1) -> Common:
+    max_tokens, user = default_max_tokens, False
+    for name in max_tokens_names:
+        if body.get(name) is not None:
+            max_tokens = _number(body, name, default_max_tokens, min_max_tokens, limits.max_tokens, integer=True)
+            user = True
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+    if top_p == 0:
+        raise bad("top_p: must be in (0, 1]", "top_p")
+    n = _number(body, "n", 1, 1, limits.max_n, integer=True)
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise bad(f"seed: expected a non-negative integer, got {seed!r}", "seed")
+    stream = _bool(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and (not isinstance(options, dict) or not stream):
+        raise bad("stream_options: expected an object, and only with stream=true", "stream_options")
+    include_usage = bool(options and options.get("include_usage"))
+    params = SamplingParams(
+        max_new_tokens=max(1, max_tokens), temperature=temperature, top_p=top_p,
+        top_k=_number(body, "top_k", 0, 0, 1 << 20, integer=True),
+        min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.01, 10.0))
+    return Common(params, n, stop_strings(body, limits), seed, stream, include_usage, None, max_tokens, user)
+
+
+def completion_prompts(body: dict, limits: Limits, vocab_size: int) -> list[str | list[int]]:
+    """`prompt`: a string, a list of strings, a list of token ids, or a list of token-id lists."""
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise bad("prompt: required", "prompt")
+    if isinstance(prompt, str):
+        prompts: list = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list):
+        prompts = prompt
+    else:
+        raise bad("prompt: expected a string, a list of strings, a list of token ids or a list of such lists",
+                  "prompt")
+    if not prompts:
+        raise bad("prompt: the list is empty", "prompt")
+    if len(prompts) > limits.max_prompts:
+        raise bad(f"prompt: at most {limits.max_prompts} prompts per request, got {len(prompts)}", "prompt")
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if not p:
+                raise bad(f"prompt[{i}]: empty prompt", "prompt")
+        elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            out = [t for t in p if not 0 <= t < vocab_size]
+            if out:
+                raise bad(f"prompt[{i}]: token id {out[0]} is outside the vocabulary [0, {vocab_size})", "prompt")
+        else:
+            raise bad(f"prompt[{i}]: expected a non-empty string or a non-empty list of token ids", "prompt")
+    return prompts
+
+
+def context_check(prompt_tokens: int, max_tokens: int, limits: Limits, param: str = "prompt") -> None:
+    """OpenAI's wording, which clients match to detect an over-long request."""
+    if prompt_tokens + max_tokens > limits.context:
+        raise bad(f"This model's maximum context length is {limits.context} tokens. However, you requested "
+                  f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the "
+                  "completion). Please reduce the prompt or the completion length.",
+                  param, "context_length_exceeded")

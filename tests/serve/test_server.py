@@ -1,0 +1,286 @@
+"""The OpenAI-compatible server on loopback: the official `openai` client, streaming and not, usage
+that matches the tokenizer, continuous batching, and a table of bad requests that each get a 4xx."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+from llmlab.generate import Engine, SamplingParams
+from llmlab.models import LlamaConfig, build_model
+from llmlab.models.io import save_model
+from llmlab.tokenizer import train_bpe
+
+openai = pytest.importorskip("openai")
+try:
+    import httpx
+except ImportError:  # openai 3 ships its HTTP client as httpx2
+    httpx = pytest.importorskip("httpx2")
+uvicorn = pytest.importorskip("uvicorn")
+
+KEY = "sk-test-Key-123"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("served")
+    tok = train_bpe([f"Hello there, the answer is {i}. Say hi to {i} friends!" for i in range(300)], vocab_size=320)
+    torch.manual_seed(0)
+    save_model(build_model(LlamaConfig(vocab_size=320, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_seq_len=96)),
+               root / "tiny")
+    tok.save(root / "tiny")
+    return root / "tiny"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, checkpoint, **overrides):
+        from llmlab.serve.commands import build
+
+        args = dict(checkpoint=str(checkpoint), tokenizer=None, device="cpu", bos=False, host="127.0.0.1",
+                    port=_free_port(), api_key=None, served_model_name="tiny", template=None, max_batch=8,
+                    max_queue=64, max_tokens=None, max_n=4, cors_origin=[])
+        args.update(overrides)
+        self.ns = argparse.Namespace(**args)
+        self.app, self.worker = build(self.ns)
+        self.url = f"http://127.0.0.1:{self.ns.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.ns.port, log_level="error"))
+
+    def __enter__(self):
+        self.worker.start()
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                return self
+            time.sleep(0.02)
+        raise RuntimeError("server did not start")
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.worker.stop()
+
+    def client(self, key=KEY):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    with Server(checkpoint, api_key=KEY) as s:
+        yield s
+
+
+def _engine_text(server, prompt_ids, n_tokens):
+    model, tok = server.worker.scheduler.model, server.app  # noqa: F841
+    out = Engine(server.worker.scheduler.model).generate(
+        [prompt_ids], SamplingParams(temperature=0.0, max_new_tokens=n_tokens, stop_token_ids=(1,)))[0]
+    return out.token_ids
+
+
+def test_completions_match_the_engine_and_usage_matches_the_tokenizer(server):
+    from llmlab.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(server.ns.checkpoint)
+    client = server.client()
+    r = client.completions.create(model="tiny", prompt="Hello there, the", max_tokens=12, temperature=0)
+    ids = tok.encode("Hello there, the")
+    assert r.usage.prompt_tokens == len(ids)
+    expected = Engine(server.worker.scheduler.model).generate(
+        [ids], SamplingParams(temperature=0.0, max_new_tokens=12, stop_token_ids=(tok.eos_id,)))[0]
+    body = [t for t in expected.token_ids if t != tok.eos_id]
+    assert r.choices[0].text == tok.decode(body)
+    assert r.usage.completion_tokens == len(expected.token_ids)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.choices[0].finish_reason in ("stop", "length") and r.object == "text_completion"
+
+
+def test_completions_prompt_forms_n_seed_echo_logprobs(server):
+    client = server.client()
+    r = client.completions.create(model="tiny", prompt=["Hello", "Say hi"], max_tokens=5, n=2, temperature=1.0,
+                                  seed=3)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    again = client.completions.create(model="tiny", prompt=["Hello", "Say hi"], max_tokens=5, n=2, temperature=1.0,
+                                      seed=3)
+    assert [c.text for c in r.choices] == [c.text for c in again.choices]  # seeded: repeats exactly
+    ids = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=3, temperature=0)
+    assert ids.usage.prompt_tokens == 3
+    scored = client.completions.create(model="tiny", prompt="Hello there", max_tokens=0, echo=True, logprobs=2)
+    lp = scored.choices[0].logprobs
+    assert scored.choices[0].text == "Hello there" and lp.token_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:]) and len(lp.top_logprobs[1]) == 2
+    assert "".join(lp.tokens) == "Hello there" and lp.text_offset[0] == 0
+    gen = client.completions.create(model="tiny", prompt="Hello", max_tokens=4, logprobs=1, temperature=0)
+    assert len(gen.choices[0].logprobs.token_logprobs) == gen.usage.completion_tokens
+
+
+def test_stop_strings_cut_the_text(server):
+    client = server.client()
+    full = client.completions.create(model="tiny", prompt="Hello there", max_tokens=20, temperature=0).choices[0].text
+    if len(full) < 4:
+        pytest.skip("the random model stopped at once")
+    stop = full[2:4]
+    r = client.completions.create(model="tiny", prompt="Hello there", max_tokens=20, temperature=0, stop=[stop])
+    assert r.choices[0].text == full[:full.index(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_streaming_completions_and_chat(server):
+    client = server.client()
+    whole = client.completions.create(model="tiny", prompt="Hello", max_tokens=10, temperature=0)
+    chunks = list(client.completions.create(model="tiny", prompt="Hello", max_tokens=10, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [c for c in chunks if c.choices][-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.object == "chat.completion"
+    from llmlab.tokenizer import load_tokenizer
+    from llmlab.tokenizer.chat import load_chat_template
+
+    tok = load_tokenizer(server.ns.checkpoint)
+    assert chat.usage.prompt_tokens == len(tok.encode(load_chat_template(server.ns.checkpoint).render(messages)))
+    stream = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                                 stream=True))
+    assert stream[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == chat.choices[0].message.content
+    assert stream[-1].choices[0].finish_reason == chat.choices[0].finish_reason
+    lp = client.chat.completions.create(model="tiny", messages=messages, max_tokens=3, logprobs=True, top_logprobs=2)
+    assert len(lp.choices[0].logprobs.content[0].top_logprobs) == 2
+
+
+def test_models_health_and_auth(server):
+    assert [m.id for m in server.client().models.list()] == ["tiny"]
+    assert httpx.get(server.url + "/health").status_code == 200  # open without a key
+    with pytest.raises(openai.AuthenticationError):
+        server.client("wrong").models.list()
+    with pytest.raises(openai.AuthenticationError):
+        server.client(KEY.lower()).models.list()  # a key in another case is another key
+    r = httpx.get(server.url + "/v1/models")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_concurrent_requests_share_the_batch(server):
+    client = server.client()
+    results = [None] * 6
+
+    def ask(i):
+        results[i] = client.completions.create(model="tiny", prompt=f"Say hi to {i}", max_tokens=15,
+                                               temperature=0).choices[0].text
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    alone = [client.completions.create(model="tiny", prompt=f"Say hi to {i}", max_tokens=15,
+                                       temperature=0).choices[0].text for i in range(6)]
+    assert results == alone
+
+
+BAD = [  # (body or raw bytes, expected status, a word of the message)
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    (b"42", 400, "JSON object"),
+    (b"null", 400, "JSON object"),
+    ({"prompt": []}, 400, "empty"),
+    ({"prompt": [""]}, 400, "empty prompt"),
+    ({"prompt": ""}, 400, "empty prompt"),
+    ({}, 400, "prompt: required"),
+    ({"prompt": [1, 99999]}, 400, "outside the vocabulary"),
+    ({"prompt": [[1, 2], [-1]]}, 400, "outside the vocabulary"),
+    ({"prompt": "hi", "max_tokens": 10**9}, 400, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": 0}, 400, "echo"),
+    ({"prompt": "hi", "n": 10000}, 400, "n:"),
+    ({"prompt": "hi", "temperature": -0.5}, 400, "temperature"),
+    ({"prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4"),
+    ({"prompt": "hi", "stop": [""]}, 400, "must not be empty"),
+    ({"prompt": "hi", "logprobs": 50}, 400, "logprobs"),
+    ({"prompt": "hi " * 200, "max_tokens": 4}, 400, "maximum context length"),
+    ({"prompt": "hi", "model": "gpt-4"}, 404, "does not exist"),
+    ({"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+    ({"prompt": "hi", "stream": "yes"}, 400, "stream"),
+    ({"prompt": "hi", "seed": -3}, 400, "seed"),
+]
+
+
+@pytest.mark.parametrize("body, status, word", BAD)
+def test_bad_completion_requests_get_a_4xx_and_the_server_keeps_serving(server, body, status, word):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(server.url + "/v1/completions", content=content,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert word in error["message"] and {"message", "type", "param", "code"} <= error.keys()
+    assert server.client().completions.create(model="tiny", prompt="Hello", max_tokens=2).choices
+
+
+@pytest.mark.parametrize("body, word", [
+    ({"messages": []}, "non-empty list"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "role"),
+    ({"messages": [{"role": "user"}]}, "'role' and 'content'"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, "requires logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 50}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi " * 300}]}, "maximum context length"),
+    ({"messages": "hi"}, "non-empty list"),
+])
+def test_bad_chat_requests(server, body, word):
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and word in r.json()["error"]["message"], r.text
+
+
+def _wait(condition, seconds=10.0):
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_full_queue_answers_429_with_retry_after(checkpoint):
+    with Server(checkpoint, max_batch=1, max_queue=1) as s:
+        scheduler, decode = s.worker.scheduler, s.worker.scheduler._decode
+        scheduler._decode = lambda tokens: (time.sleep(0.02), decode(tokens))  # 80 tokens last over a second
+        client = s.client()
+        done = []
+
+        def ask():
+            done.append(client.completions.create(model="tiny", prompt="Hello", max_tokens=80, temperature=0))
+
+        first, second = threading.Thread(target=ask), threading.Thread(target=ask)
+        first.start()
+        _wait(lambda: s.worker.load["running"] == 1 and s.worker.load["waiting"] == 0)  # the one row is taken
+        second.start()
+        _wait(lambda: s.worker.load["waiting"] == 1)  # the waiting room is full
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 2})
+        first.join()
+        second.join()
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "rate_limit_error"
+        assert len(done) == 2  # the two admitted requests were served
+
+
+def test_a_disconnected_stream_frees_its_row(checkpoint):
+    with Server(checkpoint, max_batch=2) as s:
+        with httpx.stream("POST", s.url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 80,
+                                                                   "stream": True, "temperature": 0}) as r:
+            next(r.iter_lines())  # the first chunk arrived: the sequence is running
+        for _ in range(100):
+            if not s.worker.scheduler.busy:
+                break
+            time.sleep(0.05)
+        assert not s.worker.scheduler.busy
+        assert s.client().completions.create(model="tiny", prompt="Hello", max_tokens=2).choices

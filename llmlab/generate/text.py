@@ -57,6 +57,24 @@ def _held_back(text: str, stop: Sequence[str]) -> int:
     return hold
 
 
+def split_stops(tokenizer: Tokenizer, stop: Sequence[str], stop_token_ids: Sequence[int] = ()
+                ) -> tuple[tuple[int, ...], list[str]]:
+    """(stop token ids, stop strings): EOS joins the stop tokens, and a stop string that is one special
+    token becomes a stop token (matched on ids, never split across tokens)."""
+    stop_ids, stop_text = list(stop_token_ids), []
+    for s in stop:
+        if not s:
+            raise GenerationError("a stop string must not be empty")
+        token = tokenizer.token_to_id(s)
+        if token is not None and tokenizer.encode(s) == [token]:
+            stop_ids.append(token)
+        else:
+            stop_text.append(s)
+    if tokenizer.eos_id is not None:
+        stop_ids.append(tokenizer.eos_id)
+    return tuple(dict.fromkeys(stop_ids)), stop_text
+
+
 class IncrementalText:
     """The text of a completion as its tokens arrive, released in deltas that never split a UTF-8
     character or show the start of a stop string that may still complete; the text is cut before
@@ -102,19 +120,8 @@ class TextGenerator:
         return self.tokenizer.encode(text, bos=self.add_bos)
 
     def _params(self, params: SamplingParams, stop: Sequence[str]) -> tuple[SamplingParams, list[str]]:
-        """EOS joins the stop tokens; a stop string that is one special token becomes a stop token."""
-        stop_ids, stop_text = list(params.stop_token_ids), []
-        for s in stop:
-            if not s:
-                raise GenerationError("a stop string must not be empty")
-            token = self.tokenizer.token_to_id(s)
-            if token is not None and self.tokenizer.encode(s) == [token]:
-                stop_ids.append(token)
-            else:
-                stop_text.append(s)
-        if self.tokenizer.eos_id is not None:
-            stop_ids.append(self.tokenizer.eos_id)
-        return replace(params, stop_token_ids=tuple(dict.fromkeys(stop_ids))), stop_text
+        stop_ids, stop_text = split_stops(self.tokenizer, stop, params.stop_token_ids)
+        return replace(params, stop_token_ids=stop_ids), stop_text
 
     def _finish(self, c: Completion, params: SamplingParams, stop: list[str], prompt_tokens: int) -> TextCompletion:
         ids = c.token_ids

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmlab.generate.sampling import GenerationError
 from llmlab.generate.scheduler import Sequence
-from llmlab.generate.text import IncrementalText, _first_stop
+from llmlab.generate.text import IncrementalText, _first_stop, split_stops
 from llmlab.serve.protocol import ApiError, Limits, bad, common_fields, completion_prompts, context_check
 from llmlab.serve.worker import Failure, Overloaded, Worker
 from llmlab.tokenizer.chat import ChatTemplate, ChatTemplateError, check_messages
@@ -148,11 +148,7 @@ def create_app(served: ServedModel, worker: Worker, limits: Limits, *, api_key: 
     async def _respond(request: Request, kind: str, prompts: list[list[int]], common, *, echo: bool = False):
         rid = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
-        stop_ids = tuple(t for t in (tokenizer.eos_id,) if t is not None)
-        stop_ids += tuple(tokenizer.token_to_id(s) for s in common.stop
-                          if tokenizer.token_to_id(s) is not None and tokenizer.encode(s) == [tokenizer.token_to_id(s)])
-        stop_text = [s for s in common.stop if tokenizer.token_to_id(s) is None or tokenizer.encode(s) != [
-            tokenizer.token_to_id(s)]]
+        stop_ids, stop_text = split_stops(tokenizer, common.stop)
         params = common.params
         params.stop_token_ids = stop_ids
         params.logprobs = common.logprobs
@@ -208,7 +204,7 @@ def create_app(served: ServedModel, worker: Worker, limits: Limits, *, api_key: 
             usage["completion_tokens"] += len(seq.output)
             prefix = tokenizer.decode(seq.prompt) if echo else ""
             if kind == "chat.completion":
-                lp = {"content": _chat_logprobs(tokenizer, st)} if common.logprobs is not None else None
+                lp = {"content": _chat_logprobs(tokenizer, st.scored())} if common.logprobs is not None else None
                 choices.append({"index": seq.index, "message": {"role": "assistant", "content": st.text.text},
                                 "logprobs": lp, "finish_reason": st.finish_reason})
             else:
@@ -246,13 +242,16 @@ def create_app(served: ServedModel, worker: Worker, limits: Limits, *, api_key: 
                 st = states[item.sequence.id]
                 delta = st.push(item)
                 finished = st.finish_reason is not None
-                if delta or finished:
+                scored = [item] if item.token_id is not None and common.logprobs is not None else []
+                if delta or finished or scored:  # with logprobs every token is reported, text or not
                     seq = item.sequence
                     if kind == "chat.completion":
+                        lp = {"content": _chat_logprobs(tokenizer, scored)} if scored else None
                         choice = {"index": seq.index, "delta": {"content": delta} if delta else {},
-                                  "logprobs": None, "finish_reason": st.finish_reason}
+                                  "logprobs": lp, "finish_reason": st.finish_reason}
                     else:
-                        choice = {"index": seq.index, "text": delta, "logprobs": None,
+                        lp = _completion_logprobs(tokenizer, None, scored, "", common.logprobs) if scored else None
+                        choice = {"index": seq.index, "text": delta, "logprobs": lp,
                                   "finish_reason": st.finish_reason}
                     yield chunk([choice])
                 if finished:
@@ -389,11 +388,9 @@ def _completion_logprobs(tokenizer, prompt_scores, events, prefix: str, k: int) 
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-def _chat_logprobs(tokenizer, state: _ChoiceState) -> list[dict]:
+def _chat_logprobs(tokenizer, events: list) -> list[dict]:
     out = []
-    for e in state.events:
-        if e.token_id is None:
-            continue
+    for e in events:
         text = tokenizer.decode([e.token_id])
         out.append({"token": text, "logprob": e.logprob, "bytes": list(text.encode()),
                     "top_logprobs": [{"token": tokenizer.decode([t]), "logprob": v, "bytes": list(

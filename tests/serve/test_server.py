@@ -143,6 +143,9 @@ def test_streaming_completions_and_chat(server):
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     assert [c for c in chunks if c.choices][-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    scored = list(client.completions.create(model="tiny", prompt="Hello", max_tokens=4, temperature=0, stream=True,
+                                            logprobs=2))
+    assert sum(len(c.choices[0].logprobs.token_logprobs) for c in scored if c.choices[0].logprobs) == 4
 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]
     chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
@@ -159,6 +162,10 @@ def test_streaming_completions_and_chat(server):
     assert stream[-1].choices[0].finish_reason == chat.choices[0].finish_reason
     lp = client.chat.completions.create(model="tiny", messages=messages, max_tokens=3, logprobs=True, top_logprobs=2)
     assert len(lp.choices[0].logprobs.content[0].top_logprobs) == 2
+    streamed = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=3, logprobs=True,
+                                                   stream=True))
+    assert sum(len(c.choices[0].logprobs.content) for c in streamed if c.choices[0].logprobs) == \
+        len(lp.choices[0].logprobs.content)
 
 
 def test_models_health_and_auth(server):

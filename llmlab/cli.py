@@ -63,11 +63,14 @@ def build_parser(argv: list[str] = ()) -> argparse.ArgumentParser:
                        help="an optional YAML config, then dotted overrides")
         p.set_defaults(config_verb=name)
 
-    p = verbs.add_parser("convert", help="convert a checkpoint between llmlab and HF formats",
-                         description="Convert a checkpoint folder (llmlab or HF format, auto-detected).")
+    p = verbs.add_parser("convert", help="convert a checkpoint between llmlab, HF and GGUF formats",
+                         description="Convert a checkpoint folder (llmlab or HF format, auto-detected) to an llmlab "
+                         "or HF folder, or to a GGUF file for llama.cpp (LLaMA family).")
     p.add_argument("path", help="checkpoint folder to read")
-    p.add_argument("--to", required=True, choices=("hf", "llmlab"), help="output format")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--to", required=True, choices=("hf", "llmlab", "gguf"), help="output format")
+    p.add_argument("--out", required=True, help="output folder (a .gguf file for --to gguf)")
+    p.add_argument("--outtype", choices=("f32", "f16", "q8_0"), default="f16",
+                   help="GGUF tensor type for matrices (vectors stay f32)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pickled pytorch_model.bin weights (read with weights_only=True)")
     p.add_argument("--adapter", metavar="PATH",
@@ -147,6 +150,13 @@ def _convert(ns: argparse.Namespace) -> None:
         cfg = load_adapter(model, ns.adapter)
         model = merge_and_unload(model)
         print(f"merged LoRA adapter {ns.adapter} (r={cfg.r}, {len(cfg.targets)} layers)")
+    if ns.to == "gguf":
+        from llmlab.models.gguf import export_gguf
+
+        has_tokenizer = (Path(ns.path) / "tokenizer.json").is_file()
+        export_gguf(model, ns.path if has_tokenizer else None, out, outtype=ns.outtype)
+        print(f"wrote {out} ({ns.outtype}{', with the tokenizer' if has_tokenizer else ', no tokenizer.json found'})")
+        return
     with atomic_dir(out) as tmp:
         (save_hf if ns.to == "hf" else save_model)(model, tmp)
         copied = copy_tokenizer_files(ns.path, tmp)

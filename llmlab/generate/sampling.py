@@ -141,10 +141,17 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, counts: torch.T
 def sample(logits: torch.Tensor, greedy: bool, generators: list[torch.Generator] | None = None) -> torch.Tensor:
     """Next tokens (B,) from processed logits: the argmax when greedy, else one draw per row from
     softmax(logits), each row from its own generator when given (so a row's draws do not depend on
-    the other rows of the batch)."""
+    the other rows of the batch).
+
+    A draw is argmax_i p_i / E_i with E_i ~ Exp(1) independent: token i wins with probability p_i
+    (the exponential race, equivalent to the Gumbel-max trick), a token of probability 0 never wins,
+    and the whole batch takes a few vectorized operations where `torch.multinomial` is slow on CPUs.
+    """
     if greedy:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float(), dim=-1)
     if generators is None:
-        return torch.multinomial(probs, 1).squeeze(-1)
-    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+        noise = torch.empty_like(probs).exponential_()
+    else:
+        noise = torch.stack([torch.empty_like(probs[i]).exponential_(generator=g) for i, g in enumerate(generators)])
+    return probs.div_(noise.clamp_min_(1e-30)).argmax(dim=-1)

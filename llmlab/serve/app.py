@@ -163,12 +163,13 @@ def create_app(served: ServedModel, worker: Worker, limits: Limits, *, api_key: 
         except GenerationError as e:
             raise bad(str(e), "prompt") from None
         usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": 0}
-        prompt_scores = [_prompt_logprobs(served, p, common.logprobs) if echo and common.logprobs is not None
-                         else None for p in prompts]
+        prompt_scores = [None] * len(prompts)
+        if echo and common.logprobs is not None:  # a full forward pass each: off the event loop
+            prompt_scores = [await asyncio.to_thread(_prompt_logprobs, served, p, common.logprobs) for p in prompts]
         if common.max_tokens == 0:
             choices = [_choice(seq.index, tokenizer.decode(seq.prompt), "length",
                                None if common.logprobs is None else _completion_logprobs(
-                                   tokenizer, prompt_scores[seq.index // common.n], [], "", common.logprobs))
+                                   tokenizer, prompt_scores[seq.index // common.n], [], common.logprobs))
                        for seq in sequences]
             return _final(kind, rid, created, served.name, choices, usage)
         try:
@@ -210,8 +211,8 @@ def create_app(served: ServedModel, worker: Worker, limits: Limits, *, api_key: 
             else:
                 lp = None
                 if common.logprobs is not None:
-                    lp = _completion_logprobs(tokenizer, prompt_scores[seq.index // common.n] if echo else None,
-                                              st.scored(), prefix, common.logprobs)
+                    lp = _completion_logprobs(tokenizer, prompt_scores[seq.index // common.n], st.scored(),
+                                              common.logprobs)
                 choices.append(_choice(seq.index, prefix + st.text.text, st.finish_reason, lp))
         return _final(kind, rid, created, served.name, choices, usage)
 
@@ -250,7 +251,7 @@ def create_app(served: ServedModel, worker: Worker, limits: Limits, *, api_key: 
                         choice = {"index": seq.index, "delta": {"content": delta} if delta else {},
                                   "logprobs": lp, "finish_reason": st.finish_reason}
                     else:
-                        lp = _completion_logprobs(tokenizer, None, scored, "", common.logprobs) if scored else None
+                        lp = _completion_logprobs(tokenizer, None, scored, common.logprobs) if scored else None
                         choice = {"index": seq.index, "text": delta, "logprobs": lp,
                                   "finish_reason": st.finish_reason}
                     yield chunk([choice])
@@ -373,7 +374,7 @@ def _prompt_logprobs(served: ServedModel, ids: list[int], k: int) -> list[tuple[
     return out
 
 
-def _completion_logprobs(tokenizer, prompt_scores, events, prefix: str, k: int) -> dict:
+def _completion_logprobs(tokenizer, prompt_scores, events, k: int) -> dict:
     """OpenAI's completions logprobs: tokens, token_logprobs, top_logprobs (token text -> logprob), text_offset."""
     rows = list(prompt_scores or []) + [(e.token_id, e.logprob, e.top_logprobs or {}) for e in events]
     tokens, lps, tops, offsets = [], [], [], []

@@ -79,15 +79,16 @@ def test_lora_run_writes_adapter_checkpoints_and_merged_model(base, synth_dir, t
     assert (tmp_path / "final" / "tokenizer.json").is_file()
 
 
-def test_lora_resume_is_exact(base, synth_dir, tmp_path):
+@pytest.mark.parametrize("method", [{}, {"peft": "qlora", "optim.name": "adamw8bit"}], ids=["lora", "qlora-8bit"])
+def test_adapter_resume_is_exact(base, synth_dir, tmp_path, method):
     whole = tmp_path / "whole"
-    run(_cfg(base, synth_dir, whole))
+    run(_cfg(base, synth_dir, whole, **method))
     part = tmp_path / "part"
-    run(_cfg(base, synth_dir, part))
+    run(_cfg(base, synth_dir, part, **method))
     # as if killed right after the step-4 checkpoint: later checkpoints and outputs never happened
     shutil.rmtree(part / "checkpoints" / "step-00000008")
     shutil.rmtree(part / "final")
-    run(_cfg(base, synth_dir, part, **{"ckpt.resume": "auto"}))
+    run(_cfg(base, synth_dir, part, **method, **{"ckpt.resume": "auto"}))
     strip = [{k: v for k, v in r.items() if k not in ("tokens_per_s", "time")} for r in _metrics(whole)]
     assert [{k: v for k, v in r.items() if k not in ("tokens_per_s", "time")} for r in _metrics(part)] == strip
     a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (whole, part))

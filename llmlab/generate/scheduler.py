@@ -44,6 +44,7 @@ class Sequence:
     finish_reason: str | None = None  # "stop", "length" or "cancelled"
     generator: torch.Generator | None = None
     cancelled: bool = False
+    group: tuple = field(default=(), repr=False)  # sequences with equal keys are sampled together
 
 
 @dataclass
@@ -86,6 +87,7 @@ class Scheduler:
     def add_checked(self, seq: Sequence) -> Sequence:
         if seq.seed is not None and not seq.params.greedy:
             seq.generator = torch.Generator().manual_seed(seq.seed)
+        seq.group = (astuple(seq.params), seq.generator is not None)  # once, not at every step
         self.waiting.append(seq)
         return seq
 
@@ -217,7 +219,7 @@ class Scheduler:
         tokens = torch.empty(len(self.running), dtype=torch.long)
         groups: dict[tuple, list[int]] = {}
         for row, seq in enumerate(self.running):
-            groups.setdefault((astuple(seq.params), seq.generator is not None), []).append(row)
+            groups.setdefault(seq.group, []).append(row)
         for rows in groups.values():
             params = self.running[rows[0]].params
             index = torch.tensor(rows, device=logits.device)

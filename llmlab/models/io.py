@@ -131,6 +131,23 @@ def meta_parameters() -> Iterator[None]:
         nn.Module.register_parameter = register
 
 
+def check_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str, *,
+                ignored: set[str] = frozenset()) -> None:
+    """Raise CheckpointError naming every missing, unexpected (and not `ignored`) and misshapen tensor
+    of `state` against `expected` (tensors or meta tensors of the right shapes)."""
+    missing = sorted(k for k in expected if state.get(k) is None)
+    unexpected = sorted(set(state) - set(expected) - set(ignored))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected[:20])}")
+    problems += [f"{k}: shape {tuple(state[k].shape)} but the config implies {tuple(v.shape)}"
+                 for k, v in expected.items() if state.get(k) is not None and state[k].shape != v.shape]
+    if problems:
+        raise CheckpointError(f"{source}: weights do not match the config:\n  " + "\n  ".join(problems))
+
+
 def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, *, assign: bool = False) -> None:
     """Check names and shapes against `model`, then copy. Tied output heads may be absent.
 
@@ -141,17 +158,7 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: st
     if getattr(model.config, "tie_embeddings", False):
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
         state["lm_head.weight"] = state.get("embed_tokens.weight")
-    missing = sorted(k for k in expected if state.get(k) is None)
-    unexpected = sorted(set(state) - set(expected))
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
-    if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected[:20])}")
-    problems += [f"{k}: shape {tuple(state[k].shape)} but the config implies {tuple(v.shape)}"
-                 for k, v in expected.items() if state.get(k) is not None and state[k].shape != v.shape]
-    if problems:
-        raise CheckpointError(f"{source}: weights do not match the config:\n  " + "\n  ".join(problems))
+    check_state(state, expected, source)
     if not assign:
         model.load_state_dict(state, strict=True)
         return

@@ -33,7 +33,7 @@ from torch import nn
 
 from llmlab.models import build_model
 from llmlab.models.convert import TABLES, ConversionError, hf_to_llmlab_state
-from llmlab.models.io import INDEX, WEIGHTS, CheckpointError, meta_parameters, read_config
+from llmlab.models.io import INDEX, WEIGHTS, CheckpointError, check_state, meta_parameters, read_config
 
 if TYPE_CHECKING:
     from bitsandbytes.functional import QuantState
@@ -267,22 +267,6 @@ def _read_tensor(file: Path, key: str) -> torch.Tensor:
         raise CheckpointError(f"{file}: could not read tensor {key} ({e})") from None
 
 
-def _check_names(provided: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], aliases: set[str],
-                 source: str) -> None:
-    """Missing, unexpected and misshapen tensors, all named at once, as `load_state_into` reports them."""
-    missing = sorted(set(expected) - set(provided))
-    unexpected = sorted(set(provided) - set(expected) - aliases)
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
-    if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected[:20])}")
-    problems += [f"{k}: shape {tuple(provided[k].shape)} but the config implies {tuple(v.shape)}"
-                 for k, v in expected.items() if k in provided and provided[k].shape != v.shape]
-    if problems:
-        raise CheckpointError(f"{source}: weights do not match the config:\n  " + "\n  ".join(problems))
-
-
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", *, skip: Sequence[str] = ("lm_head",),
                    blocksize: int = 64, double_quant: bool = True,
                    compute_dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -333,7 +317,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     expected = {names[0]: model.get_parameter(names[0]) for names in names_of.values()}
     expected.update((k, v) for k, v in model.state_dict(keep_vars=True).items()  # persistent buffers
                     if k not in expected and k not in aliases)
-    _check_names(provided, expected, aliases, source)
+    check_state(provided, expected, source, ignored=aliases)
     targets = {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and not _skipped(name, skip)}
     group = {names[0]: names for names in names_of.values()}
 

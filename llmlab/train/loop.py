@@ -63,6 +63,20 @@ def stop_reason(signals: StopSignals, out_of_time: bool, world: int, device: tor
     return "max_minutes" if code == 1 else None
 
 
+def finite_step(loss: torch.Tensor, grad_norm: torch.Tensor, optimizer: torch.optim.Optimizer, nonfinite: str,
+                step: int) -> bool:
+    """True when the step's loss and gradient norm are finite. Otherwise the gradients are dropped and,
+    with nonfinite="stop", the run stops with an error (nothing is saved); with "skip" it returns False
+    and the caller counts the batch as skipped."""
+    if torch.isfinite(loss) and torch.isfinite(grad_norm):
+        return True
+    optimizer.zero_grad(set_to_none=True)
+    if nonfinite == "stop":
+        raise LlmlabError(f"non-finite loss ({loss.item()}) or gradient norm at step {step}; stopping "
+                          f"without saving. Lower optim.lr, or set nonfinite=skip to skip such batches")
+    return False
+
+
 def available_memory(device: torch.device) -> float | None:
     """Bytes free on `device` now (CPU: MemAvailable), or None where it cannot be known."""
     if device.type == "cuda":

@@ -27,8 +27,8 @@ from llmlab.models import GPTConfig, LlamaConfig, build_model
 from llmlab.models.layers import LOSS_BLOCK_ELEMENTS_CPU, LOSS_BLOCK_ELEMENTS_GPU
 from llmlab.plan.estimate import TrainingMemory, shape_of, training_memory
 from llmlab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from llmlab.train.loop import (StopSignals, available_memory, print_line, progress_bar, report, resume_path,
-                               step_seed, stop_reason, truncate_metrics, write_metrics)
+from llmlab.train.loop import (StopSignals, available_memory, finite_step, print_line, progress_bar, report,
+                               resume_path, step_seed, stop_reason, truncate_metrics, write_metrics)
 from llmlab.train.optim import OptimConfig, build_optimizer, lr_at
 
 
@@ -177,11 +177,7 @@ def run(cfg: PretrainConfig) -> dict:
                 torch.distributed.all_reduce(loss)
                 loss /= world
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
-            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
-                if cfg.nonfinite == "stop":
-                    raise LlmlabError(f"non-finite loss ({loss.item()}) or gradient norm at step {step}; stopping "
-                                      f"without saving. Lower optim.lr, or set nonfinite=skip to skip such batches")
+            if not finite_step(loss, grad_norm, optimizer, cfg.nonfinite, step):
                 skipped += 1
                 done = step + 1
                 write_metrics(metrics, {"step": done, "skipped_nonfinite": skipped, "lr": lr})

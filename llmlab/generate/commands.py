@@ -32,6 +32,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser, default_max_new_tokens: i
     g.add_argument("--presence-penalty", type=float, default=0.0, help="minus this once a token has appeared")
     g.add_argument("--seed", type=int, default=None, help="make sampling repeatable")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--compile", action="store_true",
+                   help="compile the decode step (CPU): several times faster on small models, after a "
+                        "compilation of tens of seconds")
 
 
 def sampling_params(ns: argparse.Namespace, **extra) -> SamplingParams:
@@ -53,7 +56,7 @@ def load_generator(ns: argparse.Namespace) -> TextGenerator:
     if tokenizer.vocab_size > model.config.vocab_size:
         raise LlmlabError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                           f"{model.config.vocab_size}; is --tokenizer the model's own?")
-    return TextGenerator(model, tokenizer, add_bos=ns.bos)
+    return TextGenerator(model, tokenizer, add_bos=ns.bos, compile=getattr(ns, "compile", False))
 
 
 def run_generate(ns: argparse.Namespace) -> None:

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from llmlab.generate.compiled import CompiledDecoder
 from llmlab.generate.sampling import GenerationError, SamplingParams, process_logits, sample
+from llmlab.models.layers import StaticKVCache
 
 # stop_check(row, token_ids_so_far) -> True to finish that row now (used for stop strings)
 StopCheck = Callable[[int, list[int]], bool]
@@ -84,13 +86,18 @@ def _ends_with(tokens: list[int], sequences: tuple[tuple[int, ...], ...]) -> boo
 
 
 class Engine:
-    """Batched, streaming generation from token-id prompts."""
+    """Batched, streaming generation from token-id prompts.
 
-    def __init__(self, model: nn.Module):
+    With `compile=True` the decode steps run through a `CompiledDecoder` (CPU; the first call for
+    each batch size compiles, for tens of seconds); prefill and beam search stay eager.
+    """
+
+    def __init__(self, model: nn.Module, *, compile: bool = False):
         self.model = model
         self.context = context_length(model)
         self.vocab_size = int(model.config.vocab_size)
         self.device = next(model.parameters()).device
+        self.compiled = CompiledDecoder(model) if compile else None
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
                  stop_check: StopCheck | None = None, truncate: bool = False) -> list[Completion]:
@@ -131,18 +138,22 @@ class Engine:
         budget = [min(params.max_new_tokens, self.context - len(p)) for p in prompts for _ in range(params.n)]
         max_steps = max(budget)
 
+        slots = width + max_steps
+        if self.compiled is not None:
+            slots = self.compiled.cache_slots(slots, self.context)
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
-        mask = None
-        if any(len(p) != width for p in prompts):
-            mask = torch.zeros(n_rows, width + max_steps, dtype=torch.long, device=self.device)
+        ragged = any(len(p) != width for p in prompts)
+        mask = None  # (rows, slots): 1 on tokens; the compiled step always takes one
+        if ragged or self.compiled is not None:
+            mask = torch.zeros(n_rows, slots, dtype=torch.long, device=self.device)
         for i, p in enumerate(prompts):
             ids[i, width - len(p):] = torch.tensor(p)
             if mask is not None:
                 mask[i * params.n:(i + 1) * params.n, width - len(p):width] = 1
         ids = ids.to(self.device)
-        prompt_mask = mask[::params.n, :width] if mask is not None else None
+        prompt_mask = mask[::params.n, :width] if ragged else None
 
-        cache = self.model.make_kv_cache(len(prompts), width + max_steps)
+        cache = self.model.make_kv_cache(len(prompts), slots)
         logits = self.model(ids, kv_cache=cache, attention_mask=prompt_mask)[:, -1]  # (P, V)
         if params.n > 1:
             rows = torch.arange(len(prompts), device=self.device).repeat_interleave(params.n)
@@ -156,6 +167,8 @@ class Engine:
                 seen = torch.zeros(n_rows, self.vocab_size, dtype=torch.bool, device=self.device)
                 for i, p in enumerate(prompts):
                     seen[i * params.n:(i + 1) * params.n, p] = True
+        if self.compiled is not None:
+            cache = StaticKVCache(cache)
         generators = _row_generators(params, len(prompts))
         stop_ids = set(params.stop_token_ids)
         outputs: list[list[int]] = [[] for _ in range(n_rows)]
@@ -196,9 +209,10 @@ class Engine:
                     seen[every_row, tokens] = True
             if mask is not None:
                 mask[:, width + step] = 1
-                step_mask = mask[:, :width + step + 1]
-            else:
-                step_mask = None
+            if self.compiled is not None:
+                logits = self.compiled(tokens[:, None], cache, mask, width + step)
+                continue
+            step_mask = mask[:, :width + step + 1] if mask is not None else None
             logits = self.model(tokens[:, None], kv_cache=cache, attention_mask=step_mask)[:, -1]
 
 

@@ -107,8 +107,8 @@ class IncrementalText:
 class TextGenerator:
     """Generation from text prompts with a model and its tokenizer."""
 
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, *, add_bos: bool = False):
-        self.engine = Engine(model)
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, *, add_bos: bool = False, compile: bool = False):
+        self.engine = Engine(model, compile=compile)
         self.tokenizer = tokenizer
         self.add_bos = add_bos and tokenizer.bos_id is not None
 

@@ -220,7 +220,8 @@ class GPT(nn.Module):
         start = kv_cache.length if kv_cache is not None else 0
         S = start + T
         positions = positions_from_mask(attention_mask, 0, S, input_ids.device, segment_ids)  # (B|1, S)
-        if cfg.position == "learned" and int(positions.max()) >= cfg.max_seq_len:
+        learned = cfg.position == "learned"
+        if learned and not torch.compiler.is_compiling() and int(positions.max()) >= cfg.max_seq_len:
             raise ValueError(f"sequence of {S} tokens exceeds the {cfg.max_seq_len} learned positions")
         mask, distances = build_attention_mask(T, S, padding_mask=attention_mask, device=input_ids.device,
                                                force=cfg.position != "learned", segment_ids=segment_ids), None

@@ -184,6 +184,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = x.size(-1) // 2
     x1, x2 = x[..., :half], x[..., half:]
     cos, sin = cos[..., :half], sin[..., :half]
+    if torch.compiler.is_compiling():  # the compiler fuses the plain expression into one kernel
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     out = torch.empty(x.shape, dtype=torch.result_type(x, cos), device=x.device)
     torch.mul(x1, cos, out=out[..., :half]).addcmul_(x2, sin, value=-1)
     torch.mul(x2, cos, out=out[..., half:]).addcmul_(x1, sin)
@@ -222,8 +224,10 @@ def build_attention_mask(q_len: int, kv_len: int, *, padding_mask: torch.Tensor 
     Returns None when plain causal attention is enough and the caller can pass is_causal instead:
     no padding, no window, and either a full square (prefill) or a single query (decode); `force`
     asks for the mask anyway (for callers that add a position bias to it).
-    Every query may always attend to itself, so a row of padding never becomes all -inf (which
-    would make SDPA return NaN and poison later layers through the pad positions' keys).
+    Every query of a prefill may attend to itself, so a row of padding never becomes all -inf
+    (which would make SDPA return NaN and poison later layers through the pad positions' keys). A
+    single decode query is a real token, which the padding mask must mark; it gets no such rule,
+    so a `StaticKVCache`, whose query sits at a slot before the last, sees only what the mask allows.
     """
     plain = padding_mask is None and sliding_window is None and segment_ids is None
     if not force and plain and q_len in (kv_len, 1):
@@ -240,7 +244,7 @@ def build_attention_mask(q_len: int, kv_len: int, *, padding_mask: torch.Tensor 
         if q_len != kv_len:
             raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
         mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-    return mask | (k_pos == q_pos)
+    return mask | (k_pos == q_pos) if q_len > 1 else mask
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -251,10 +255,30 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     mask: from `build_attention_mask` (bool) or a float bias to add; None means causal (T == S) or a single
     query that sees every key (T == 1).
     """
+    if q.size(-2) == 1 and dropout_p == 0.0 and torch.compiler.is_compiling():
+        return _single_query_attention(q, k, v, mask, scale)
     is_causal = mask is None and q.size(-2) > 1
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                           is_causal=is_causal, scale=scale,
                                           enable_gqa=k.size(1) != q.size(1))
+
+
+def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                            scale: float | None) -> torch.Tensor:
+    """Attention of one query per head (decoding) as two small products and a softmax, for compiled
+    steps: the compiler fuses these into a few kernels, where the fused SDPA kernel is an opaque call
+    of about 100 us (eager decoding keeps that kernel, slightly faster than these operations one by
+    one). The query heads sharing a key head become its rows, so keys are never repeated."""
+    B, nh, _, hs = q.shape
+    n_kv = k.size(1)
+    q = q.reshape(B, n_kv, nh // n_kv, hs)  # (B, n_kv, group, hs)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (scale if scale is not None else hs**-0.5)  # (B, n_kv, g, S)
+    if mask is not None:
+        if mask.size(1) > 1:  # a per-head bias (B|1, nh, 1, S)
+            mask = mask.reshape(mask.size(0), n_kv, nh // n_kv, mask.size(-1))
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(B, nh, 1, v.size(-1))
 
 
 # weights at least this large (elements), multiplied by at most this many rows, take the split path
@@ -274,7 +298,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if torch.is_grad_enabled() or x.device.type != "cpu" or w.numel() < GEMV_SPLIT_MIN or w.size(0) % 4:
+        if (torch.is_grad_enabled() or x.device.type != "cpu" or w.numel() < GEMV_SPLIT_MIN or w.size(0) % 4
+                or torch.compiler.is_compiling()):
             return F.linear(x, w, self.bias)  # training takes this exit first: nothing more to compute
         rows = x.numel() // x.size(-1) if x.size(-1) else 0
         if not 0 < rows <= GEMV_SPLIT_MAX_ROWS:
@@ -449,6 +474,36 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+
+
+class StaticKVCache:
+    """Keys and values in shapes that never change, for compiled decoding of one token per row.
+
+    Made from a prefilled `KVCache` (copied into one tensor per layer, so that a compiled step writes
+    each in place as a whole input rather than through a view). Every call attends over all
+    `max_len` slots: `length` is always `max_len - 1`, so the model builds its mask for the whole
+    cache, and the caller's padding mask (B, max_len) must hide the slots not yet written. The new
+    token's keys and values go to `slot`, a one-element tensor the caller sets with `move_to`, so the
+    position is data and not a shape.
+    """
+
+    def __init__(self, cache: KVCache):
+        self.k = [t.clone() for t in cache.k.unbind(0)]
+        self.v = [t.clone() for t in cache.v.unbind(0)]
+        self.max_len = cache.max_len
+        self.length = cache.max_len - 1
+        self.slot = torch.zeros(1, dtype=torch.long, device=cache.k.device)
+
+    def move_to(self, slot: int) -> None:
+        self.slot.fill_(slot)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k[layer].index_copy_(2, self.slot, k)
+        self.v[layer].index_copy_(2, self.slot, v)
+        return self.k[layer], self.v[layer]
+
+    def advance(self, n: int) -> None:
+        """Nothing to do: the caller moves `slot`."""
 
 
 # --------------------------------------------------------------------------- accounting

@@ -244,7 +244,7 @@ def test_split_is_deterministic_independent_of_order_and_near_the_fractions(tmp_
     assert sum(a != b for a, b in zip(assignment, other)) > 400  # another seed draws another split
     # in a run, a document's split does not depend on where it sits in the input
     docs = _docs(40)
-    forward = _write_corpus(tmp_path / "fwd", docs)
+    _write_corpus(tmp_path / "fwd", docs)
     (tmp_path / "rev").mkdir()
     with open(tmp_path / "rev" / "all.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps({"text": t}) + "\n" for t in reversed(docs))

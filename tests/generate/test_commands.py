@@ -99,3 +99,11 @@ def test_chat_with_an_unknown_template_is_an_error(checkpoint, capsys, monkeypat
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
     assert main(["chat", str(checkpoint), "--template", "nope"]) == 1
     assert "chat template 'nope' is neither a built-in (llmlab, chatml" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compiled_decoding_from_the_cli_gives_the_eager_tokens(checkpoint, capsys):
+    args = [checkpoint, "--prompt", "def f1", "--prompt", "return x", "--temperature", "0", "--max-new-tokens", "8"]
+    eager = run_json(capsys, *args)
+    compiled = run_json(capsys, *args, "--compile")
+    assert [c["token_ids"] for c in compiled["completions"]] == [c["token_ids"] for c in eager["completions"]]

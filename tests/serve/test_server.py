@@ -83,7 +83,6 @@ def server(checkpoint):
 
 
 def _engine_text(server, prompt_ids, n_tokens):
-    model, tok = server.worker.scheduler.model, server.app  # noqa: F841
     out = Engine(server.worker.scheduler.model).generate(
         [prompt_ids], SamplingParams(temperature=0.0, max_new_tokens=n_tokens, stop_token_ids=(1,)))[0]
     return out.token_ids

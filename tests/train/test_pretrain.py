@@ -4,7 +4,6 @@ non-finite losses and early stopping."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

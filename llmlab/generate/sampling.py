@@ -140,18 +140,21 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, counts: torch.T
 
 def sample(logits: torch.Tensor, greedy: bool, generators: list[torch.Generator] | None = None) -> torch.Tensor:
     """Next tokens (B,) from processed logits: the argmax when greedy, else one draw per row from
-    softmax(logits), each row from its own generator when given (so a row's draws do not depend on
-    the other rows of the batch).
+    softmax(logits), each row from its own (CPU) generator when given, so a row's draws do not
+    depend on the other rows of the batch.
 
-    A draw is argmax_i p_i / E_i with E_i ~ Exp(1) independent: token i wins with probability p_i
-    (the exponential race, equivalent to the Gumbel-max trick), a token of probability 0 never wins,
-    and the whole batch takes a few vectorized operations where `torch.multinomial` is slow on CPUs.
+    A draw inverts the cumulative distribution at one uniform number per row: token i wins when
+    u * total falls in [cdf_{i-1}, cdf_i), an interval as wide as p_i, so a token of probability 0
+    never wins. The sums are in float64. One cumulative sum and a binary search cost a fraction of
+    drawing a random number per token (16 x 32000 logits: 0.7 ms against 20 ms for the
+    exponential race) and `torch.multinomial`'s per-row setup.
     """
     if greedy:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float(), dim=-1)
+    cdf = torch.softmax(logits.float(), dim=-1).cumsum(dim=-1, dtype=torch.float64)
     if generators is None:
-        noise = torch.empty_like(probs).exponential_()
+        u = torch.rand(len(cdf), 1, dtype=torch.float64)
     else:
-        noise = torch.stack([torch.empty_like(probs[i]).exponential_(generator=g) for i, g in enumerate(generators)])
-    return probs.div_(noise.clamp_min_(1e-30)).argmax(dim=-1)
+        u = torch.cat([torch.rand(1, dtype=torch.float64, generator=g) for g in generators])[:, None]
+    target = u.to(cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max_(cdf.size(-1) - 1)

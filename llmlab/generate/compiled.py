@@ -2,11 +2,11 @@
 
 Small models decode at the speed of the framework, not of the hardware: eager PyTorch spends
 microseconds of Python and dispatch on each of the hundreds of operations in a step, and the
-BLAS reads a single row's weights far below the memory bandwidth. Compiled with static shapes
-(a `StaticKVCache` of a fixed number of slots, the position passed as data; attention of the
-single query as plain products the compiler fuses), the step becomes
-generated C++: Inductor's C++ wrapper calls the kernels, the weights are frozen into the graph,
-and each matrix product is autotuned between the BLAS and Inductor's own kernels.
+BLAS reads a single row's weights far below the memory bandwidth. Compiled with static shapes (a
+`StaticKVCache` of a fixed number of slots, the position passed as data, the single query's
+attention as plain products that fuse), the step becomes generated C++: Inductor's C++ wrapper
+calls the kernels, the weights are frozen into the graph, and each matrix product is autotuned
+between the BLAS and Inductor's own kernels.
 
 The costs: compiling takes tens of seconds for each new (batch rows, cache slots) pair, so cache
 lengths are rounded up to a power of two (at least 256) to keep the pairs few; the frozen weights
@@ -78,8 +78,13 @@ class CompiledDecoder:
                 # every input but the values is as when this shape compiled: its guards can be skipped
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                     return self._step(tokens, cache, mask)
-            with torch._inductor.config.patch(INDUCTOR_OPTIONS):
-                logits = self._step(tokens, cache, mask)
+            try:
+                with torch._inductor.config.patch(INDUCTOR_OPTIONS):
+                    logits = self._step(tokens, cache, mask)
+            except torch._dynamo.exc.BackendCompilerFailed as e:  # most often: no C++ compiler
+                reason = (str(getattr(e, "inner_exception", e)).strip().splitlines() or ["unknown"])[0][:300]
+                raise GenerationError(f"compiling the decode step failed ({reason}); compiled decoding needs a "
+                                      "C++ compiler (g++ or clang++ on PATH); decode without --compile") from e
             self._compiled.add(key)
             return logits
         finally:

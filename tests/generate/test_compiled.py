@@ -36,6 +36,16 @@ def test_compiled_decoding_refuses_configs_a_static_graph_cannot_express(name, w
         Engine(build_model(TINY[name]), compile=True)
 
 
+def test_a_missing_cxx_compiler_is_a_clear_error():
+    import torch._inductor.config as inductor
+
+    model = build_model(TINY["llama"]).eval()
+    # no cached artifact may stand in for the compiler
+    with inductor.patch({"cpp.cxx": ("/nonexistent/g++",), "fx_graph_cache": False, "autotune_local_cache": False}):
+        with pytest.raises(GenerationError, match="C\\+\\+ compiler"):
+            Engine(model, compile=True).generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_new_tokens=2))
+
+
 def test_cache_slots_are_powers_of_two_within_the_context_unless_more_are_needed():
     assert CompiledDecoder.cache_slots(144, 512) == 256
     assert CompiledDecoder.cache_slots(257, 2048) == 512

@@ -224,8 +224,8 @@ class GPT(nn.Module):
         if learned and not torch.compiler.is_compiling() and int(positions.max()) >= cfg.max_seq_len:
             raise ValueError(f"sequence of {S} tokens exceeds the {cfg.max_seq_len} learned positions")
         mask, distances = build_attention_mask(T, S, padding_mask=attention_mask, device=input_ids.device,
-                                               force=cfg.position != "learned", segment_ids=segment_ids), None
-        if cfg.position != "learned":
+                                               force=not learned, segment_ids=segment_ids), None
+        if not learned:
             distances = (positions[:, -T:, None] - positions[:, None, :]).clamp(min=0)  # (B|1, T, S)
             mask = torch.zeros(mask.shape, dtype=self.embed_tokens.weight.dtype,
                                device=input_ids.device).masked_fill(~mask, float("-inf"))

@@ -36,9 +36,9 @@ from llmlab.peft.io import load_adapter_weights
 from llmlab.plan.estimate import TrainingMemory, shape_of, training_memory
 from llmlab.tokenizer import load_tokenizer
 from llmlab.tokenizer.chat import load_chat_template
-from llmlab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from llmlab.train.loop import (StopSignals, available_memory, finite_step, print_line, progress_bar, report,
-                               resume_path, step_seed, stop_reason, truncate_metrics, write_metrics)
+from llmlab.train.checkpoint import latest_checkpoint, save_checkpoint
+from llmlab.train.loop import (available_memory, finite_step, print_line, report, resume_run, run_outputs,
+                               step_seed, stop_reason, truncate_metrics, write_metrics)
 from llmlab.train.optim import OptimConfig, build_optimizer, lr_at
 from llmlab.train.pretrain import CheckpointConfig, SystemConfig, sample_batch
 
@@ -134,13 +134,7 @@ def run(cfg: FinetuneConfig) -> dict:
     optimizer = build_optimizer(model, cfg.optim, device)
     save_weights = (lambda m, path: save_adapter(m, path, cfg.lora, base=cfg.base)) if lora else save_model
     load_weights = load_adapter_weights if lora else None
-    start, tokens, best, bad_evals, skipped = 0, 0, math.inf, 0, 0
-    resume_from = resume_path(cfg, ckpt_dir, rank)
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, load_weights)
-        start, tokens, skipped = state["step"], state["tokens"], state["skipped"]
-        best, bad_evals = state["best_val_loss"], state["bad_evals"]
-        print(f"resumed from {resume_from} at step {start}")
+    start, tokens, skipped, best, bad_evals = resume_run(cfg, ckpt_dir, rank, model, optimizer, load_weights)
     if rank == 0:
         save_config(cfg, out / "config.yaml")
         truncate_metrics(out / "metrics.jsonl", start)
@@ -148,17 +142,14 @@ def run(cfg: FinetuneConfig) -> dict:
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(train_model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.system.autocast == "bf16")
-    signals = StopSignals()
-    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if rank == 0 else None
-    progress = progress_bar(start, cfg.max_steps, rank)
     t_start, stopped, val_loss, accuracy, done = time.time(), None, None, None, start
-    if start == 0 and cfg.eval.exact_match and val_examples:
-        accuracy = _evaluate_answers(model, tokenizer, template, val_examples, cfg)
-        write_metrics(metrics, {"step": 0, **_flat_accuracy(accuracy)})
-        print_line(progress, f"step 0: exact match {accuracy['accuracy']:.1%} (before fine-tuning)")
 
     # ---- the loop
-    try:
+    with run_outputs(out, start, cfg.max_steps, rank) as (signals, metrics, progress):
+        if start == 0 and cfg.eval.exact_match and val_examples:
+            accuracy = _evaluate_answers(model, tokenizer, template, val_examples, cfg)
+            write_metrics(metrics, {"step": 0, **_flat_accuracy(accuracy)})
+            print_line(progress, f"step 0: exact match {accuracy['accuracy']:.1%} (before fine-tuning)")
         model.train()
         for step in range(start, cfg.max_steps):
             t0 = time.time()
@@ -227,12 +218,6 @@ def run(cfg: FinetuneConfig) -> dict:
                                 cfg.ckpt.keep_last, cfg.base, save_weights)
             if stopped is not None:
                 break
-    finally:
-        signals.restore()
-        if progress is not None:
-            progress.close()
-        if metrics is not None:
-            metrics.close()
     stopped = stopped or "max_steps"
     final = adapter = None
     if rank == 0:

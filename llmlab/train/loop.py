@@ -4,17 +4,20 @@ own files (`pretrain.py`, `finetune.py`), readable top to bottom."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from llmlab.common import LlmlabError, atomic_write_text
-from llmlab.train.checkpoint import latest_checkpoint
+from llmlab.train.checkpoint import latest_checkpoint, load_checkpoint
 
 
 class StopSignals:
@@ -44,6 +47,35 @@ def resume_path(cfg, ckpt_dir: Path, rank: int) -> Path | None:
     if not (path / "state.json").is_file():
         raise LlmlabError(f"ckpt.resume={cfg.ckpt.resume}: not a training checkpoint (no state.json)")
     return path
+
+
+def resume_run(cfg, ckpt_dir: Path, rank: int, model, optimizer, load_weights=None) -> tuple[int, int, int, float, int]:
+    """(start step, tokens, skipped steps, best validation loss, evaluations without improvement):
+    restored from the checkpoint `ckpt.resume` names (`load_checkpoint` restores the weights, the
+    optimizer and the RNGs), or a fresh start's."""
+    resume_from = resume_path(cfg, ckpt_dir, rank)
+    if resume_from is None:
+        return 0, 0, 0, math.inf, 0
+    state = load_checkpoint(resume_from, model, optimizer, load_weights)
+    print(f"resumed from {resume_from} at step {state['step']}")
+    return state["step"], state["tokens"], state["skipped"], state["best_val_loss"], state["bad_evals"]
+
+
+@contextlib.contextmanager
+def run_outputs(out: Path, start: int, total: int, rank: int) -> Iterator[tuple[StopSignals, object, object]]:
+    """What a run holds open while it trains: the SIGINT/SIGTERM handlers, the metrics file (rank 0)
+    and the progress bar (rank 0 on a terminal); all given back on the way out, however it ends."""
+    signals = StopSignals()
+    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if rank == 0 else None
+    progress = progress_bar(start, total, rank)
+    try:
+        yield signals, metrics, progress
+    finally:
+        signals.restore()
+        if progress is not None:
+            progress.close()
+        if metrics is not None:
+            metrics.close()
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:

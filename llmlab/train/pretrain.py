@@ -26,9 +26,9 @@ from llmlab.data.shards import TokenShards
 from llmlab.models import GPTConfig, LlamaConfig, build_model
 from llmlab.models.layers import LOSS_BLOCK_ELEMENTS_CPU, LOSS_BLOCK_ELEMENTS_GPU
 from llmlab.plan.estimate import TrainingMemory, shape_of, training_memory
-from llmlab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from llmlab.train.loop import (StopSignals, available_memory, finite_step, print_line, progress_bar, report,
-                               resume_path, step_seed, stop_reason, truncate_metrics, write_metrics)
+from llmlab.train.checkpoint import latest_checkpoint, save_checkpoint
+from llmlab.train.loop import (available_memory, finite_step, print_line, report, resume_run, run_outputs,
+                               step_seed, stop_reason, truncate_metrics, write_metrics)
 from llmlab.train.optim import OptimConfig, build_optimizer, lr_at
 
 
@@ -129,13 +129,7 @@ def run(cfg: PretrainConfig) -> dict:
     model = build_model(cfg.model).to(device)
     model.gradient_checkpointing = cfg.system.gradient_checkpointing
     optimizer = build_optimizer(model, cfg.optim, device)
-    start, tokens, best, bad_evals, skipped = 0, 0, math.inf, 0, 0
-    resume_from = resume_path(cfg, ckpt_dir, rank)
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer)
-        start, tokens, skipped = state["step"], state["tokens"], state["skipped"]
-        best, bad_evals = state["best_val_loss"], state["bad_evals"]
-        print(f"resumed from {resume_from} at step {start}")
+    start, tokens, skipped, best, bad_evals = resume_run(cfg, ckpt_dir, rank, model, optimizer)
     if rank == 0:
         save_config(cfg, out / "config.yaml")
         truncate_metrics(out / "metrics.jsonl", start)
@@ -147,13 +141,10 @@ def run(cfg: PretrainConfig) -> dict:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.system.autocast == "bf16")
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
     bytes_per_token = _bytes_per_token(manifest, "val")
-    signals = StopSignals()
-    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if rank == 0 else None
-    progress = progress_bar(start, cfg.max_steps, rank)
     t_start, stopped, val_loss, done = time.time(), None, None, start
 
     # ---- the loop
-    try:
+    with run_outputs(out, start, cfg.max_steps, rank) as (signals, metrics, progress):
         model.train()
         for step in range(start, cfg.max_steps):
             t0 = time.time()
@@ -212,12 +203,6 @@ def run(cfg: PretrainConfig) -> dict:
                                 cfg.ckpt.keep_last, Path(manifest["tokenizer_path"]).parent)
             if stopped is not None:
                 break
-    finally:
-        signals.restore()
-        if progress is not None:
-            progress.close()
-        if metrics is not None:
-            metrics.close()
     stopped = stopped or "max_steps"
     latest = latest_checkpoint(ckpt_dir, clean=False)
     exit_code = 128 + signals.received if signals.received is not None else 0

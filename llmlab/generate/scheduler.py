@@ -2,15 +2,18 @@
 
 The engine (`engine.py`) runs a fixed batch to its end; a server cannot wait for the slowest
 request before admitting the next. Here each `step()` first prefills the sequences that arrived
-(together, as one left-padded batch), merges them into the running batch, samples one token for every running sequence, and drops the ones that finished or were
-cancelled, so their rows stop costing compute at once (iteration-level scheduling, Yu et al.,
-2022, "Orca").
+(together, as one left-padded batch), merges them into the running batch, samples one token for
+every running sequence, and drops the ones that finished or were cancelled, so their rows stop
+costing compute at once (iteration-level scheduling, Yu et al., 2022, "Orca").
 
 The batch's KV cache is left-aligned to a shared length L: a row's tokens end at column L, with
 padding before them hidden by the attention mask; position ids count real tokens only, so a row
 computes exactly what it computes alone. A joining row whose prompt is longer than L shifts the
 others right. The cache holds L plus some headroom and doubles when full; once it spans the whole
 context, every row shifts left by the padding they all share.
+The running rows are the first rows of a store that outlives them: a finished row's place is taken
+by one of the last rows (only that row is copied), and joiners are written after the running rows,
+so the store is reallocated only when it must grow, in rows (doubling, up to `max_batch`) or length.
 Each sequence keeps its own sampling settings and random generator.
 """
 
@@ -69,7 +72,8 @@ class Scheduler:
         self.device = next(model.parameters()).device
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
-        self.cache: KVCache | None = None
+        self.store: KVCache | None = None  # keys and values of up to its batch size of rows
+        self.cache: KVCache | None = None  # the running rows: the store's first rows
         self.mask: torch.Tensor | None = None  # (B, context) 1 where a row has a token
         self.logits: torch.Tensor | None = None  # (B, V) next-token logits of the running rows
 
@@ -94,7 +98,7 @@ class Scheduler:
     def reset(self) -> None:
         """Drop every sequence, running or waiting (after a failed step)."""
         self.waiting, self.running = [], []
-        self.cache = self.mask = self.logits = None
+        self.store = self.cache = self.mask = self.logits = None
 
     def cancel(self, seq: Sequence) -> None:
         """Stop a sequence (its client went away): it leaves the batch at the next step."""
@@ -142,8 +146,8 @@ class Scheduler:
     # ------------------------------------------------------------------ batch state
 
     def _admit(self, seqs: list[Sequence]) -> None:
-        """Prefill the joining sequences as one left-padded batch and merge their cache rows into the
-        running batch, everyone's tokens ending at the shared column L."""
+        """Prefill the joining sequences as one left-padded batch and write their cache rows after the
+        running ones, everyone's tokens ending at the shared column L."""
         width = max(len(s.prompt) for s in seqs)
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
         mask = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -154,35 +158,63 @@ class Scheduler:
         fresh = self.model.make_kv_cache(len(seqs), width)
         ragged = any(len(s.prompt) != width for s in seqs)
         logits = self.model(ids, kv_cache=fresh, attention_mask=mask if ragged else None)[:, -1].float()
-        old = self.cache.length if self.running else 0
-        length = max(old, width)
-        rows = len(self.running) + len(seqs)
-        cache = self.model.make_kv_cache(rows, min(self.context, length + HEADROOM))
-        full_mask = torch.zeros(rows, cache.max_len, dtype=torch.long, device=self.device)
         n = len(self.running)
-        if n:  # the running rows move right so that they end at column `length` too
-            cache.k[:, :n, :, length - old:length] = self.cache.k[:, :, :, :old]
-            cache.v[:, :n, :, length - old:length] = self.cache.v[:, :, :, :old]
+        old = self.cache.length if n else 0
+        length = max(old, width)
+        rows = n + len(seqs)
+        store = self.store
+        if store is None or store.k.size(1) < rows or store.max_len < length:
+            capacity = rows if store is None else store.k.size(1)
+            if rows > capacity:  # doubling, up to max_batch
+                capacity = max(rows, min(self.max_batch, 2 * capacity))
+            max_len = max(min(self.context, length + HEADROOM), store.max_len if store is not None else 0)
+            self.store = self.model.make_kv_cache(capacity, max_len)
+            if n:  # the running rows move right so that they end at column `length` too
+                self.store.k[:, :n, :, length - old:length] = store.k[:, :n, :, :old]
+                self.store.v[:, :n, :, length - old:length] = store.v[:, :n, :, :old]
+        elif n and length > old:  # in place: the source overlaps its destination
+            store.k[:, :n, :, length - old:length] = store.k[:, :n, :, :old].clone()
+            store.v[:, :n, :, length - old:length] = store.v[:, :n, :, :old].clone()
+        self.store.k[:, n:rows, :, length - width:length] = fresh.k[:, :, :, :width]
+        self.store.v[:, n:rows, :, length - width:length] = fresh.v[:, :, :, :width]
+        full_mask = torch.zeros(rows, self.store.max_len, dtype=torch.long, device=self.device)
+        if n:
             full_mask[:n, length - old:length] = self.mask[:, :old]
-        cache.k[:, n:, :, length - width:length] = fresh.k[:, :, :, :width]
-        cache.v[:, n:, :, length - width:length] = fresh.v[:, :, :, :width]
         full_mask[n:, length - width:length] = mask
-        cache.length = length
-        self.cache, self.mask = cache, full_mask
+        self.mask = full_mask
         self.logits = logits if not n else torch.cat([self.logits, logits])
         self.running += seqs
+        self._use_rows(rows, length)
+
+    def _use_rows(self, n: int, length: int) -> None:
+        self.cache = self.store.first_rows(n)
+        self.cache.length = length
 
     def _keep(self, rows: list[int]) -> None:
-        """Drop finished rows from the batch (their cache, mask and logits)."""
+        """Drop finished rows from the batch (their cache, mask and logits). `rows` ascend; each row
+        dropped from the first len(rows) takes in one kept from past them."""
         if len(rows) == len(self.running):
             return
-        self.running = [self.running[r] for r in rows]
-        if not rows:
+        n = len(rows)
+        if not n:
+            self.running = []
             self.cache = self.mask = self.logits = None
             return
-        index = torch.tensor(rows, device=self.device)
-        self.cache.select_rows(index)
+        kept = set(rows)
+        holes = [r for r in range(n) if r not in kept]
+        movers = [r for r in rows if r >= n]
+        order = list(range(n))
+        for hole, mover in zip(holes, movers):
+            order[hole] = mover
+        length = self.cache.length
+        if holes:
+            dst, src = torch.tensor(holes, device=self.device), torch.tensor(movers, device=self.device)
+            self.store.k[:, dst, :, :length] = self.store.k[:, src, :, :length]
+            self.store.v[:, dst, :, :length] = self.store.v[:, src, :, :length]
+        index = torch.tensor(order, device=self.device)
+        self.running = [self.running[r] for r in order]
         self.mask, self.logits = self.mask[index], self.logits[index]
+        self._use_rows(n, length)
 
     def _decode(self, tokens: list[int]) -> None:
         """One forward step of every running row on its newest token."""
@@ -196,14 +228,14 @@ class Scheduler:
     def _make_room(self) -> None:
         """Grow the cache (doubling, up to the context), or when it spans the context already, shift
         every row left by the padding all rows share."""
-        n = self.cache.length
+        n, rows = self.cache.length, len(self.running)
         if self.cache.max_len < self.context:
-            cache = self.model.make_kv_cache(len(self.running), min(self.context, 2 * self.cache.max_len))
-            cache.k[:, :, :, :n], cache.v[:, :, :, :n] = self.cache.k[:, :, :, :n], self.cache.v[:, :, :, :n]
-            cache.length = n
-            mask = torch.zeros(len(self.running), cache.max_len, dtype=torch.long, device=self.device)
+            store = self.model.make_kv_cache(self.store.k.size(1), min(self.context, 2 * self.cache.max_len))
+            store.k[:, :rows, :, :n], store.v[:, :rows, :, :n] = self.cache.k[:, :, :, :n], self.cache.v[:, :, :, :n]
+            mask = torch.zeros(rows, store.max_len, dtype=torch.long, device=self.device)
             mask[:, :n] = self.mask[:, :n]
-            self.cache, self.mask = cache, mask
+            self.store, self.mask = store, mask
+            self._use_rows(rows, n)
             return
         pad = int((self.mask[:, :n].cumsum(-1) == 0).sum(-1).min())
         self.cache.k[:, :, :, :n - pad] = self.cache.k[:, :, :, pad:n].clone()

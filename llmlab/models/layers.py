@@ -7,6 +7,7 @@ the preallocated KV cache. Anything that only one family uses lives in that fami
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -471,6 +472,13 @@ class KVCache:
         k, v = self.k.new_zeros(shape), self.v.new_zeros(shape)
         k[:, :, :, :n], v[:, :, :, :n] = self.k[:, index, :, :n], self.v[:, index, :, :n]
         self.k, self.v = k, v
+
+    def first_rows(self, n: int) -> KVCache:
+        """The first n batch rows as a cache of their own, sharing this one's storage: what a forward
+        pass writes through it lands here."""
+        view = copy.copy(self)
+        view.k, view.v = self.k[:, :n], self.v[:, :n]
+        return view
 
     def reset(self) -> None:
         self.length = 0

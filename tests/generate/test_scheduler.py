@@ -62,6 +62,30 @@ def test_rows_shift_left_when_the_shared_length_reaches_the_context():
     assert long.output == engine.generate([list(range(1, 40))], long.params)[0].token_ids
 
 
+def test_a_finished_row_is_refilled_in_place_without_reallocating_the_store():
+    model = tiny("llama-gqa-tied")
+    prompts = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11, 12, 13, 14, 15], [5, 4, 3, 2, 1]]
+    limits = [2, 12, 12, 6]
+    seqs = [Sequence(p, SamplingParams(temperature=0.0, max_new_tokens=n, logprobs=0)) for p, n in zip(prompts, limits)]
+    scheduler = Scheduler(model, max_batch=3)
+    for seq in seqs[:3]:
+        scheduler.add(seq)
+    events = _run(scheduler, {0: []}, steps=2)
+    store = scheduler.store
+    assert store.k.size(1) == 3
+    assert scheduler.running == [seqs[2], seqs[1]]  # the first ended: the last row moved into its place
+    scheduler.add(seqs[3])
+    for seq_id, more in _run(scheduler, {0: []}).items():
+        events.setdefault(seq_id, []).extend(more)
+    assert scheduler.store is store  # leaving and joining within its rows and length reuse it
+    with torch.no_grad():  # every step's distribution, keys and values included, is the sequence's own
+        for seq, p in zip(seqs, prompts):
+            full = torch.log_softmax(model(torch.tensor([p + seq.output]))[0], -1)
+            got = [e.logprob for e in events[seq.id]]
+            want = [float(full[len(p) - 1 + i, t]) for i, t in enumerate(seq.output)]
+            assert got == pytest.approx(want, abs=1e-5)
+
+
 def test_each_sequence_keeps_its_settings_seed_and_stops():
     model = tiny("llama")
     engine = Engine(model)

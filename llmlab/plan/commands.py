@@ -109,7 +109,7 @@ def plan(ns: argparse.Namespace) -> dict:
                       power_watts=ns.power, mfu=ns.mfu)
     memory = est.training_memory(shape, batch=ns.batch, seq_len=ns.seq_len, precision=ns.precision,
                                  optimizer=ns.optimizer, checkpointing=ns.checkpointing, lora_rank=ns.lora_rank,
-                                 qlora=ns.qlora, zero_stage=ns.zero, devices=ns.devices)
+                                 qlora=ns.qlora, zero_stage=ns.zero, devices=ns.devices, cpu=hw.name == "this-cpu")
     cost = est.run_cost(flops, hw.peak_flops, devices=ns.devices, mfu=hw.mfu, price_per_hour=hw.price_per_hour,
                         power_watts=hw.power_watts, pue=ns.pue, grid_kg_per_kwh=ns.grid)
     context = ns.context or ns.seq_len
@@ -173,7 +173,7 @@ def run_plan(ns: argparse.Namespace) -> None:
     print("inference  weights " + ", ".join(f"{p} {_gb(b)}" for p, b in weights.items())
           + f"; KV cache {_gb(result['inference_memory']['kv_cache'])} (batch {kv['batch']}, {kv['context']} tokens)")
     parts = ", ".join(f"{k.replace('_', ' ')} {_gb(mem[k])}" for k in
-                      ("weights", "master_weights", "gradients", "optimizer", "activations") if mem[k])
+                      ("weights", "master_weights", "gradients", "optimizer", "activations", "runtime") if mem[k])
     verdict = "fits" if mem["fits"] else "DOES NOT FIT"
     print(f"memory     {_gb(mem['total'])} per device ({parts}); {verdict} in {_gb(mem['device_memory'])}")
     print(f"time       {run['days']:,.1f} days on {run['devices']} x {hw['name']} at {run['mfu']:.0%} MFU "

@@ -20,6 +20,13 @@ PRECISION_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "4bit": 4
 # optimizer state bytes per trainable parameter
 OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "sgd": 4.0}
 PF_DAY = 1e15 * 86400  # FLOPs in one petaflop/s-day
+# A training process on a CPU holds more than its tensors. Its first step pages in torch's kernels
+# (measured here: 88 MiB over the resident size before the model is built, with a one-layer model).
+# And glibc's allocator keeps freed blocks in its heaps: after a few steps the resident size settles
+# above the live tensors by 0.48-0.82 of the activations (six fp32 AdamW runs, 1.4M to 72M
+# parameters, 256 to 4,096 tokens per step; `benchmarks/plan_accuracy.py` checks three of them).
+CPU_RUNTIME_BYTES = 90 * 2**20
+CPU_ALLOCATOR_RETENTION = 0.65
 
 
 class PlanError(LlmlabError):
@@ -128,16 +135,23 @@ class TrainingMemory:
     optimizer: float
     activations: float
     trainable_params: float
+    runtime: float = 0.0  # on a CPU: torch's kernels and the freed memory the allocator keeps
 
     @property
     def total(self) -> float:
-        return self.weights + self.master_weights + self.gradients + self.optimizer + self.activations
+        return self.weights + self.master_weights + self.gradients + self.optimizer + self.activations + self.runtime
+
+
+def cpu_runtime_bytes(activations: float) -> float:
+    """What a CPU training process holds beyond its tensors, for `activations` bytes of activations:
+    torch's kernels and the share of freed activation memory glibc keeps (see CPU_RUNTIME_BYTES)."""
+    return CPU_RUNTIME_BYTES + CPU_ALLOCATOR_RETENTION * activations
 
 
 def training_memory(shape: Shape, *, batch: int, seq_len: int, precision: str = "bf16", optimizer: str = "adamw",
                     checkpointing: bool = False, lora_rank: int = 0, qlora: bool = False, zero_stage: int = 0,
-                    devices: int = 1) -> TrainingMemory:
-    """Peak training memory per device.
+                    devices: int = 1, cpu: bool = False) -> TrainingMemory:
+    """Peak training memory per device; with `cpu`, plus what a CPU process holds beyond its tensors.
 
     precision "fp32" trains in fp32; "bf16"/"fp16" is mixed precision: 16-bit weights and gradients
     plus fp32 master weights. With `lora_rank` the base weights are frozen (no gradients, no
@@ -168,7 +182,7 @@ def training_memory(shape: Shape, *, batch: int, seq_len: int, precision: str = 
     if zero_stage >= 3:
         weights /= devices
     acts = activation_bytes(shape, batch, seq_len, precision, checkpointing=checkpointing)
-    return TrainingMemory(weights, master, grads, states, acts, trainable)
+    return TrainingMemory(weights, master, grads, states, acts, trainable, cpu_runtime_bytes(acts) if cpu else 0.0)
 
 
 # --------------------------------------------------------------------------- time, cost, energy

@@ -290,24 +290,26 @@ def _data(cfg: FinetuneConfig, tokenizer, template) -> tuple[Batches | TokenWind
 
 
 def _preflight(cfg: FinetuneConfig, model_cfg, device: torch.device, processes: int) -> None:
-    memory = estimate_memory(cfg, model_cfg)
+    memory = estimate_memory(cfg, model_cfg, device)
     have = available_memory(device)
     if have is not None and memory.total * processes > have:
         raise LlmlabError(f"preflight: fine-tuning needs about {memory.total / 1e9:.2f} GB per process (weights "
                           f"{memory.weights / 1e9:.2f}, optimizer {memory.optimizer / 1e9:.2f}, activations "
-                          f"{memory.activations / 1e9:.2f}) but {device} has {have / 1e9:.2f} GB free; lower "
-                          "batch_size or seq_len, use peft=lora or qlora, set system.gradient_checkpointing=true, "
-                          "or skip the check with system.preflight=false")
+                          f"{memory.activations / 1e9:.2f}, runtime {memory.runtime / 1e9:.2f}) but {device} has "
+                          f"{have / 1e9:.2f} GB free; lower batch_size or seq_len, use peft=lora or qlora, set "
+                          "system.gradient_checkpointing=true, or skip the check with system.preflight=false")
 
 
-def estimate_memory(cfg: FinetuneConfig, model_cfg) -> TrainingMemory:
-    """The planner's estimate for this run: the base in fp32 (4-bit for QLoRA) and adapter or full
-    AdamW states. Freezing is not credited, so the estimate errs high for partly frozen runs."""
+def estimate_memory(cfg: FinetuneConfig, model_cfg, device: torch.device) -> TrainingMemory:
+    """The planner's estimate for this run: the base in fp32 (4-bit for QLoRA), adapter or full AdamW
+    states and, on a CPU, the runtime's share. Freezing is not credited, so the estimate errs high for
+    partly frozen runs."""
     precision = "bf16" if cfg.system.autocast == "bf16" else "fp32"
     rank = cfg.lora.r if cfg.peft != "none" else 0
     return training_memory(shape_of(model_cfg), batch=cfg.batch_size, seq_len=cfg.seq_len, precision=precision,
                            checkpointing=cfg.system.gradient_checkpointing, lora_rank=rank,
-                           qlora=cfg.peft == "qlora", optimizer="adamw8bit" if "8bit" in cfg.optim.name else "adamw")
+                           qlora=cfg.peft == "qlora", optimizer="adamw8bit" if "8bit" in cfg.optim.name else "adamw",
+                           cpu=device.type == "cpu")
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -25,7 +25,7 @@ from llmlab.data.fim import FimSpec, fim_permute
 from llmlab.data.shards import TokenShards
 from llmlab.models import GPTConfig, LlamaConfig, build_model
 from llmlab.models.layers import LOSS_BLOCK_ELEMENTS_CPU, LOSS_BLOCK_ELEMENTS_GPU
-from llmlab.plan.estimate import TrainingMemory, shape_of, training_memory
+from llmlab.plan.estimate import TrainingMemory, cpu_runtime_bytes, shape_of, training_memory
 from llmlab.train.checkpoint import latest_checkpoint, save_checkpoint
 from llmlab.train.loop import (available_memory, finite_step, print_line, report, resume_run, run_outputs,
                                step_seed, stop_reason, truncate_metrics, write_metrics)
@@ -224,7 +224,8 @@ def preflight(cfg: PretrainConfig, device: torch.device, processes: int = 1) -> 
     if have is not None and memory.total * processes > have:
         parts = ", ".join(f"{k.replace('_', ' ')} {v / 1e9:.2f}" for k, v in
                           (("weights", memory.weights + memory.master_weights), ("gradients", memory.gradients),
-                           ("optimizer", memory.optimizer), ("activations", memory.activations)) if v)
+                           ("optimizer", memory.optimizer), ("activations", memory.activations),
+                           ("runtime", memory.runtime)) if v)
         ranks = f" x {processes} processes" if processes > 1 else ""
         raise LlmlabError(f"preflight: this run needs about {memory.total / 1e9:.2f} GB per process ({parts} GB)"
                           f"{ranks} but {device} has {have / 1e9:.2f} GB free; lower batch_size or seq_len, set "
@@ -234,12 +235,15 @@ def preflight(cfg: PretrainConfig, device: torch.device, processes: int = 1) -> 
 
 def estimate_training_memory(cfg: PretrainConfig, device: torch.device) -> TrainingMemory:
     """The planner's training-memory estimate for this config: fp32 AdamW states, activations at the
-    autocast precision, plus the one logits block the blockwise loss holds at a time."""
+    autocast precision, plus the one logits block the blockwise loss holds at a time; on a CPU, also
+    the runtime's kernels and the freed memory the allocator keeps."""
     precision = "bf16" if cfg.system.autocast == "bf16" else "fp32"
     memory = training_memory(shape_of(cfg.model), batch=cfg.batch_size, seq_len=cfg.seq_len, precision=precision,
                              checkpointing=cfg.system.gradient_checkpointing)
     block = LOSS_BLOCK_ELEMENTS_GPU if device.type == "cuda" else LOSS_BLOCK_ELEMENTS_CPU
     memory.activations += 4 * min(block, cfg.batch_size * cfg.seq_len * cfg.model.vocab_size)
+    if device.type == "cpu":
+        memory.runtime = cpu_runtime_bytes(memory.activations)
     return memory
 
 

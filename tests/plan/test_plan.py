@@ -89,6 +89,11 @@ def test_training_memory_by_component():
     assert lora.optimizer == 8 * lora.trainable_params
     qlora = est.training_memory(shape, batch=1, seq_len=2048, lora_rank=8, qlora=True)
     assert qlora.weights == pytest.approx(p * 4.127 / 8 + 2 * lora.trainable_params)
+    # a CPU process also holds torch's kernels and the freed activation memory glibc keeps
+    cpu = est.training_memory(shape, batch=1, seq_len=2048, precision="fp32", cpu=True)
+    assert full.runtime == fp32.runtime == 0
+    assert cpu.runtime == est.CPU_RUNTIME_BYTES + est.CPU_ALLOCATOR_RETENTION * cpu.activations
+    assert cpu.total == pytest.approx(fp32.total + cpu.runtime)
 
 
 def test_config_for_params_lands_near_the_count():
@@ -135,7 +140,11 @@ def test_human_output_and_a_runnable_config(capsys, tmp_path):
     assert again["model"]["params"] == cfg.model.num_params().total
 
 
-def test_hardware_overrides_and_this_cpu():
+def test_hardware_overrides_and_this_cpu(capsys):
     assert get_hardware("h100-80gb", price_per_hour=1.0, power_watts=None).price_per_hour == 1.0
     cpu = get_hardware("this-cpu")
     assert cpu.peak_flops > 1e9 and cpu.bandwidth > 1e9 and cpu.memory_bytes > 1e9
+    on_cpu, on_gpu = (plan_json(capsys, "--params", 1e7, "--tokens", 1e9, "--hardware", hw)["training_memory"]
+                      for hw in ("this-cpu", "a100-80gb"))
+    assert on_gpu["runtime"] == 0 and on_cpu["total"] == pytest.approx(on_gpu["total"] + on_cpu["runtime"])
+    assert on_cpu["runtime"] > 0.65 * on_cpu["activations"]

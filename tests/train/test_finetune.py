@@ -165,8 +165,9 @@ def test_preflight_refuses_a_run_that_cannot_fit(base, synth_dir, tmp_path, monk
     import llmlab.train.finetune as finetune
 
     cfg = _cfg(base, synth_dir, tmp_path / "run")
-    full = finetune.estimate_memory(_cfg(base, synth_dir, tmp_path, peft="none"), load_model(base).config)
-    lora = finetune.estimate_memory(cfg, load_model(base).config)
+    cpu = torch.device("cpu")
+    full = finetune.estimate_memory(_cfg(base, synth_dir, tmp_path, peft="none"), load_model(base).config, cpu)
+    lora = finetune.estimate_memory(cfg, load_model(base).config, cpu)
     assert lora.optimizer < full.optimizer / 5  # adapters only: a small fraction of the optimizer state
     monkeypatch.setattr(finetune, "available_memory", lambda device: 1e3)
     with pytest.raises(LlmlabError, match="preflight: fine-tuning needs about"):

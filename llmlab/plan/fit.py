@@ -17,13 +17,13 @@ import torch
 from llmlab.plan.estimate import PlanError
 from llmlab.plan.scaling import ParametricLaw
 
-NAMES = ("E", "A", "B", "alpha", "beta")
+NAMES = ("E", "A", "B", "alpha", "beta", "size_exponent")
 
 
 @dataclass
 class LawFit:
     law: ParametricLaw
-    stderr: dict[str, float]  # bootstrap standard deviation of each constant
+    stderr: dict[str, float]  # bootstrap standard deviation of each constant and of the size exponent
     objective: float  # mean Huber loss at the optimum
     n_runs: int
 
@@ -95,5 +95,6 @@ def fit_law(params: Sequence[float], tokens: Sequence[float], losses: Sequence[f
         if boot is not None:
             law = _law(boot, "")
             samples.append([getattr(law, k) for k in NAMES])
-    spread = torch.tensor(samples, dtype=torch.float64).std(dim=0).tolist() if len(samples) > 1 else [float("nan")] * 5
+    nan = [float("nan")] * len(NAMES)
+    spread = torch.tensor(samples, dtype=torch.float64).std(dim=0).tolist() if len(samples) > 1 else nan
     return LawFit(_law(theta, f"fitted to {len(n)} runs"), dict(zip(NAMES, spread)), value, len(n))

@@ -33,12 +33,16 @@ class ParametricLaw:
     def loss(self, params: float, tokens: float) -> float:
         return self.E + self.A / params ** self.alpha + self.B / tokens ** self.beta
 
+    @property
+    def size_exponent(self) -> float:
+        """a in N_opt ~ C^a: how the compute-optimal model size grows with the budget."""
+        return self.beta / (self.alpha + self.beta)
+
     def optimal(self, flops: float) -> tuple[float, float]:
         """(N, D) minimising the loss at 6 N D = flops."""
         positive("flop budget", flops)
-        a = self.beta / (self.alpha + self.beta)
         g = (self.alpha * self.A / (self.beta * self.B)) ** (1 / (self.alpha + self.beta))
-        n = g * (flops / 6) ** a
+        n = g * (flops / 6) ** self.size_exponent
         return n, flops / (6 * n)
 
 

@@ -23,6 +23,7 @@ from llmlab.data.prepare import PrepareConfig, TokenizerTrainConfig, train_token
 from llmlab.data.prepare import run as prepare
 from llmlab.models import LlamaConfig
 from llmlab.plan.fit import LawFit, fit_law
+from llmlab.plan.scaling import CHINCHILLA, CHINCHILLA_REFIT
 from llmlab.train.pretrain import PretrainConfig
 from llmlab.train.pretrain import run as pretrain
 
@@ -46,8 +47,10 @@ class ScalingFitConfig:
 
 
 def _model(width: int, vocab_size: int, seq_len: int) -> LlamaConfig:
+    # one shape family: the SwiGLU width stays 8/3 of the model width (a multiple of 16, not of 256,
+    # which would give every width here the same 256 and squeeze the range of sizes)
     return LlamaConfig(vocab_size=vocab_size, dim=width, n_layers=max(2, width // 32), n_heads=max(1, width // 16),
-                       max_seq_len=seq_len, tie_embeddings=True)
+                       hidden_dim=16 * -(-8 * width // 48), max_seq_len=seq_len, tie_embeddings=True)
 
 
 def _prepare_data(cfg: ScalingFitConfig, out: Path) -> Path:
@@ -113,8 +116,8 @@ def run(cfg: ScalingFitConfig) -> dict:
     fit = fit_law([r["params"] for r in fitted], [r["tokens"] for r in fitted], [r["val_loss"] for r in fitted],
                   bootstrap=cfg.bootstrap, seed=cfg.seed)
     law = fit.law
-    summary = {"constants": {k: getattr(law, k) for k in ("E", "A", "B", "alpha", "beta")}, "stderr": fit.stderr,
-               "runs": runs}
+    summary = {"constants": {k: getattr(law, k) for k in ("E", "A", "B", "alpha", "beta", "size_exponent")},
+               "stderr": fit.stderr, "runs": runs}
     if held is not None:
         predicted = law.loss(held["params"], held["tokens"])
         summary["held_out"] = {**held, "predicted": predicted, "error": predicted / held["val_loss"] - 1}
@@ -136,6 +139,10 @@ def _report(summary: dict, out: Path) -> None:
         h = summary["held_out"]
         print(f"  held-out largest run (N {h['params']:,}, D {h['tokens']:,}): loss {h['val_loss']:.4f}, "
               f"predicted {h['predicted']:.4f} ({h['error']:+.1%})")
+    published = ", ".join(f"{law.source.split(',')[0]} {law.size_exponent:.2f}"
+                          for law in (CHINCHILLA, CHINCHILLA_REFIT))
+    print(f"  compute-optimal size grows as C^a, a = beta / (alpha + beta) = {c['size_exponent']:.3f} "
+          f"+- {s['size_exponent']:.2g} ({published})")
     p = summary["prediction"]
     print(f"  compute-optimal at {p['flops']:.3g} FLOPs: N {p['params']:.3g}, D {p['tokens']:.3g}, "
           f"loss {p['loss']:.3f}")

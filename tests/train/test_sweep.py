@@ -26,7 +26,9 @@ def test_sweep_fits_holds_out_the_largest_run_and_reuses_finished_runs(corpus_di
     largest = max(runs, key=lambda r: (r["params"], r["tokens"]))
     assert summary["held_out"]["width"] == largest["width"] == 32 and summary["held_out"]["tokens"] == 8192
     assert summary["held_out"]["error"] == pytest.approx(summary["held_out"]["predicted"] / largest["val_loss"] - 1)
-    assert set(summary["constants"]) == {"E", "A", "B", "alpha", "beta"}
+    c = summary["constants"]
+    assert set(c) == set(summary["stderr"]) == {"E", "A", "B", "alpha", "beta", "size_exponent"}
+    assert c["size_exponent"] == pytest.approx(c["beta"] / (c["alpha"] + c["beta"]))
     assert (tmp_path / "s" / "scaling.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "s" / "fit.json").read_text())["runs"] == runs
     assert "held-out largest run" in capsys.readouterr().out

@@ -5,8 +5,9 @@ microseconds of Python and dispatch on each of the hundreds of operations in a s
 BLAS reads a single row's weights far below the memory bandwidth. Compiled with static shapes (a
 `StaticKVCache` of a fixed number of slots, the position passed as data, the single query's
 attention as plain products that fuse), the step becomes generated C++: Inductor's C++ wrapper
-calls the kernels, the weights are frozen into the graph, and each matrix product is autotuned
-between the BLAS and Inductor's own kernels.
+calls the kernels, the weights are frozen into the graph (the q, k, v projections and the MLP's
+gate and up projections each stacked into one matrix, `models.layers.stacked_linear`), and each
+matrix product is autotuned between the BLAS and Inductor's own kernels.
 
 The costs: compiling takes tens of seconds for each new (batch rows, cache slots) pair, so cache
 lengths are rounded up to a power of two (at least 256) to keep the pairs few; the frozen weights

@@ -311,6 +311,25 @@ class Linear(nn.Linear):
         return out if self.bias is None else out + self.bias
 
 
+def stacked_linear(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
+    """`tuple(layer(x) for layer in layers)` for linear layers that read the same input.
+
+    In a compiled graph without autograd the weights are stacked into one product: with frozen
+    weights the stack is a constant, and a decode step streams one long matrix where it read several
+    short ones (5% faster on the 186.9M model of benchmarks/decode_speed.py). Elsewhere, or when a
+    layer is not a plain `Linear` (one wrapped by an adapter, say), one call each.
+    """
+    if not torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return tuple(layer(x) for layer in layers)
+    plain = all(type(layer) in (nn.Linear, Linear) for layer in layers)
+    biases = [layer.bias for layer in layers] if plain else []
+    if not plain or len({b is None for b in biases}) != 1:
+        return tuple(layer(x) for layer in layers)
+    weight = torch.cat([layer.weight for layer in layers])
+    bias = None if biases[0] is None else torch.cat(biases)
+    return F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
+
+
 class SwiGLU(nn.Module):
     """Gated MLP down(silu(gate(x)) * up(x)) (Shazeer, 2020, "GLU Variants Improve Transformer")."""
 
@@ -321,7 +340,8 @@ class SwiGLU(nn.Module):
         self.down_proj = Linear(hidden_dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = stacked_linear(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 # --------------------------------------------------------------------------- loss

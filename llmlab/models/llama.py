@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from llmlab.models.layers import (KVCache, Linear, ParamCount, RMSNorm, RopeScaling, RotaryEmbedding,
                                   SwiGLU, apply_rotary, build_attention_mask, lm_output, positions_from_mask, sdpa,
-                                  training_flops_per_token)
+                                  stacked_linear, training_flops_per_token)
 
 
 @dataclass
@@ -86,9 +86,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, kv_cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = stacked_linear(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nkv, S, hs)

@@ -180,3 +180,35 @@ def test_linear_split_product_equals_f_linear(shape):
         out = lin(x)
     assert out.shape == (*shape, 1024)
     assert torch.allclose(out, torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5)
+
+
+@pytest.mark.parametrize("bias, wrapped, stacked", [(False, False, True), (True, False, True), (False, True, False)])
+def test_stacked_linear_makes_one_product_in_a_compiled_graph_and_equals_separate_calls(bias, wrapped, stacked):
+    from llmlab.models.layers import Linear, stacked_linear
+
+    class Wrapped(torch.nn.Module):  # stands for an adapter around a layer: never stacked
+        def __init__(self, layer):
+            super().__init__()
+            self.layer, self.out_features = layer, layer.out_features
+
+        def forward(self, x):
+            return self.layer(x)
+
+    torch.manual_seed(0)
+    layers = [Linear(16, n, bias=bias) for n in (16, 8, 8)]
+    if wrapped:
+        layers[1] = Wrapped(layers[1])
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    fn = torch.compile(lambda x: stacked_linear(x, *layers), backend=backend, fullgraph=True)
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        got = fn(x)
+    cats = [n for n in graphs[0].graph.nodes if n.target is torch.cat]
+    assert len(cats) == (1 + bias if stacked else 0)
+    for out, layer in zip(got, layers):
+        assert torch.allclose(out, layer(x), atol=1e-6)

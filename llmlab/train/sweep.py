@@ -22,7 +22,7 @@ from llmlab.config import save_config
 from llmlab.data.prepare import PrepareConfig, TokenizerTrainConfig, train_tokenizer
 from llmlab.data.prepare import run as prepare
 from llmlab.models import LlamaConfig
-from llmlab.plan.fit import LawFit, fit_law
+from llmlab.plan.fit import NAMES, LawFit, fit_law
 from llmlab.plan.scaling import CHINCHILLA, CHINCHILLA_REFIT
 from llmlab.train.pretrain import PretrainConfig
 from llmlab.train.pretrain import run as pretrain
@@ -116,7 +116,7 @@ def run(cfg: ScalingFitConfig) -> dict:
     fit = fit_law([r["params"] for r in fitted], [r["tokens"] for r in fitted], [r["val_loss"] for r in fitted],
                   bootstrap=cfg.bootstrap, seed=cfg.seed)
     law = fit.law
-    summary = {"constants": {k: getattr(law, k) for k in ("E", "A", "B", "alpha", "beta", "size_exponent")},
+    summary = {"constants": {k: getattr(law, k) for k in NAMES},
                "stderr": fit.stderr, "runs": runs}
     if held is not None:
         predicted = law.loss(held["params"], held["tokens"])

@@ -121,6 +121,7 @@ def run(cfg: PretrainConfig) -> dict:
     if cfg.seq_len > cfg.model.max_seq_len:
         raise LlmlabError(f"seq_len={cfg.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     fim = _fim_spec(cfg, manifest)
+    tokenizer_dir = _tokenizer_dir(manifest)
     if cfg.system.preflight:
         preflight(cfg, device, processes=world if device.type == "cpu" else 1)
     out, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"
@@ -200,7 +201,7 @@ def run(cfg: PretrainConfig) -> dict:
             if rank == 0 and (done % cfg.ckpt.every == 0 or last):
                 save_checkpoint(ckpt_dir, done, model, optimizer,
                                 {"tokens": tokens, "skipped": skipped, "best_val_loss": best, "bad_evals": bad_evals},
-                                cfg.ckpt.keep_last, Path(manifest["tokenizer_path"]).parent)
+                                cfg.ckpt.keep_last, tokenizer_dir)
             if stopped is not None:
                 break
     stopped = stopped or "max_steps"
@@ -245,6 +246,15 @@ def estimate_training_memory(cfg: PretrainConfig, device: torch.device) -> Train
     if device.type == "cpu":
         memory.runtime = cpu_runtime_bytes(memory.activations)
     return memory
+
+
+def _tokenizer_dir(manifest: dict) -> Path | None:
+    """The folder whose tokenizer files each checkpoint carries: the shards were tokenized with a
+    tokenizer.json file or a folder holding one; None when the manifest names neither."""
+    if not manifest["tokenizer_path"]:
+        return None
+    path = Path(manifest["tokenizer_path"])
+    return path if path.is_dir() else path.parent
 
 
 def _fim_spec(cfg: PretrainConfig, manifest: dict) -> FimSpec | None:

@@ -34,6 +34,18 @@ def _cfg(corpus_dir, out_dir, **overrides) -> PretrainConfig:
     return from_dict(PretrainConfig, base)
 
 
+def test_checkpoints_carry_the_tokenizer_when_the_shards_name_its_folder(corpus_dir, tmp_path):
+    from llmlab.data.prepare import PrepareConfig
+    from llmlab.data.prepare import run as prepare
+
+    root = corpus_dir.parent
+    prepare(PrepareConfig(inputs=[str(root / "docs")], out_dir=str(tmp_path / "data"), tokenizer=str(root / "tok"),
+                          val_frac=0.2, seed=0))
+    run(_cfg(tmp_path / "data", tmp_path / "run", max_steps=2, **{"ckpt.every": 2}))
+    last = list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    assert (last / "tokenizer.json").read_bytes() == (root / "tok" / "tokenizer.json").read_bytes()
+
+
 def _metrics(out_dir):
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 

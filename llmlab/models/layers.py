@@ -311,6 +311,12 @@ class Linear(nn.Linear):
         return out if self.bias is None else out + self.bias
 
 
+def _plain_linear(layer: nn.Module) -> bool:
+    """Whether `layer` is exactly `nn.Linear` or this module's `Linear` (no other subclass, no adapter
+    around one), so its product may be computed from its weight and bias directly."""
+    return type(layer) in (nn.Linear, Linear)
+
+
 def stacked_linear(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
     """`tuple(layer(x) for layer in layers)` for linear layers that read the same input.
 
@@ -320,7 +326,7 @@ def stacked_linear(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, .
     layer is not a plain `Linear` (one wrapped by an adapter, say), one call each.
     """
     stack = (torch.compiler.is_compiling() and not torch.is_grad_enabled()
-             and all(type(layer) in (nn.Linear, Linear) for layer in layers)
+             and all(_plain_linear(layer) for layer in layers)
              and len({layer.bias is None for layer in layers}) == 1)
     if not stack:
         return tuple(layer(x) for layer in layers)
@@ -444,7 +450,7 @@ def lm_output(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor | 
     """
     if targets is None:
         return lm_head(hidden)
-    if type(lm_head) in (nn.Linear, Linear) and lm_head.bias is None:
+    if _plain_linear(lm_head) and lm_head.bias is None:
         return linear_cross_entropy(hidden.flatten(0, 1), lm_head.weight, targets.flatten())
     return F.cross_entropy(lm_head(hidden).float().flatten(0, 1), targets.flatten(), ignore_index=-100)
 

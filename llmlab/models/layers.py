@@ -228,7 +228,7 @@ def build_attention_mask(q_len: int, kv_len: int, *, padding_mask: torch.Tensor 
     Every query of a prefill may attend to itself, so a row of padding never becomes all -inf
     (which would make SDPA return NaN and poison later layers through the pad positions' keys). A
     single decode query is a real token, which the padding mask must mark; it gets no such rule,
-    so a `StaticKVCache`, whose query sits at a slot before the last, sees only what the mask allows.
+    so it sees exactly what the mask allows.
     """
     plain = padding_mask is None and sliding_window is None and segment_ids is None
     if not force and plain and q_len in (kv_len, 1):
@@ -510,30 +510,41 @@ class KVCache:
 
 
 class StaticKVCache:
-    """Keys and values in shapes that never change, for compiled decoding of one token per row.
+    """Keys and values for compiled decoding of one token per row.
 
     Made from a prefilled `KVCache` (copied into one tensor per layer, so that a compiled step writes
-    each in place as a whole input rather than through a view). Every call attends over all
-    `max_len` slots: `length` is always `max_len - 1`, so the model builds its mask for the whole
-    cache, and the caller's padding mask (B, max_len) must hide the slots not yet written. The new
-    token's keys and values go to `slot`, a one-element tensor the caller sets with `move_to`, so the
-    position is data and not a shape.
+    each in place as a whole input rather than through a view). A step sees it through `window(n)`:
+    the first `n` slots, of which the last, `slot`, takes the new token's keys and values. `slot` is a
+    one-element tensor the caller sets with `move_to`, so the position is data, not a shape; a step
+    compiled with `n` as a dynamic size attends over the slots written so far, not the whole cache.
     """
 
     def __init__(self, cache: KVCache):
         self.k = [t.clone() for t in cache.k.unbind(0)]
         self.v = [t.clone() for t in cache.v.unbind(0)]
         self.max_len = cache.max_len
-        self.length = cache.max_len - 1
         self.slot = torch.zeros(1, dtype=torch.long, device=cache.k.device)
 
     def move_to(self, slot: int) -> None:
         self.slot.fill_(slot)
 
+    def window(self, n: int) -> _CacheWindow:
+        return _CacheWindow(self, n)
+
+
+class _CacheWindow:
+    """The first `n` slots of a `StaticKVCache`, as the model's forward sees a cache: `length`
+    tokens before the new one, which `update` writes at the cache's `slot` (the caller keeps
+    `slot == n - 1`; the caller's padding mask, (B, n), hides any slot not written)."""
+
+    def __init__(self, cache: StaticKVCache, n: int):
+        self.cache, self.n, self.length = cache, n, n - 1
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k[layer].index_copy_(2, self.slot, k)
-        self.v[layer].index_copy_(2, self.slot, v)
-        return self.k[layer], self.v[layer]
+        c = self.cache
+        c.k[layer].index_copy_(2, c.slot, k)
+        c.v[layer].index_copy_(2, c.slot, v)
+        return c.k[layer][:, :, :self.n], c.v[layer][:, :, :self.n]
 
     def advance(self, n: int) -> None:
         """Nothing to do: the caller moves `slot`."""

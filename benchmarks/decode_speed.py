@@ -17,8 +17,11 @@ Roofline: decoding one token reads every weight once, so tokens/s can be at most
 bytes. Weight bytes count each parameter once at its dtype's size (a tied embedding once, as the
 lm_head reads all of it); an untied embed_tokens is excluded, as its lookup reads one row. The KV
 cache, activations and the rotary tables are not counted (the cache is ~1% of the weights on 185m).
-Bandwidth is the best `dst.copy_(src)` rate over 256 MB fp32 tensors, bytes read plus written,
-measured before and after each config (or `--bandwidth`).
+Bandwidth is the `dst.copy_(src)` rate over 256 MB fp32 tensors, bytes read plus written (best of
+three copies), measured just before and just after every timed call: each call is set against
+the mean of its two, since a shared machine's bandwidth moves from minute to minute, and the
+share of the roofline is the median over the calls. The share against the best copy rate seen in
+the whole run is printed beside it (`--bandwidth` replaces both with a given figure).
 
 Batch: on `--batch-config`, llmlab (and HF, for reference) decode `--batch` different prompts of
 equal length at once; throughput is batch * new tokens / time, against the batch-1 figure.
@@ -83,19 +86,28 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def copy_bandwidth(device: torch.device, mbytes: int = 256, repeats: int = 5) -> float:
-    """Best-of bytes/s of `dst.copy_(src)` on fp32 tensors of `mbytes` MB, counting read + write."""
-    n = mbytes * 2**20 // 4
-    src, dst = torch.rand(n, device=device), torch.empty(n, device=device)
-    dst.copy_(src)  # fault the pages in
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n * 4 / best
+class CopyMeter:
+    """Bytes/s of `dst.copy_(src)` on fp32 tensors of `mbytes` MB, counting read + write: the best
+    of `repeats` copies each time it is called, and `best`, the highest rate it has seen."""
+
+    def __init__(self, device: torch.device, mbytes: int = 256):
+        n = mbytes * 2**20 // 4
+        self.device = device
+        self.src, self.dst = torch.rand(n, device=device), torch.empty(n, device=device)
+        self.dst.copy_(self.src)  # fault the pages in
+        self.best = 0.0
+
+    def __call__(self, repeats: int = 3) -> float:
+        fastest = float("inf")
+        for _ in range(repeats):
+            sync(self.device)
+            t0 = time.perf_counter()
+            self.dst.copy_(self.src)
+            sync(self.device)
+            fastest = min(fastest, time.perf_counter() - t0)
+        rate = 2 * self.src.numel() * 4 / fastest
+        self.best = max(self.best, rate)
+        return rate
 
 
 def weight_bytes(model) -> int:
@@ -108,23 +120,29 @@ def weight_bytes(model) -> int:
 
 
 class Decoder:
-    """Timed greedy generation of exactly `new_tokens` tokens per prompt on one side."""
+    """Timed greedy generation of exactly `new_tokens` tokens per prompt on one side; with a `bandwidth`
+    meter, each timed call also records the mean copy bandwidth measured just before and after it."""
 
-    def __init__(self, name: str, generate, device: torch.device):
-        self.name, self.generate, self.device = name, generate, device
+    def __init__(self, name: str, generate, device: torch.device, bandwidth: CopyMeter | None):
+        self.name, self.generate, self.device, self.bandwidth = name, generate, device, bandwidth
         self.times: list[float] = []
+        self.bandwidths: list[float] = []
 
     def run(self, prompts: list[list[int]], record: bool) -> list[list[int]]:
+        before = self.bandwidth() if record and self.bandwidth else None
         sync(self.device)
         t0 = time.perf_counter()
         out = self.generate(prompts)
         sync(self.device)
         if record:
             self.times.append(time.perf_counter() - t0)
+            if before is not None:
+                self.bandwidths.append((before + self.bandwidth()) / 2)
         return out
 
 
-def decoders(ours, peer, new_tokens: int, device: torch.device, compile: bool) -> list[Decoder]:
+def decoders(ours, peer, new_tokens: int, device: torch.device, compile: bool,
+             bandwidth: CopyMeter | None) -> list[Decoder]:
     params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
 
     def engine_generate(engine):
@@ -137,10 +155,10 @@ def decoders(ours, peer, new_tokens: int, device: torch.device, compile: bool) -
                             min_new_tokens=new_tokens, do_sample=False)
         return out[:, ids.shape[1]:].tolist()
 
-    sides = [Decoder("llmlab", engine_generate(Engine(ours)), device)]
+    sides = [Decoder("llmlab", engine_generate(Engine(ours)), device, bandwidth)]
     if compile:
-        sides.append(Decoder("compiled", engine_generate(Engine(ours, compile=True)), device))
-    return sides + [Decoder("hf", peer_generate, device)]
+        sides.append(Decoder("compiled", engine_generate(Engine(ours, compile=True)), device, bandwidth))
+    return sides + [Decoder("hf", peer_generate, device, bandwidth)]
 
 
 def agreement(a: list[list[int]], b: list[list[int]], new_tokens: int) -> int:
@@ -180,7 +198,19 @@ def measure(sides: list[Decoder], prompts: list[list[int]], repeats: int, hf_rep
     return result
 
 
-def bench(name: str, args) -> dict:
+def paired(sides: list[Decoder], tokens: int, weight_bytes: int) -> dict:
+    """Per side: the median over its timed calls of tokens/s over that call's roofline, and the
+    median bandwidth of those calls."""
+    out = {}
+    for d in sides:
+        if d.bandwidths:
+            out[f"{d.name}_share"] = statistics.median(
+                tokens / t / (bw / weight_bytes) for t, bw in zip(d.times, d.bandwidths))
+            out[f"{d.name}_bandwidth"] = statistics.median(d.bandwidths)
+    return out
+
+
+def bench(name: str, args, meter: CopyMeter | None) -> dict:
     cfg, hf_cap = CONFIGS[name]
     device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     if args.prompt_len + args.new_tokens > cfg.max_seq_len:
@@ -188,18 +218,21 @@ def bench(name: str, args) -> dict:
     torch.manual_seed(0)
     ours = build_model(cfg).to(device=device, dtype=dtype).eval()
     peer = hf_peer(ours)
-    sides = decoders(ours, peer, args.new_tokens, device, compile=args.compile)
+    sides = decoders(ours, peer, args.new_tokens, device, compile=args.compile, bandwidth=meter)
     hf_repeats = min(args.repeats, hf_cap or args.repeats)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=gen).tolist()
     result = {"config": name, "params": sum(p.numel() for p in ours.parameters()), **measure(
         sides, prompt, args.repeats, hf_repeats, args.new_tokens)}
     result["weight_bytes"] = weight_bytes(ours)
+    result.update(paired(sides, args.new_tokens, result["weight_bytes"]))
+    result["bandwidths"] = [bw for d in sides for bw in d.bandwidths]
     if name == args.batch_config and args.batch > 1:
         prompts = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt_len), generator=gen).tolist()
         sides = [d for d in sides if d.name != "compiled"]  # the gain is eager batch over eager batch 1
         for d in sides:
             d.times.clear()
+            d.bandwidths.clear()
         batch = result["batch"] = measure(sides[:1] if args.no_hf_batch else sides, prompts, args.repeats,
                                           hf_repeats, args.new_tokens)
         result["batch_gain"] = batch["llmlab"] / result["llmlab"]
@@ -224,27 +257,35 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    bandwidth = args.bandwidth * 1e9 if args.bandwidth else copy_bandwidth(device)
-    label = "given" if args.bandwidth else "best 256 MB fp32 copy, read + write; each row uses the best seen by then"
+    meter = None if args.bandwidth else CopyMeter(device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, {args.dtype}, "
           f"greedy, prompt {args.prompt_len} + {args.new_tokens} new tokens, prefill included")
     print(f"{'config':>6} {'params':>8} {'llmlab tok/s':>13} {'compiled':>9} {'hf tok/s':>9} {'ratio':>6} "
-          f"{'compiled':>8} {'compile s':>9} {'agree':>6} {'roofline':>9} {'of roofline':>11}")
+          f"{'compiled':>8} {'compile s':>9} {'agree':>6} {'roofline':>9} {'of roofline':>11} {'of best':>8}")
     results = {}
     for name in args.configs:
-        r = results[name] = bench(name, args)
-        if not args.bandwidth:  # shared machines drift: the best rate seen before or after any config counts
-            bandwidth = max(bandwidth, copy_bandwidth(device))
+        r = results[name] = bench(name, args, meter)
         r["mode"] = "compiled" if r.get("compiled", 0) > r["llmlab"] else "llmlab"
         r["best_ratio"] = r[r["mode"]] / r["hf"]
-        r["roofline"] = bandwidth / r["weight_bytes"]
-        r["of_roofline"] = r[r["mode"]] / r["roofline"]
+        if meter:  # each call against the bandwidth around it; and against the best copy of the run so far
+            r["roofline"] = r[f"{r['mode']}_bandwidth"] / r["weight_bytes"]
+            r["of_roofline"] = r[f"{r['mode']}_share"]
+            r["of_best"] = r[r["mode"]] / (meter.best / r["weight_bytes"])
+        else:
+            r["roofline"] = args.bandwidth * 1e9 / r["weight_bytes"]
+            r["of_roofline"] = r["of_best"] = r[r["mode"]] / r["roofline"]
         compiled = (f"{r['compiled']:>9,.1f}", f"{r['ratio_compiled']:>7.2f}x", f"{r['compiled_warmup_s']:>9.0f}") \
             if "compiled" in r else (f"{'-':>9}", f"{'-':>8}", f"{'-':>9}")
         print(f"{name:>6} {r['params'] / 1e6:>7.1f}M {r['llmlab']:>13,.1f} {compiled[0]} {r['hf']:>9,.1f} "
               f"{r['ratio']:>5.2f}x {compiled[1]} {compiled[2]} {r['agree']:>6} {r['roofline']:>9,.1f} "
-              f"{r['of_roofline']:>11.1%}", flush=True)
-    print(f"bandwidth {bandwidth / 1e9:.1f} GB/s ({label})")
+              f"{r['of_roofline']:>11.1%} {r['of_best']:>8.1%}", flush=True)
+    if meter:
+        seen = [bw for r in results.values() for bw in r["bandwidths"]]
+        print(f"bandwidth (256 MB fp32 copy, read + write) around the timed calls {min(seen) / 1e9:.1f}-"
+              f"{max(seen) / 1e9:.1f} GB/s, best {meter.best / 1e9:.1f}; roofline: at the median of the "
+              "faster llmlab mode's calls")
+    else:
+        print(f"bandwidth {args.bandwidth:.1f} GB/s (given)")
     for name, r in results.items():
         if "batch" in r:
             b = r["batch"]

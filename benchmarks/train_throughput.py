@@ -9,6 +9,11 @@ the ratio, and the achieved model GFLOP/s (6N + 12 L d T per token) against the 
 ceiling: the best 2048^3 matmul rate measured in the same run, before and after each config
 (or `--ceiling`). On a GPU it reports model FLOPs utilisation against the bf16 peak instead.
 
+The bounds: llmlab's step has its matrix products (forward and backward, at their exact shapes and
+layouts) captured once and replayed alone, alternating with the two steps. A step that spent no time
+on anything else (attention, norms, activations, the loss's softmax, the optimizer) would reach that
+share of the ceiling, and that ratio to HF: the most the BLAS allows on this machine.
+
     python benchmarks/train_throughput.py                       # both CPU configs, fp32
     python benchmarks/train_throughput.py --configs 14m --steps 20
     python benchmarks/train_throughput.py --configs gpt2-124m --device cuda --dtype bf16 --compile
@@ -24,6 +29,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from llmlab.models import LlamaConfig, build_model
 from llmlab.models.convert import config_to_hf, llmlab_to_hf_state
@@ -83,6 +89,54 @@ class Trainer:
         return value
 
 
+class MatmulReplay(TorchDispatchMode):
+    """Records the matrix products run under it (op, shapes, strides, dtypes); `replay()` then runs
+    the same products again, in order, on stand-in operands of the same layouts."""
+
+    OPS = {torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm.default,
+           torch.ops.aten.addmm_.default, torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default}
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple] = []
+        self.times: list[float] = []
+        self._operands: dict[tuple, torch.Tensor] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.OPS:
+            self.calls.append((func, tuple(self._spec(a) for a in args),
+                               {k: self._spec(v) for k, v in kwargs.items()}))
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _spec(value):
+        if isinstance(value, torch.Tensor):
+            return ("tensor", tuple(value.shape), value.stride(), value.dtype, value.device)
+        return value
+
+    def _operand(self, spec):
+        if not (isinstance(spec, tuple) and spec and spec[0] == "tensor"):
+            return spec
+        if spec not in self._operands:  # one stand-in per layout, filled so that no product sees NaNs
+            _, shape, stride, dtype, device = spec
+            span = 1 + sum((n - 1) * st for n, st in zip(shape, stride)) if all(shape) else 0
+            flat = torch.empty(span, dtype=dtype, device=device).uniform_(-1, 1)
+            self._operands[spec] = flat.as_strided(shape, stride)
+        return self._operands[spec]
+
+    def replay(self, device: torch.device, record: bool) -> None:
+        calls = [(f, [self._operand(a) for a in args], {k: self._operand(v) for k, v in kw.items()})
+                 for f, args, kw in self.calls]
+        sync(device)
+        t0 = time.perf_counter()
+        for f, args, kw in calls:
+            f(*args, **kw)
+        sync(device)
+        if record:
+            self.times.append(time.perf_counter() - t0)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -120,12 +174,17 @@ def bench(name: str, args) -> dict:
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=gen).to(device)
                for _ in range(4)]
+    products = MatmulReplay()
+    with products, torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        ours(batches[0][:, :-1], targets=batches[0][:, 1:]).backward()
+    ours.zero_grad(set_to_none=True)
     first = {}
     for i in range(args.warmup + args.steps):
-        rows = batches[i % len(batches)]
+        rows, record = batches[i % len(batches)], i >= args.warmup
         for t in (trainers if i % 2 == 0 else trainers[::-1]):
-            loss = t.step(rows[:, :-1], rows[:, 1:], record=i >= args.warmup)
+            loss = t.step(rows[:, :-1], rows[:, 1:], record=record)
             first.setdefault(t.name, loss)
+        products.replay(device, record)
     if abs(first["llmlab"] - first["hf"]) > 1e-3 * max(1.0, abs(first["hf"])):
         raise RuntimeError(f"first-step losses differ: llmlab {first['llmlab']:.6f} vs hf {first['hf']:.6f}")
     tokens = batch * seq_len
@@ -135,6 +194,9 @@ def bench(name: str, args) -> dict:
         step_s = statistics.median(t.times)
         result[t.name] = {"step_s": step_s, "tokens_per_s": tokens / step_s, "flops_per_s": flops / step_s}
     result["ratio"] = result["llmlab"]["tokens_per_s"] / result["hf"]["tokens_per_s"]
+    products_s = statistics.median(products.times)
+    result["products_alone"] = {"step_s": products_s, "flops_per_s": flops / products_s,
+                                "ratio": result["hf"]["step_s"] / products_s}
     return result
 
 
@@ -167,15 +229,18 @@ def main() -> None:
         ceiling, ceiling_label = args.ceiling, "given"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, {args.dtype}"
           f"{', compiled' if args.compile else ''}; ceiling: {ceiling_label}")
+    share = "MFU" if gpu else "of ceiling"
     print(f"{'config':>10} {'params':>8} {'llmlab tok/s':>13} {'hf tok/s':>10} {'ratio':>6} "
-          f"{'GFLOP/s':>8} {'ceiling':>8} {'MFU' if gpu else 'of ceiling':>10}")
+          f"{'GFLOP/s':>8} {'ceiling':>8} {share:>10} | products alone: {'ratio':>6} {share:>10}")
     for name in args.configs.split(","):
         r = bench(name.strip(), args)
         if not (gpu or args.ceiling):
             ceiling = max(ceiling, matmul_ceiling(device, torch.float32))
         print(f"{r['config']:>10} {r['params'] / 1e6:>7.1f}M {r['llmlab']['tokens_per_s']:>13,.0f} "
               f"{r['hf']['tokens_per_s']:>10,.0f} {r['ratio']:>5.2f}x {r['llmlab']['flops_per_s'] / 1e9:>8,.1f} "
-              f"{ceiling / 1e9:>8,.0f} {r['llmlab']['flops_per_s'] / ceiling:>10.1%}", flush=True)
+              f"{ceiling / 1e9:>8,.0f} {r['llmlab']['flops_per_s'] / ceiling:>10.1%} | {'':>15} "
+              f"{r['products_alone']['ratio']:>5.2f}x {r['products_alone']['flops_per_s'] / ceiling:>10.1%}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def beam_search(model: nn.Module, prompt: list[int], params: SamplingParams, pro
     device = next(model.parameters()).device
     budget = min(params.max_new_tokens, context_length(model) - len(prompt))
     cache = model.make_kv_cache(1, len(prompt) + budget)
-    logits = model(torch.tensor([prompt], device=device), kv_cache=cache)[:, -1]
+    logits = model(torch.tensor([prompt], device=device), kv_cache=cache, logits_to_keep=1)[:, -1]
     cache.select_rows(torch.zeros(k, dtype=torch.long, device=device))
     logits = logits.expand(k, -1)
     scores = torch.full((k,), float("-inf"), device=device)

@@ -2,8 +2,8 @@
 
 Works on token ids only; text, chat templates and stop strings live one layer up
 (`llmlab.generate.text`). Any decoder of the zoo can be driven: the engine needs
-`model(input_ids, kv_cache=, attention_mask=)`, `model.make_kv_cache(batch, max_len)` and
-`model.config.max_seq_len` / `vocab_size`.
+`model(input_ids, kv_cache=, attention_mask=, logits_to_keep=)`, `model.make_kv_cache(batch,
+max_len)` and `model.config.max_seq_len` / `vocab_size`.
 
 Prompts of different lengths are left-padded into one batch, with an attention mask that hides the
 padding and position ids that count real tokens only, so each row decodes exactly as it would
@@ -154,7 +154,7 @@ class Engine:
         prompt_mask = mask[::params.n, :width] if ragged else None
 
         cache = self.model.make_kv_cache(len(prompts), slots)
-        logits = self.model(ids, kv_cache=cache, attention_mask=prompt_mask)[:, -1]  # (P, V)
+        logits = self.model(ids, kv_cache=cache, attention_mask=prompt_mask, logits_to_keep=1)[:, -1]  # (P, V)
         if params.n > 1:
             rows = torch.arange(len(prompts), device=self.device).repeat_interleave(params.n)
             cache.select_rows(rows)

@@ -157,7 +157,8 @@ class Scheduler:
         ids, mask = ids.to(self.device), mask.to(self.device)
         fresh = self.model.make_kv_cache(len(seqs), width)
         ragged = any(len(s.prompt) != width for s in seqs)
-        logits = self.model(ids, kv_cache=fresh, attention_mask=mask if ragged else None)[:, -1].float()
+        logits = self.model(ids, kv_cache=fresh, attention_mask=mask if ragged else None,
+                            logits_to_keep=1)[:, -1].float()
         n = len(self.running)
         old = self.cache.length if n else 0
         length = max(old, width)

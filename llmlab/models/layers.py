@@ -442,14 +442,22 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, block_rows)
 
 
-def lm_output(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
-    """Logits (B, T, V) from the final hidden states, or with `targets` (B, T) the mean cross-entropy.
+def lm_output(lm_head: nn.Module, norm: nn.Module, hidden: torch.Tensor, targets: torch.Tensor | None,
+              logits_to_keep: int = 0) -> torch.Tensor:
+    """Logits (B, T, V) from the last layer's hidden states (B, T, dim) through the final `norm` and
+    `lm_head`, of the last `logits_to_keep` positions only when it is positive; or with `targets` (B, T)
+    the mean cross-entropy.
 
     A plain bias-free linear head takes the `linear_cross_entropy` path; any other head (one wrapped by
     an adapter, say) goes through its own forward and `F.cross_entropy`. Targets equal to -100 are ignored.
     """
+    if logits_to_keep < 0:
+        raise ValueError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
     if targets is None:
-        return lm_head(hidden)
+        return lm_head(norm(hidden[:, -logits_to_keep:] if logits_to_keep else hidden))
+    if logits_to_keep:
+        raise ValueError("logits_to_keep selects logits; it does not apply with targets")
+    hidden = norm(hidden)
     if _plain_linear(lm_head) and lm_head.bias is None:
         return linear_cross_entropy(hidden.flatten(0, 1), lm_head.weight, targets.flatten())
     return F.cross_entropy(lm_head(hidden).float().flatten(0, 1), targets.flatten(), ignore_index=-100)

@@ -158,7 +158,7 @@ class Llama(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, kv_cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                segment_ids: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
         """Next-token logits, or the mean next-token loss when `targets` are given.
 
         Args:
@@ -168,10 +168,12 @@ class Llama(nn.Module):
             targets: (B, T) next-token ids, -100 where no loss is wanted.
             segment_ids: (B, T) with several sequences packed in a row: the id of each token's sequence
                 (training, no cache); positions restart and attention stays within each sequence.
+            logits_to_keep: n > 0 computes the logits of the last n positions only (a prefill needs
+                one); 0, every position. Not with targets.
 
         Returns:
-            logits (B, T, vocab_size), or with targets the mean cross-entropy (a scalar), computed
-            without materialising the logits
+            logits (B, T, vocab_size) (T = logits_to_keep when given), or with targets the mean
+            cross-entropy (a scalar), computed without materialising the logits
         """
         B, T = input_ids.shape
         start = kv_cache.length if kv_cache is not None else 0
@@ -188,4 +190,4 @@ class Llama(nn.Module):
                 x = layer(x, cos, sin, mask, kv_cache, i)
         if kv_cache is not None:
             kv_cache.advance(T)
-        return lm_output(self.lm_head, self.norm(x), targets)
+        return lm_output(self.lm_head, self.norm, x, targets, logits_to_keep)

@@ -21,10 +21,10 @@ class TableLM(nn.Module):
     def make_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         return KVCache(0, batch_size, 1, max_len or self.config.max_seq_len, 1)
 
-    def forward(self, input_ids, *, kv_cache=None, attention_mask=None):
+    def forward(self, input_ids, *, kv_cache=None, attention_mask=None, logits_to_keep=0):
         if kv_cache is not None:
             kv_cache.advance(input_ids.size(1))
-        return self.table[input_ids]
+        return self.table[input_ids[:, -logits_to_keep:] if logits_to_keep else input_ids]
 
 
 def chain(vocab_size: int, path: list[int], loop_to: int | None = None) -> TableLM:

@@ -47,6 +47,24 @@ def test_kv_cache_decode_equals_full_forward(name):
 
 
 @pytest.mark.parametrize("name", VARIANTS)
+def test_logits_to_keep_gives_the_last_positions_of_the_full_logits(name):
+    model, x = _model(name), _ids(2, 12)
+    with torch.no_grad():
+        full = model(x)
+        last3 = model(x, logits_to_keep=3)
+        cache = model.make_kv_cache(2, 16)
+        prefill = model(x[:, :8], kv_cache=cache, logits_to_keep=1)
+    assert last3.shape == (2, 3, V) and prefill.shape == (2, 1, V)
+    torch.testing.assert_close(last3, full[:, -3:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(prefill[:, 0], full[:, 7], rtol=0, atol=1e-5)
+    assert cache.length == 8  # the cache holds every prompt token, whatever the logits kept
+    with pytest.raises(ValueError, match="logits_to_keep must be >= 0"):
+        model(x, logits_to_keep=-1)
+    with pytest.raises(ValueError, match="does not apply with targets"):
+        model(x, targets=x, logits_to_keep=1)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
 def test_left_and_right_padding_match_unpadded(name):
     model = _model(name)
     short, long = _ids(1, 7, seed=2), _ids(1, 12, seed=3)

@@ -453,11 +453,11 @@ def lm_output(lm_head: nn.Module, norm: nn.Module, hidden: torch.Tensor, targets
     """
     if logits_to_keep < 0:
         raise ValueError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
-    if targets is None:
-        return lm_head(norm(hidden[:, -logits_to_keep:] if logits_to_keep else hidden))
-    if logits_to_keep:
+    if logits_to_keep and targets is not None:
         raise ValueError("logits_to_keep selects logits; it does not apply with targets")
-    hidden = norm(hidden)
+    hidden = norm(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+    if targets is None:
+        return lm_head(hidden)
     if _plain_linear(lm_head) and lm_head.bias is None:
         return linear_cross_entropy(hidden.flatten(0, 1), lm_head.weight, targets.flatten())
     return F.cross_entropy(lm_head(hidden).float().flatten(0, 1), targets.flatten(), ignore_index=-100)

@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import re
 import sys
+import traceback
 from pathlib import Path
 
 from llmlab import __version__
 from llmlab.common import LlmlabError, style
+
+# argparse takes "-7e9" for an option unless told that it looks like a number
+_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan|infinity)$", re.IGNORECASE)
+OVERWRITE_HELP = ("write into an existing output (a non-empty folder, or a file): llmlab replaces the files it "
+                  "writes and leaves everything else there alone")
 
 # verb (or "verb subverb") -> (module, config class, function, one-line help), for verbs driven by
 # a YAML config and key=value overrides; the function takes the config and returns a dict
@@ -61,6 +69,7 @@ def build_parser(argv: list[str] = ()) -> argparse.ArgumentParser:
                               epilog=_config_help(module, cls_name) if requested == name.split() else None)
         p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
                        help="an optional YAML config, then dotted overrides")
+        p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
         p.set_defaults(config_verb=name)
 
     p = verbs.add_parser("convert", help="convert a checkpoint between llmlab, HF and GGUF formats",
@@ -69,8 +78,9 @@ def build_parser(argv: list[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("path", help="checkpoint folder to read")
     p.add_argument("--to", required=True, choices=("hf", "llmlab", "gguf"), help="output format")
     p.add_argument("--out", required=True, help="output folder (a .gguf file for --to gguf)")
-    p.add_argument("--outtype", choices=("f32", "f16", "q8_0"), default="f16",
-                   help="GGUF tensor type for matrices (vectors stay f32)")
+    p.add_argument("--outtype", choices=("f32", "f16", "q8_0"), default=None,
+                   help="GGUF tensor type for matrices (vectors stay f32); default f16")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pickled pytorch_model.bin weights (read with weights_only=True)")
     p.add_argument("--adapter", metavar="PATH",
@@ -118,10 +128,20 @@ def build_parser(argv: list[str] = ()) -> argparse.ArgumentParser:
                          description="Serve a checkpoint: /v1/completions, /v1/chat/completions and /v1/models, "
                          "streaming or not, with continuous batching. Binds 127.0.0.1 unless --host says otherwise.")
     serve_commands.add_arguments(p)
+    _numbers_are_not_options(parser)
     return parser
 
 
-def _run_config_verb(verb: str, args: list[str]) -> int:
+def _numbers_are_not_options(parser: argparse.ArgumentParser) -> None:
+    """Let `--params -7e9` reach the validation that explains what is wrong with it."""
+    parser._negative_number_matcher = _NUMBER
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _numbers_are_not_options(sub)
+
+
+def _run_config_verb(verb: str, args: list[str], overwrite: bool) -> int:
     from llmlab.config import load_config
 
     module, cls_name, function, _ = CONFIG_VERBS[verb]
@@ -132,17 +152,19 @@ def _run_config_verb(verb: str, args: list[str]) -> int:
     stray = [a for a in args if "=" not in a]
     if stray:
         raise LlmlabError(f"expected key=value overrides after the config file, got {stray}")
-    result = getattr(mod, function)(load_config(getattr(mod, cls_name), path, args))
+    result = getattr(mod, function)(load_config(getattr(mod, cls_name), path, args), overwrite=overwrite)
     return result.get("exit_code", 0) if isinstance(result, dict) else 0
 
 
 def _convert(ns: argparse.Namespace) -> None:
-    from llmlab.common import atomic_dir
-    from llmlab.models.io import copy_tokenizer_files, load_model, save_hf, save_model
+    from llmlab.common import atomic_dir, check_output
+    from llmlab.models.io import copy_tokenizer_files, load_model, save_hf, save_model, shadowed_weights
 
-    out = Path(ns.out)
-    if out.resolve() == Path(ns.path).resolve():
-        raise LlmlabError(f"--out {out} is the input folder; choose another")
+    if ns.outtype is not None and ns.to != "gguf":
+        raise LlmlabError(f"--outtype {ns.outtype} applies to --to gguf only; --to {ns.to} keeps the weights' "
+                          "dtype")
+    out = check_output(ns.out, label="--out", inputs=[ns.path, ns.adapter], overwrite=ns.overwrite,
+                       folder=ns.to != "gguf")
     model = load_model(ns.path, allow_pickle=ns.allow_pickle)
     if ns.adapter:
         from llmlab.peft import load_adapter, merge_and_unload
@@ -153,23 +175,33 @@ def _convert(ns: argparse.Namespace) -> None:
     if ns.to == "gguf":
         from llmlab.models.gguf import export_gguf
 
+        outtype = ns.outtype or "f16"
         has_tokenizer = (Path(ns.path) / "tokenizer.json").is_file()
-        export_gguf(model, ns.path if has_tokenizer else None, out, outtype=ns.outtype)
-        print(f"wrote {out} ({ns.outtype}{', with the tokenizer' if has_tokenizer else ', no tokenizer.json found'})")
+        export_gguf(model, ns.path if has_tokenizer else None, out, outtype=outtype)
+        print(f"wrote {out} ({outtype}{', with the tokenizer' if has_tokenizer else ', no tokenizer.json found'})")
         return
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, merge=ns.overwrite) as tmp:
         (save_hf if ns.to == "hf" else save_model)(model, tmp)
         copied = copy_tokenizer_files(ns.path, tmp)
+        shadowed = shadowed_weights(out, tmp)
+        if shadowed:
+            raise LlmlabError(f"--out {out}: holds {', '.join(shadowed)}, which loaders would read instead of "
+                              "the new weights; remove them yourself or choose another folder")
     extra = f" (+ {', '.join(copied)})" if copied else ""
     print(f"wrote {ns.to} checkpoint {out}{extra}")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    ns = build_parser(argv).parse_args(argv)
+    parser = build_parser(argv)
+    ns, extra = parser.parse_known_args(argv)
+    if extra and getattr(ns, "config_verb", None) and not any(a.startswith("-") for a in extra):
+        ns.args += extra  # overrides after a flag: `pretrain cfg.yaml --overwrite max_steps=5`
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if getattr(ns, "config_verb", None):
-            return _run_config_verb(ns.config_verb, ns.args)
+            return _run_config_verb(ns.config_verb, ns.args, ns.overwrite)
         if ns.verb == "convert":
             _convert(ns)
         elif ns.verb == "plan":
@@ -185,12 +217,29 @@ def main(argv: list[str] | None = None) -> int:
 
             serve_commands.run_serve(ns)
     except LlmlabError as e:
-        print(style("error:", "31", sys.stderr), e, file=sys.stderr)
+        _error(str(e))
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a file system refusal nothing above foresaw: name the file
+        where = f"{e.filename}: " if e.filename else ""
+        _error(f"{where}{e.strerror or e}")
+        return 1
+    except MemoryError:
+        _error("out of memory")
+        return 1
+    except Exception as e:  # a bug: one line, and the traceback on request
+        if os.environ.get("LLMLAB_TRACEBACK"):
+            traceback.print_exc()
+        _error(f"internal error ({type(e).__name__}: {e}); this is a bug in llmlab, please report it with the "
+               "traceback that LLMLAB_TRACEBACK=1 prints")
+        return 1
     return 0
+
+
+def _error(message: str) -> None:
+    print(style("error:", "31", sys.stderr), message, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import random
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -72,12 +72,13 @@ def seed_everything(seed: int) -> None:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync it and rename it into place.
 
-    A crash at any point leaves either the old file or the new one, never a half-written file.
+    A crash at any point leaves either the old file or the new one, never a half-written file (at
+    worst a hidden `.NAME.PID.*.tmp` beside it, which `check_output` removes on the next run).
     On failure the temporary file is removed and the exception propagates.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -93,30 +94,57 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside `path`; on success it replaces `path` (a folder of outputs).
+def atomic_dir(path: str | os.PathLike, *, merge: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; on success what it holds lands in `path`.
 
-    The old folder is renamed aside, the new one into place, then the old one deleted: a crash
-    leaves the old folder or the new one under `path` (at worst with a `.old` sibling), never a mix.
+    An absent or empty `path` becomes the whole folder in one rename: a crash leaves nothing or
+    everything. A non-empty `path` is refused (OutputError), unless `merge`: then each file is renamed
+    over its namesake in `path`, and whatever else `path` holds is left alone, because llmlab never
+    removes what it did not write. On failure the temporary folder, and the parents of `path` that
+    had to be created, are removed again.
     """
     path = Path(path)
+    created = [p for p in path.parents if not p.exists()]  # deepest first
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         fsync_dir(tmp)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(path, old)
-        os.rename(tmp, path)
+        try:
+            os.rename(tmp, path)  # POSIX: replaces an empty folder, fails on a non-empty one
+        except OSError:
+            if not (merge and path.is_dir()):
+                raise OutputError(f"{path}: already exists and is not empty (filled meanwhile?); "
+                                  "nothing was written") from None
+            _merge_into(tmp, path)
+            shutil.rmtree(tmp, ignore_errors=True)
         fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for parent in created:
+            with contextlib.suppress(OSError):
+                parent.rmdir()
         raise
+
+
+def _merge_into(src: Path, dst: Path) -> None:
+    """Move the tree `src` into the folder `dst`, file by file, each renamed over its namesake."""
+    for entry in sorted(src.iterdir()):
+        target = dst / entry.name
+        if entry.is_dir() and not entry.is_symlink():
+            if target.is_dir() and not target.is_symlink():
+                _merge_into(entry, target)
+                continue
+            if target.exists() or target.is_symlink():
+                raise OutputError(f"{target}: is in the way of the folder llmlab writes there; "
+                                  "move it away or choose another output")
+            os.rename(entry, target)
+        else:
+            if target.is_dir() and not target.is_symlink():
+                raise OutputError(f"{target}: is a folder where llmlab writes a file; move it away "
+                                  "or choose another output")
+            os.replace(entry, target)
+    fsync_dir(dst)
 
 
 def _umask() -> int:
@@ -143,6 +171,114 @@ def fsync_dir(path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+class OutputError(LlmlabError):
+    """An output target that llmlab refuses to write: it would destroy something, or cannot be written."""
+
+
+def _temp_prefix(path: Path) -> str:
+    """Hidden temporary names beside `path` carry the writer's pid, so that a later run can tell the
+    debris of a killed writer from a write in progress (`clean_stale_temps`)."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def clean_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove what killed writers of `path` left beside it: hidden `.NAME.PID.*.tmp` files and folders
+    whose process is gone (and the pid-less `.NAME.*.tmp` of older llmlab versions). Returns them."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    prefix = f".{path.name}."
+    removed = []
+    for entry in path.parent.iterdir():
+        name = entry.name
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        parts = name[len(prefix):-len(".tmp")].split(".")
+        if len(parts) == 2 and parts[0].isdigit() and _alive(int(parts[0])):
+            continue  # a writer still at work
+        if len(parts) not in (1, 2):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def _resolve(path: Path, where: str) -> Path:
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as e:  # a symlink loop
+        raise OutputError(f"{where}: cannot be resolved ({e})") from None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def check_output(path: str | os.PathLike, *, label: str, inputs: Sequence[str | os.PathLike | None] = (),
+                 overwrite: bool = False, folder: bool = True) -> Path:
+    """Check, before any work, that a writer may put its output at `path`; returns it as a Path.
+
+    Refused with an OutputError that starts with `label` (the option that named the path):
+    - a target equal to, inside, or containing one of `inputs` (what the writer reads);
+    - a folder target that is a file, or a file target that is a folder;
+    - an existing non-empty folder, or an existing file, unless `overwrite` (writers then replace
+      only the files they write and leave the rest alone);
+    - a target whose nearest existing parent is not a folder this process can create files in.
+    The debris of killed writers of the same target is removed on the way (`clean_stale_temps`).
+    """
+    path = Path(path)
+    where = f"{label} {path}"
+    if str(path) == "":
+        raise OutputError(f"{label}: empty path")
+    resolved = _resolve(path, where)
+    for item in inputs:
+        if item is None or str(item) == "":
+            continue
+        source = _resolve(Path(item), f"input {item}")
+        if resolved == source:
+            raise OutputError(f"{where}: is the input {item}; choose another output")
+        if resolved.is_relative_to(source):
+            raise OutputError(f"{where}: is inside the input {item}; choose an output outside it")
+        if source.is_relative_to(resolved):
+            raise OutputError(f"{where}: contains the input {item}; choose an output that does not")
+    try:
+        exists = path.exists() or path.is_symlink()
+        if folder and exists and not path.is_dir():
+            raise OutputError(f"{where}: is a file, expected a folder")
+        if not folder and path.is_dir():
+            raise OutputError(f"{where}: is a folder, expected a file name")
+        if exists and not overwrite and (not folder or any(path.iterdir())):
+            what = "a non-empty folder" if folder else "a file"
+            raise OutputError(f"{where}: already exists ({what}); pass --overwrite to write over it (llmlab "
+                              "replaces only the files it writes) or choose another")
+    except PermissionError as e:
+        raise OutputError(f"{where}: cannot be read ({e.strerror})") from None
+    parent = next(p for p in (path if folder and path.is_dir() else path.parent, *path.parents)
+                  if p.exists() or p == p.parent)
+    if not parent.is_dir():
+        raise OutputError(f"{where}: {parent} is a file, so nothing can be created under it")
+    try:  # access() is not enough: root passes it on read-only mounts and pseudo file systems
+        fd, probe = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise OutputError(f"{where}: cannot write in {parent} ({e.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+    clean_stale_temps(path)
+    return path
 
 
 # --------------------------------------------------------------------------- terminal

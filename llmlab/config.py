@@ -19,6 +19,7 @@ import difflib
 import functools
 import inspect
 import io
+import math
 import os
 import re
 import tokenize
@@ -155,9 +156,13 @@ def _convert(tp: Any, value: Any, path: str, where: _Where) -> Any:
                 for k, v in value.items()}
     if tp is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:  # strings too: PyYAML follows YAML 1.1, which reads `3e-4` (no dot) as a string
-            return float(value)
-        except ValueError:
+            number = float(value)
+        except (ValueError, OverflowError):
             pass
+        else:
+            if not math.isfinite(number):
+                raise _error(where, path, f"expected a finite number, {got}")
+            return number
     elif (tp is int and not isinstance(value, bool) and isinstance(value, int)) or \
             (tp in (str, bool) and type(value) is tp):
         return value
@@ -192,13 +197,55 @@ def _build(cls: type, data: dict, path: str, where: _Where) -> Any:
     kwargs = {}
     for name, field in fields.items():
         if name in data:
-            kwargs[name] = _convert(hints[name], data[name], _join(path, name), where)
+            value = data[name]
+            if isinstance(value, dict) and field.default_factory is not dataclasses.MISSING:
+                value = _onto_default(field.default_factory(), value)
+            kwargs[name] = _convert(hints[name], value, _join(path, name), where)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise _error(where, _join(path, name), f"missing required key ({_type_name(hints[name])})")
     try:
         return cls(**kwargs)
     except ValueError as e:  # __post_init__ checks that span several fields
         raise _error(where, path, str(e)) from e
+
+
+def _onto_default(default: Any, value: dict) -> dict:
+    """A partial mapping given for a field completed from the field's default instance, so that
+    `model.dim=256` keeps the default model's family and other settings (and `optim.lr` in
+    fine-tuning keeps fine-tuning's own warmup). A mapping that names another family starts from that
+    family's defaults instead."""
+    if not dataclasses.is_dataclass(default) or isinstance(default, type):
+        return value
+    if "family" in value and value["family"] != getattr(default, "family", value["family"]):
+        return value
+    return _deep_merge(_init_args(default), value)
+
+
+def _init_args(default: Any) -> dict:
+    """The fewest constructor arguments that rebuild `default`, as plain data: a field that
+    `__post_init__` derives from the others (a head_dim from dim) is left out, to be derived again
+    from the values it is merged with."""
+    cls = type(default)
+    args = {f.name: getattr(default, f.name) for f in dataclasses.fields(cls) if f.init}
+    for name in list(args):
+        if name == "family":
+            continue
+        trial = {k: v for k, v in args.items() if k != name}
+        try:
+            if cls(**trial) == default:
+                args = trial
+        except Exception:  # a required field, or a combination the constructor refuses: keep it
+            pass
+    return {k: _plain(v) for k, v in args.items()}
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            value = _deep_merge(merged[key], value)
+        merged[key] = value
+    return merged
 
 
 def from_dict(cls: type[T], data: dict, *, source: str = "") -> T:
@@ -278,7 +325,9 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as e:
-            raise ConfigError(f"command line: {key}: {_yaml_problem(e)} in value {raw!r}") from e
+            raise ConfigError(f"command line: {key}: {_yaml_problem(e)} in value {raw[:80]!r}") from None
+        except RecursionError:
+            raise ConfigError(f"command line: {key}: the value is nested too deeply") from None
         node = result
         for depth, part in enumerate(parts[:-1]):
             if node.get(part) is None:
@@ -317,7 +366,11 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         except OSError as e:
             raise ConfigError(f"{os.fspath(path)}: cannot read config file ({e.strerror})") from e
         except yaml.YAMLError as e:
-            raise ConfigError(f"{os.fspath(path)}: {_yaml_problem(e)}") from e
+            raise ConfigError(f"{os.fspath(path)}: {_yaml_problem(e)}") from None
+        except RecursionError:
+            raise ConfigError(f"{os.fspath(path)}: nested too deeply to be a config") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{os.fspath(path)}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         data = {} if data is None else data
         if not isinstance(data, dict):
             raise ConfigError(f"{os.fspath(path)}: top level must be a mapping, got {type(data).__name__}")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmlab.common import LlmlabError, atomic_path, atomic_write_text, seed_everything, style
+from llmlab.common import atomic_path, atomic_write_text, check_output, seed_everything, style
 from llmlab.config import save_config
 from llmlab.data.prepare import PrepareConfig, TokenizerTrainConfig, train_tokenizer
 from llmlab.data.prepare import run as prepare
@@ -47,18 +47,18 @@ class DemoConfig:
     seed: int = 0
 
 
-def run(cfg: DemoConfig) -> dict:
-    """Run the demo; returns {"val_loss", "val_ppl", "unigram_ppl", "steps", "run_dir"}."""
-    out = Path(cfg.out_dir)
-    if (out / "pretrain" / "checkpoints").exists():
-        raise LlmlabError(f"{out} holds an earlier demo; remove it or pass out_dir=...")
+def run(cfg: DemoConfig, *, overwrite: bool = False) -> dict:
+    """Run the demo; returns {"val_loss", "val_ppl", "unigram_ppl", "steps", "run_dir"}. `overwrite`
+    runs it again in an out_dir that holds an earlier demo (or anything else)."""
+    out = check_output(cfg.out_dir, label="out_dir", overwrite=overwrite)
     seed_everything(cfg.seed)
     save_config(cfg, out / "config.yaml")
 
     print(style("1/3 data and tokenizer (the CPython documentation in pydoc_data.topics)", "1"))
-    tok_dir = train_tokenizer(TokenizerTrainConfig(out_dir=str(out / "tokenizer"), vocab_size=cfg.vocab_size))
+    tok_dir = train_tokenizer(TokenizerTrainConfig(out_dir=str(out / "tokenizer"), vocab_size=cfg.vocab_size),
+                              overwrite=overwrite)
     manifest = prepare(PrepareConfig(out_dir=str(out / "data"), tokenizer=str(tok_dir), val_frac=0.1,
-                                     seed=cfg.seed))
+                                     seed=cfg.seed), overwrite=overwrite)
 
     print(style(f"\n2/3 pretraining for {cfg.minutes:g} minutes", "1"))
     train_cfg = PretrainConfig(
@@ -73,7 +73,7 @@ def run(cfg: DemoConfig) -> dict:
     train_cfg.eval.every = max(1, train_cfg.max_steps // 6)
     train_cfg.ckpt.every = train_cfg.max_steps
     train_cfg.max_minutes = 1.5 * cfg.minutes  # a hard cap if the machine turns out slower than measured
-    result = pretrain(train_cfg)
+    result = pretrain(train_cfg, overwrite=overwrite)
 
     print(style("\n3/3 results", "1"))
     unigram = unigram_loss(TokenShards(out / "data", "train"), TokenShards(out / "data", "val"), manifest["vocab_size"])

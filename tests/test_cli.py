@@ -83,7 +83,7 @@ def test_convert_failures(tmp_path):
     out = _llmlab("convert", tmp_path, "--to", "onnx", "--out", tmp_path / "o")
     assert out.returncode == 2 and "invalid choice: 'onnx'" in out.stderr
     out = _llmlab("convert", tmp_path, "--to", "hf", "--out", tmp_path)
-    assert out.returncode == 1 and "is the input folder" in out.stderr
+    assert out.returncode == 1 and ": is the input " in out.stderr
 
 
 @pytest.mark.slow

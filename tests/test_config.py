@@ -171,9 +171,42 @@ def test_union_discriminated_by_family():
                                                                                     "rope_theta": 1.0}})
     message = _error(Train, {"steps": 1, "model": {"family": "lama"}})
     assert message.startswith("model.family: unknown family 'lama'; expected one of 'gpt', 'llama'")
-    assert "model: missing key 'family'; expected one of 'gpt', 'llama'" == \
-        _error(Train, {"steps": 1, "model": {"dim": 3}})
     assert "unknown family [1]" in _error(Train, {"steps": 1, "model": {"family": [1]}})  # unhashable
+    # a union with no default to complete a partial mapping from
+    assert "missing key 'family'; expected one of 'gpt', 'llama'" in \
+        str(pytest.raises(ConfigError, from_dict, GptModel | LlamaModel, {"dim": 3}).value)
+
+
+@dataclass
+class Wide:
+    family: Literal["wide"] = "wide"
+    dim: int = 8
+    heads: int = 2
+    head_dim: int | None = None  # derived: dim // heads
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.dim // self.heads
+
+
+@dataclass
+class Run:
+    model: Wide | LlamaModel = field(default_factory=lambda: Wide(dim=16, heads=4))
+    optim: Optim = field(default_factory=lambda: Optim(lr=0.5, kind="sgd"))
+
+
+def test_a_partial_mapping_completes_the_fields_default():
+    # the default's family and settings stay; a field derived from others is derived again
+    assert from_dict(Run, {"model": {"dim": 32}}).model == Wide(dim=32, heads=4, head_dim=8)
+    assert from_dict(Run, {"model": {"head_dim": 3}}).model == Wide(dim=16, heads=4, head_dim=3)
+    assert from_dict(Run, {"optim": {"clip": 1.0}}).optim == Optim(lr=0.5, kind="sgd", clip=1.0)
+    # naming another family starts from that family's defaults
+    assert from_dict(Run, {"model": {"family": "llama", "dim": 4}}).model == LlamaModel(dim=4)
+    assert from_dict(Run, {"model": {"family": "wide"}}).model == Wide(dim=16, heads=4)
+
+
+def test_non_finite_numbers_are_refused():
+    for value in (float("nan"), float("inf"), "-inf", "1e999"):
+        assert "optim.lr: expected a finite number" in _error(Train, {"steps": 1, "optim": {"lr": value}})
 
 
 def test_from_dict_accepts_a_top_level_union():

@@ -32,26 +32,23 @@ manifest.json:
      "splits": {"train": {"documents": n, "tokens": n, "bytes": n (UTF-8 bytes of the kept
                 text, for bits per byte), "shards": [{"file", "tokens", "sha256"}, ...]}, ...}}
 
-An existing, non-empty out_dir is refused rather than replaced: prepared data is often hours
-of work and other runs' manifests point at it, so llmlab never deletes it on a user's behalf.
+An existing, non-empty out_dir is refused unless `--overwrite` is given: prepared data is often
+hours of work and other runs' manifests point at it. Even then llmlab replaces only the files it
+writes and deletes nothing else.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import json
-import os
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from llmlab.common import atomic_write_text, fsync_dir, style
+from llmlab.common import atomic_dir, atomic_write_text, check_output, style
 from llmlab.config import save_config, to_dict
 from llmlab.data import DataError
 from llmlab.data.clean import CleanConfig, normalize, quality_problem
@@ -137,7 +134,7 @@ def assign_split(text: str, seed: int, val_frac: float, test_frac: float = 0.0) 
     return "test" if u < test_frac else "val" if u < test_frac + val_frac else "train"
 
 
-def run(cfg: PrepareConfig, *, tokenizer: Any = None) -> dict:
+def run(cfg: PrepareConfig, *, tokenizer: Any = None, overwrite: bool = False) -> dict:
     """Prepare token shards from raw text (the `llmlab data prepare` verb); prints a report.
 
     Args:
@@ -146,16 +143,19 @@ def run(cfg: PrepareConfig, *, tokenizer: Any = None) -> dict:
             notebooks and tests): anything with `encode_batch(texts, bos=, eos=)`, `vocab_size`,
             `bos_id`, `eos_id` and `sha256()` (and `fim_ids` if it has them), like
             `llmlab.tokenizer.Tokenizer`.
+        overwrite: write into an existing non-empty out_dir, replacing the files of the same names.
 
     Returns:
         The manifest written to `out_dir/manifest.json`.
 
     Raises:
-        DataError: No tokenizer given; out_dir exists and is not empty; the inputs are bad
-            (see `iter_documents`); or "empty corpus": no documents at all, none kept, or none
-            in the train split. Nothing is written then.
+        DataError: No tokenizer given; the inputs are bad (see `iter_documents`); or "empty corpus":
+            no documents at all, none kept, or none in the train split. Nothing is written then.
+        OutputError: out_dir exists and is not empty (without `overwrite`), is or holds an input, or
+            cannot be written.
         LlmlabError: The tokenizer cannot be loaded.
     """
+    out = check_output(cfg.out_dir, label="out_dir", inputs=[*cfg.inputs, cfg.tokenizer], overwrite=overwrite)
     if tokenizer is None:
         if not cfg.tokenizer:
             raise DataError("no tokenizer: set tokenizer=PATH to a tokenizer.json or its folder "
@@ -164,8 +164,6 @@ def run(cfg: PrepareConfig, *, tokenizer: Any = None) -> dict:
     for flag, token_id in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id)):
         if getattr(cfg, flag) and token_id is None:
             raise DataError(f"{flag}=true but the tokenizer has no {flag.upper()} token; set {flag}=false")
-    out = Path(cfg.out_dir)
-    _check_free(out)
     dtype = token_dtype(tokenizer.vocab_size)
     splits = [s for s, frac in zip(SPLITS, (1.0, cfg.val_frac, cfg.test_frac)) if frac > 0]
 
@@ -173,7 +171,7 @@ def run(cfg: PrepareConfig, *, tokenizer: Any = None) -> dict:
     docs = _documents(cfg, file_stats)
     dedup = None if cfg.dedup == "none" else Deduplicator(near=cfg.dedup == "near", threshold=cfg.near_threshold)
 
-    with _staging(out) as tmp:
+    with atomic_dir(out, merge=overwrite) as tmp:
         writers = {s: ShardWriter(tmp, s, dtype, cfg.shard_tokens) for s in splits}
         kept = {s: Counter() for s in splits}  # documents and UTF-8 bytes per split
         batches: dict[str, list[str]] = {s: [] for s in splits}
@@ -206,7 +204,7 @@ def run(cfg: PrepareConfig, *, tokenizer: Any = None) -> dict:
                 flush(split)
         except BaseException:
             for writer in writers.values():
-                writer.abort()  # close the open shard file; _staging deletes the rest
+                writer.abort()  # close the open shard file; atomic_dir deletes the rest
             raise
 
         n_kept = sum(kept[s]["documents"] for s in splits)
@@ -241,7 +239,7 @@ def run(cfg: PrepareConfig, *, tokenizer: Any = None) -> dict:
     return manifest
 
 
-def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
+def train_tokenizer(cfg: TokenizerTrainConfig, *, overwrite: bool = False) -> Path:
     """Train a byte-level BPE tokenizer on normalized documents (the `llmlab tokenizer train` verb).
 
     Documents stream into `llmlab.tokenizer.train_bpe` one at a time. Prints the vocabulary
@@ -255,11 +253,11 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
         tokenizer_config.json, for HF AutoTokenizer, and the resolved config.yaml).
 
     Raises:
-        DataError: out_dir exists and is not empty; the inputs are bad; no non-empty document
-            ("empty corpus"). Nothing is written then.
+        DataError: the inputs are bad; no non-empty document ("empty corpus"). Nothing is written then.
+        OutputError: out_dir exists and is not empty (without `overwrite`), is or holds an input, or
+            cannot be written.
     """
-    out = Path(cfg.out_dir)
-    _check_free(out)
+    out = check_output(cfg.out_dir, label="out_dir", inputs=cfg.inputs, overwrite=overwrite)
     file_stats: Counter = Counter()
     docs = _documents(cfg, file_stats)
     counts: Counter = Counter()
@@ -284,7 +282,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
     if first is None:
         where = ", ".join(cfg.inputs) or "the embedded default"
         raise DataError(f"empty corpus: no non-empty documents in {where}{_skipped_note(file_stats)}")
-    with _staging(out) as tmp:
+    with atomic_dir(out, merge=overwrite) as tmp:
         tokenizer = train_bpe(itertools.chain([first], stream), cfg.vocab_size, min_frequency=cfg.min_frequency)
         saved = tokenizer.save(tmp)
         save_config(cfg, tmp / "config.yaml")
@@ -310,40 +308,6 @@ def _documents(cfg: PrepareConfig | TokenizerTrainConfig, stats: Counter) -> Ite
             return python_sources(cfg.default_bytes or None, stats)
         return default_corpus()
     return iter_documents(cfg.inputs, text_field=cfg.text_field, encoding_errors=cfg.encoding_errors, stats=stats)
-
-
-def _check_free(out: Path) -> None:
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise DataError(f"{out}: already exists and is not empty; choose another out_dir or remove it "
-                        f"yourself (llmlab does not overwrite outputs)")
-
-
-@contextlib.contextmanager
-def _staging(out: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `out`; rename it to `out` when the block succeeds.
-
-    On any error the temporary directory, and the parents of `out` that had to be created,
-    are removed again, so a failed run leaves the file system as it found it.
-    """
-    created = [p for p in out.parents if not p.exists()]  # deepest first
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        yield tmp
-        try:
-            # POSIX rename replaces an empty directory and fails on a non-empty one, so a
-            # directory filled since _check_free is refused here, not overwritten
-            os.rename(tmp, out)
-        except OSError as e:
-            raise DataError(f"{out}: cannot move the result into place ({e.strerror}); "
-                            f"was it created meanwhile?") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for parent in created:
-            with contextlib.suppress(OSError):
-                parent.rmdir()
-        raise
-    fsync_dir(out.parent)
 
 
 def _counts(counter: Counter) -> str:

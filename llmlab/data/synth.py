@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmlab.common import LlmlabError, atomic_write_text, style
+from llmlab.common import LlmlabError, atomic_dir, atomic_write_text, check_output, style
 from llmlab.config import save_config
 
 SPLITS = ("train", "val", "test")
@@ -244,7 +244,7 @@ def score(records: Sequence[dict], predictions: Sequence[str]) -> dict:
 
 @dataclass
 class SynthConfig:
-    out_dir: str = "runs/synth"  # output folder for train.jsonl, val.jsonl, test.jsonl (existing files are replaced)
+    out_dir: str = "runs/synth"  # output folder for train.jsonl, val.jsonl, test.jsonl; must not exist yet (or be empty)
     tasks: list[str] = field(default_factory=lambda: list(TASKS))  # task names, interleaved round-robin
     train: int = 4000  # training records (inputs may repeat)
     val: int = 200  # validation records, each input once and never in train or test
@@ -268,15 +268,16 @@ class SynthConfig:
             raise ValueError(f"difficulty must be >= 1, got {self.difficulty}")
 
 
-def run(cfg: SynthConfig) -> dict:
+def run(cfg: SynthConfig, *, overwrite: bool = False) -> dict:
     """Write train/val/test JSONL splits that share no (task, input) key; prints a report.
 
     val is drawn first, then test without val's keys, then train without either's (module
     docstring). Everything is drawn before anything is written, so a split that cannot be filled
-    leaves out_dir untouched; each file is then written atomically.
+    leaves out_dir untouched; the folder is then written beside out_dir and renamed into place.
 
     Args:
         cfg: The configuration.
+        overwrite: write into an existing non-empty out_dir, replacing the files of the same names.
 
     Returns:
         {"out_dir": str, "counts": {split: {task: records}}}.
@@ -284,7 +285,9 @@ def run(cfg: SynthConfig) -> dict:
     Raises:
         LlmlabError: A task's input space at this difficulty is too small to fill a split with
             inputs no other split holds.
+        OutputError: out_dir exists and is not empty (without `overwrite`) or cannot be written.
     """
+    out = check_output(cfg.out_dir, label="out_dir", overwrite=overwrite)
     tasks = list(cfg.tasks)
     held_out: set[tuple[str, str]] = set()  # keys of the eval splits, which no later split may reuse
     splits: dict[str, list[dict]] = {}
@@ -296,11 +299,11 @@ def run(cfg: SynthConfig) -> dict:
         if split != "train":
             held_out |= {(r["task"], r["input"]) for r in splits[split]}
 
-    out = Path(cfg.out_dir)
-    for split in SPLITS:
-        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in splits[split])
-        atomic_write_text(out / f"{split}.jsonl", lines)
-    save_config(cfg, out / "config.yaml")
+    with atomic_dir(out, merge=overwrite) as tmp:
+        for split in SPLITS:
+            lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in splits[split])
+            atomic_write_text(tmp / f"{split}.jsonl", lines)
+        save_config(cfg, tmp / "config.yaml")
     counts = {s: {t: sum(r["task"] == t for r in splits[s]) for t in dict.fromkeys(tasks)} for s in SPLITS}
     _report(out, cfg, counts)
     return {"out_dir": str(out), "counts": counts}

@@ -10,6 +10,7 @@ Every file is written to a temporary name and renamed into place.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 from collections.abc import Iterator
@@ -235,6 +236,18 @@ def save_hf(model: nn.Module, path: str | os.PathLike, *, max_shard_bytes: int =
                  "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
         atomic_write_text(path / INDEX, json.dumps(index, indent=2))
     atomic_write_text(path / "config.json", json.dumps(hf_config, indent=2))
+
+
+def shadowed_weights(folder: str | os.PathLike, written: str | os.PathLike) -> list[str]:
+    """Weight files in `folder` that the checkpoint in `written` does not replace but a loader would
+    read (an old shard index beside a new single file, or the reverse): what makes writing one
+    checkpoint into another's folder unsafe."""
+    folder, written = Path(folder), Path(written)
+    if not folder.is_dir():
+        return []
+    names = [p.name for p in folder.iterdir() if p.name in (WEIGHTS, INDEX, *PICKLE_WEIGHTS)
+             or fnmatch.fnmatch(p.name, "model-*-of-*.safetensors") or fnmatch.fnmatch(p.name, "pytorch_model-*.bin")]
+    return sorted(n for n in names if not (written / n).exists())
 
 
 def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:

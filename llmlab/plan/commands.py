@@ -47,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--context", type=int, help="KV-cache context length (default: --seq-len)")
     g.add_argument("--infer-batch", type=int, default=1, help="sequences decoded at once")
     p.add_argument("--write-config", metavar="PATH", help="write the model section of a pretrain config (YAML)")
+    p.add_argument("--overwrite", action="store_true", help="replace the file --write-config names if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -146,11 +147,17 @@ def _gb(n: float) -> str:
 
 
 def run_plan(ns: argparse.Namespace) -> None:
+    from llmlab.common import atomic_write_text, check_output
+
+    if ns.write_config is not None:
+        model_file = ns.model if ns.model is not None and Path(ns.model).is_file() else None
+        check_output(ns.write_config, label="--write-config", inputs=[model_file], overwrite=ns.overwrite,
+                     folder=False)
+    elif ns.overwrite:
+        raise LlmlabError("--overwrite applies to --write-config only")
     result = plan(ns)
     if ns.write_config:
         import yaml
-
-        from llmlab.common import atomic_write_text
 
         atomic_write_text(ns.write_config, yaml.safe_dump({"model": result["model"]["config"]}, sort_keys=False))
     if ns.json:

@@ -37,7 +37,7 @@ from llmlab.plan.estimate import TrainingMemory, shape_of, training_memory
 from llmlab.tokenizer import load_tokenizer
 from llmlab.tokenizer.chat import load_chat_template
 from llmlab.train.checkpoint import latest_checkpoint, save_checkpoint
-from llmlab.train.loop import (available_memory, finite_step, print_line, report, resume_run, run_outputs,
+from llmlab.train.loop import (available_memory, check_run_dir, finite_step, print_line, report, resume_run, run_outputs,
                                step_seed, stop_reason, truncate_metrics, write_metrics)
 from llmlab.train.optim import OptimConfig, build_optimizer, lr_at
 from llmlab.train.pretrain import CheckpointConfig, SystemConfig, sample_batch
@@ -98,14 +98,17 @@ class TokenWindows:
         return (index + 1) * self.batch_size * self.seq_len / len(self.shards)
 
 
-def run(cfg: FinetuneConfig) -> dict:
-    """Fine-tune; returns {"step", "tokens", "val_loss", "exact_match", "stopped", "final", "adapter", ...}."""
+def run(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict:
+    """Fine-tune; returns {"step", "tokens", "val_loss", "exact_match", "stopped", "final", "adapter", ...}.
+    `overwrite` starts over in an out_dir that holds an earlier run's checkpoints or other files."""
     # ---- setup
     device = choose_device(cfg.system.device)
     rank, world = init_distributed(device)
     if cfg.peft != "none" and cfg.freeze:
         raise LlmlabError(f"freeze applies to full fine-tuning (peft=none); with peft={cfg.peft} only the "
                           "adapters train already")
+    check_run_dir(Path(cfg.out_dir), resume=cfg.ckpt.resume, inputs=[cfg.base, cfg.data.train, cfg.data.val],
+                  overwrite=overwrite, rank=rank)
     cfg.base = str(_base_checkpoint(cfg.base))
     model_cfg, _ = read_config(cfg.base)
     if cfg.seq_len > model_cfg.max_seq_len:
@@ -367,12 +370,12 @@ def _export(cfg: FinetuneConfig, model, template) -> tuple[str, str | None]:
     out = Path(cfg.out_dir)
     adapter = None
     if cfg.peft != "none":
-        with atomic_dir(out / "adapter") as tmp:
+        with atomic_dir(out / "adapter", merge=True) as tmp:
             save_adapter(model, tmp, cfg.lora, base=str(Path(cfg.base).resolve()))
         adapter = str(out / "adapter")
         model = dequantize_model(merge_and_unload(model))
     model.eval()
-    with atomic_dir(out / "final") as tmp:
+    with atomic_dir(out / "final", merge=True) as tmp:
         save_model(model, tmp)
         copy_tokenizer_files(cfg.base, tmp)
         if cfg.data.template:  # the model now speaks this template: chat and serve should use it

@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Iterator
@@ -16,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmlab.common import LlmlabError, atomic_write_text
-from llmlab.train.checkpoint import latest_checkpoint, load_checkpoint
+from llmlab.common import LlmlabError, atomic_write_text, check_output
+from llmlab.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 
 
 class StopSignals:
@@ -35,11 +36,42 @@ class StopSignals:
             signal.signal(s, handler)
 
 
+# what a run writes in its out_dir; a folder holding only these (and metrics or checkpoints among them) is a run
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "adapter")
+
+
+def check_run_dir(out: Path, *, resume: str, inputs: list, overwrite: bool, rank: int) -> None:
+    """Refuse, before anything is loaded, an out_dir this run may not write into.
+
+    A fresh start needs an absent or empty folder, or an earlier run's folder that holds no checkpoint
+    (a run killed before its first one); `overwrite` lifts that (the old checkpoints are removed: llmlab
+    wrote them; other files stay). Resuming needs a run's folder. The folder may not be or hold an input.
+    """
+    check_output(out, label="out_dir", inputs=inputs, overwrite=True)
+    if resume != "none" and overwrite:
+        raise LlmlabError(f"ckpt.resume={resume} continues the run in {out} and --overwrite starts it over; "
+                          "choose one")
+    if not out.is_dir():
+        return
+    entries = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    checkpoints = list_checkpoints(out / "checkpoints")
+    is_run = set(entries) <= set(RUN_FILES) and bool({"metrics.jsonl", "checkpoints"} & set(entries))
+    fresh = resume == "none" or (resume == "auto" and not checkpoints)
+    if fresh and checkpoints and not overwrite:
+        raise LlmlabError(f"out_dir {out}: already holds checkpoints (newest {checkpoints[-1].name}); pass "
+                          "ckpt.resume=auto to continue that run, or --overwrite to start it over")
+    if entries and not is_run and not checkpoints and not overwrite:
+        raise LlmlabError(f"out_dir {out}: already exists and holds files that are not a run's "
+                          f"({', '.join(entries[:5])}); pass --overwrite to write the run there anyway (llmlab "
+                          "replaces only the files it writes) or choose another out_dir")
+    if overwrite and rank == 0:
+        for old in checkpoints:
+            shutil.rmtree(old)
+        latest_checkpoint(out / "checkpoints", clean=True)  # and the debris of interrupted writes
+
+
 def resume_path(cfg, ckpt_dir: Path, rank: int) -> Path | None:
     if cfg.ckpt.resume == "none":
-        if any(ckpt_dir.glob("step-*")):
-            raise LlmlabError(f"{cfg.out_dir} already holds checkpoints; pass ckpt.resume=auto to continue "
-                              "that run, or choose another out_dir")
         return None
     if cfg.ckpt.resume == "auto":
         return latest_checkpoint(ckpt_dir, clean=rank == 0)  # none yet: a fresh start

@@ -27,7 +27,7 @@ from llmlab.models import GPTConfig, LlamaConfig, build_model
 from llmlab.models.layers import LOSS_BLOCK_ELEMENTS_CPU, LOSS_BLOCK_ELEMENTS_GPU
 from llmlab.plan.estimate import TrainingMemory, cpu_runtime_bytes, shape_of, training_memory
 from llmlab.train.checkpoint import latest_checkpoint, save_checkpoint
-from llmlab.train.loop import (available_memory, finite_step, print_line, report, resume_run, run_outputs,
+from llmlab.train.loop import (available_memory, check_run_dir, finite_step, print_line, report, resume_run, run_outputs,
                                step_seed, stop_reason, truncate_metrics, write_metrics)
 from llmlab.train.optim import OptimConfig, build_optimizer, lr_at
 
@@ -103,11 +103,13 @@ def evaluate(model, shards: TokenShards, cfg: PretrainConfig, device: torch.devi
     return sum(losses) / len(losses)
 
 
-def run(cfg: PretrainConfig) -> dict:
-    """Pretrain; returns {"step", "tokens", "val_loss", "stopped", "checkpoint", "exit_code"}."""
+def run(cfg: PretrainConfig, *, overwrite: bool = False) -> dict:
+    """Pretrain; returns {"step", "tokens", "val_loss", "stopped", "checkpoint", "exit_code"}.
+    `overwrite` starts over in an out_dir that holds an earlier run's checkpoints or other files."""
     # ---- setup
     device = choose_device(cfg.system.device)
     rank, world = init_distributed(device)
+    check_run_dir(Path(cfg.out_dir), resume=cfg.ckpt.resume, inputs=[cfg.data], overwrite=overwrite, rank=rank)
     train_data = TokenShards(cfg.data, "train")
     manifest = train_data.manifest
     val_data = TokenShards(cfg.data, "val") if manifest["splits"].get("val", {}).get("tokens") else None

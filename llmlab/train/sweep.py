@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from llmlab.common import LlmlabError, atomic_path, atomic_write_text, style
+from llmlab.common import LlmlabError, atomic_path, atomic_write_text, check_output, style
 from llmlab.config import save_config
 from llmlab.data.prepare import PrepareConfig, TokenizerTrainConfig, train_tokenizer
 from llmlab.data.prepare import run as prepare
@@ -90,8 +90,13 @@ def _run_one(cfg: ScalingFitConfig, data: Path, vocab: int, width: int, tokens: 
     return result
 
 
-def run(cfg: ScalingFitConfig) -> dict:
-    """Train (or read) the sweep, fit the law; returns the fit, the held-out error and the prediction."""
+# what a sweep writes in its out_dir; a folder holding only these is a sweep to continue
+SWEEP_FILES = ("config.yaml", "data", "tokenizer", "runs", "fit.json", "scaling.png")
+
+
+def run(cfg: ScalingFitConfig, *, overwrite: bool = False) -> dict:
+    """Train (or read) the sweep, fit the law; returns the fit, the held-out error and the prediction.
+    An out_dir holding an earlier sweep continues it; one holding anything else needs `overwrite`."""
     if len(set(cfg.widths)) < 2 or len(set(cfg.tokens)) < 2:
         raise LlmlabError("widths and tokens need at least two values each to tell the exponents apart")
     if len(cfg.widths) * len(cfg.tokens) < 5 + cfg.hold_out:
@@ -99,7 +104,13 @@ def run(cfg: ScalingFitConfig) -> dict:
                           f"5 constants{' with one held out' if cfg.hold_out else ''}")
     if any(w < 16 or w % 16 for w in cfg.widths):
         raise LlmlabError(f"widths must be multiples of 16 (heads of 16), got {cfg.widths}")
-    out = Path(cfg.out_dir)
+    out = check_output(cfg.out_dir, label="out_dir", inputs=[cfg.data], overwrite=True)
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in SWEEP_FILES and not p.name.startswith(".")) \
+        if out.is_dir() else []
+    if foreign and not overwrite:
+        raise LlmlabError(f"out_dir {out}: already exists and holds files that are not a sweep's "
+                          f"({', '.join(foreign[:5])}); pass --overwrite to write the sweep there anyway (llmlab "
+                          "replaces only the files it writes) or choose another out_dir")
     save_config(cfg, out / "config.yaml")
     data = _prepare_data(cfg, out)
     vocab = json.loads((data / "manifest.json").read_text())["vocab_size"]

@@ -10,6 +10,7 @@ import random
 import numpy as np
 import pytest
 
+from llmlab.common import OutputError
 from llmlab.config import ConfigError, from_dict, to_dict
 from llmlab.data import DataError
 from llmlab.data import prepare
@@ -182,10 +183,18 @@ def test_out_dir_that_exists_is_refused_and_left_alone(tmp_path, tokenizer_path)
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     before = sorted(os.listdir(tmp_path))
-    with pytest.raises(DataError, match="already exists and is not empty"):
+    with pytest.raises(OutputError, match=r"already exists \(a non-empty folder\); pass --overwrite"):
         run(PrepareConfig(inputs=[str(corpus)], out_dir=str(out), tokenizer=str(tokenizer_path)))
     assert sorted(os.listdir(tmp_path)) == before and os.listdir(out) == ["keep.txt"]
     assert (out / "keep.txt").read_text() == "precious"
+    # --overwrite writes the data beside what the folder holds and removes nothing
+    run(PrepareConfig(inputs=[str(corpus)], out_dir=str(out), tokenizer=str(tokenizer_path)), overwrite=True)
+    assert (out / "keep.txt").read_text() == "precious" and (out / "manifest.json").exists()
+    assert sorted(os.listdir(tmp_path)) == before  # no temporary folder left beside it
+    with pytest.raises(OutputError, match="is inside the input"):
+        run(PrepareConfig(inputs=[str(corpus)], out_dir=str(corpus / "data"), tokenizer=str(tokenizer_path)))
+    with pytest.raises(OutputError, match="contains the input"):
+        run(PrepareConfig(inputs=[str(corpus)], out_dir=str(tmp_path), tokenizer=str(tokenizer_path)), overwrite=True)
     empty = tmp_path / "empty"
     empty.mkdir()  # an empty directory is taken: nothing in it to lose
     run(PrepareConfig(inputs=[str(corpus)], out_dir=str(empty), tokenizer=str(tokenizer_path)))
@@ -317,7 +326,7 @@ def test_train_tokenizer(tmp_path, capsys):
     assert tok.decode(tok.encode("Document 3 kalo mine")) == "Document 3 kalo mine"
     report = capsys.readouterr().out
     assert "trained on   50 documents" in report and "bytes per token" in report
-    with pytest.raises(DataError, match="already exists"):
+    with pytest.raises(OutputError, match="already exists"):
         train_tokenizer(cfg)
     (tmp_path / "nothing").mkdir()
     (tmp_path / "nothing" / "blank.txt").write_text("  \n\n ")

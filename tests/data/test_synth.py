@@ -11,7 +11,7 @@ from datetime import datetime
 
 import pytest
 
-from llmlab.common import LlmlabError
+from llmlab.common import LlmlabError, OutputError
 from llmlab.config import ConfigError, from_dict
 from llmlab.data import synth
 from llmlab.data.synth import INSTRUCTIONS, TASKS, SynthConfig, exact_match, generate, run, score
@@ -158,7 +158,12 @@ def test_run_writes_disjoint_balanced_jsonl_splits(tmp_path, capsys):
     assert result["out_dir"] == str(out)
     report = capsys.readouterr().out
     assert "multiply" in report and "800" in report
-    assert run(cfg)["counts"] == result["counts"] and _read(out / "train.jsonl") == splits["train"]  # deterministic
+    with pytest.raises(OutputError, match="already exists"):  # refused, and left as it was
+        run(cfg)
+    assert _read(out / "train.jsonl") == splits["train"]
+    (out / "notes.txt").write_text("mine")
+    assert run(cfg, overwrite=True)["counts"] == result["counts"]  # deterministic
+    assert _read(out / "train.jsonl") == splits["train"] and (out / "notes.txt").read_text() == "mine"
 
 
 def test_the_default_config_can_be_filled(tmp_path):

@@ -158,7 +158,7 @@ def test_bad_settings_are_refused(base, synth_dir, tmp_path):
     with pytest.raises(LlmlabError, match="exceeds the base model's context"):
         run(_cfg(base, synth_dir, tmp_path, seq_len=1024))
     with pytest.raises(LlmlabError, match="no such checkpoint"):
-        run(_cfg(tmp_path / "nope", synth_dir, tmp_path))
+        run(_cfg(tmp_path / "nope", synth_dir, tmp_path / "out"))
 
 
 def test_preflight_refuses_a_run_that_cannot_fit(base, synth_dir, tmp_path, monkeypatch):

@@ -33,8 +33,9 @@ class CleanConfig:
     max_line_chars: int = 10_000  # longest allowed line, in characters (0: off)
 
     def __post_init__(self):
-        if self.min_chars < 0 or self.max_line_chars < 0:
-            raise ValueError("min_chars and max_line_chars must be >= 0")
+        for name in ("min_chars", "max_line_chars"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 turns the rule off), got {getattr(self, name)}")
         for name in ("max_symbol_frac", "max_dup_line_frac"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")

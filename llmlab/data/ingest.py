@@ -12,7 +12,9 @@ What is skipped instead of read is counted in a `collections.Counter` the caller
 - "binary": a NUL byte in the first 8 KiB (also catches UTF-16 text, which UTF-8 tools misread);
 - "invalid_utf8": with `encoding_errors="skip"`, a file that is not valid UTF-8.
 
-`stats["files"]` counts the files actually read.
+`stats["files"]` counts the files actually read. A file that cannot be read at all is an error
+naming it, never a skip: a missing path, a broken symbolic link or a loop of them, a FIFO, socket
+or device file (which would block or never end), a file without read permission.
 
 With no data of its own llmlab uses `default_corpus()`, the CPython language documentation
 in `pydoc_data.topics`, and `python_sources()`, the standard library's own `.py` files, for
@@ -22,9 +24,12 @@ code models (DESIGN.md, "The embedded default"): no download is ever needed.
 from __future__ import annotations
 
 import codecs
+import errno
+import itertools
 import json
 import os
 import re
+import stat
 import sysconfig
 import tokenize
 from collections import Counter
@@ -41,6 +46,7 @@ CHUNK_CHARS = 2**20  # a split document ends at the first blank line after this 
 HARD_CHUNK_CHARS = 4 * CHUNK_CHARS  # with no blank line by here, cut at a line break anyway
 PROBE_BYTES = 8192  # a NUL byte this early marks a binary file (the heuristic git and grep use)
 READ_BLOCK = 2**18
+MAX_LINE_BYTES = 2**26  # a JSONL line longer than this (64 MiB) is refused rather than read whole into memory
 
 EncodingErrors = Literal["error", "skip", "replace"]
 _ENCODING_ERRORS = ("error", "skip", "replace")
@@ -89,10 +95,11 @@ def iter_documents(paths: str | os.PathLike | Iterable[str | os.PathLike], *, te
         `Document`s, lazily.
 
     Raises:
-        DataError: A path is missing or is a file of an unsupported type; a JSONL line is not
-            valid JSON, not an object, or lacks a string `text_field` (the message names
-            "file:line" and what was wrong); invalid UTF-8 with encoding_errors="error" (the
-            message names the file and the byte offset).
+        DataError: A path is missing, cannot be read, is not a regular file or folder (see
+            `check_input`) or is a file of an unsupported type; a JSONL line is longer than
+            MAX_LINE_BYTES, is not valid JSON (or nested too deeply), not an object, or lacks a
+            string `text_field` (the message names "file:line" and what was wrong); invalid UTF-8
+            with encoding_errors="error" (the message names the file and the byte offset).
         ValueError: `encoding_errors` is not one of "error", "skip", "replace".
     """
     if encoding_errors not in _ENCODING_ERRORS:
@@ -103,15 +110,87 @@ def iter_documents(paths: str | os.PathLike | Iterable[str | os.PathLike], *, te
     stats = Counter() if stats is None else stats
     # check every path before the first document, so a typo fails at once, not hours in
     for path in paths:
-        if not path.exists():
-            raise DataError(f"{path}: no such file or directory")
-        if not path.is_dir() and path.suffix.lower() not in SUFFIXES:
+        if not stat.S_ISDIR(check_input(path, folders=True).st_mode) and path.suffix.lower() not in SUFFIXES:
             raise DataError(f"{path}: unsupported file type {path.suffix or '(no suffix)'!r}; "
                             f"expected one of {', '.join(SUFFIXES)} or a directory")
     for path in paths:
         files = _walk(path, stats) if path.is_dir() else [path]
         for file in files:
             yield from _read_file(file, text_field, encoding_errors, stats)
+
+
+def check_input(path: Path, *, folders: bool = False) -> os.stat_result:
+    """stat() of an input that llmlab will read: a regular file (or, with `folders`, a directory).
+
+    Raises:
+        DataError: naming `path` and what it is instead: missing, a broken symbolic link, a loop of
+            symbolic links, a FIFO, socket or device file (reading one blocks or never ends), or
+            unreadable.
+    """
+    try:
+        info = path.stat()
+    except OSError as e:
+        raise input_error(path, e) from None
+    if stat.S_ISREG(info.st_mode) or (folders and stat.S_ISDIR(info.st_mode)):
+        return info
+    kind = ("a directory" if stat.S_ISDIR(info.st_mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(info.st_mode)
+            else "a socket" if stat.S_ISSOCK(info.st_mode) else "a device file")
+    raise DataError(f"{path}: is {kind}, not a regular file; llmlab reads only files"
+                    + (" and folders" if folders else ""))
+
+
+def input_error(path: Path, e: OSError) -> DataError:
+    """An OSError met opening or reading input `path`, as one line that says what is wrong with it."""
+    if e.errno == errno.ELOOP:
+        return DataError(f"{path}: a loop of symbolic links (a link that leads back to itself); fix or remove it")
+    if e.errno == errno.ENOENT and path.is_symlink():
+        return DataError(f"{path}: a broken symbolic link (to {os.readlink(path)}, which does not exist)")
+    if e.errno == errno.ENOENT:
+        return DataError(f"{path}: no such file or directory")
+    return DataError(f"{path}: cannot be read ({e.strerror or e})")
+
+
+def parse_json(text: str, where: str, *, lines: bool = False) -> object:
+    """`json.loads(text)`, with its errors as one DataError naming `where` and the column: `where` is
+    "file:line" for one line of a JSONL file, or the file of a whole document when `lines` (the
+    message then adds the line inside it).
+
+    Raises:
+        DataError: invalid JSON, or JSON nested deeper than Python's recursion limit (1,000 levels).
+    """
+    if not lines:
+        text = text.rstrip("\r\n")  # else an error at the line's end is placed at column 1 of the next
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        # json's messages name a position after some of them: "Unterminated string starting at"
+        at = f"{where}:{e.lineno}" if lines else where
+        raise DataError(f"{at}: invalid JSON: {e.msg.removesuffix(' at')} at column {e.colno}") from None
+    except ValueError as e:  # an integer of more than 4,300 digits
+        raise DataError(f"{where}: invalid JSON: {e}") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to read (more than about 1,000 levels of arrays or "
+                        "objects)") from None
+
+
+def jsonl_lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
+    """(line number, byte offset, raw line) of a JSONL file, streamed; lines end at b"\\n" only, so
+    U+2028 inside a JSON string never splits a record.
+
+    Raises:
+        DataError: a line longer than MAX_LINE_BYTES, which is refused rather than read whole.
+    """
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno in itertools.count(1):
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataError(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES / 2**20:g} MiB; a JSONL "
+                                "record must fit on one line of at most that (split long texts into several records)")
+            yield lineno, offset, raw
+            offset += len(raw)
 
 
 def _walk(root: Path, stats: Counter) -> Iterator[Path]:
@@ -131,6 +210,15 @@ def _walk(root: Path, stats: Counter) -> Iterator[Path]:
 
 
 def _read_file(path: Path, text_field: str, encoding_errors: EncodingErrors, stats: Counter) -> Iterator[Document]:
+    check_input(path)
+    try:
+        yield from _read_checked_file(path, text_field, encoding_errors, stats)
+    except OSError as e:
+        raise input_error(path, e) from None
+
+
+def _read_checked_file(path: Path, text_field: str, encoding_errors: EncodingErrors,
+                       stats: Counter) -> Iterator[Document]:
     with open(path, "rb") as f:
         if b"\0" in f.read(PROBE_BYTES):
             stats["binary"] += 1
@@ -181,33 +269,27 @@ def _first_invalid_utf8(path: Path) -> int | None:
 
 
 def _read_jsonl(path: Path, text_field: str, encoding_errors: EncodingErrors) -> Iterator[Document]:
-    offset = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            line = _decode(raw, where, encoding_errors, offset)
-            offset += len(raw)
-            if lineno == 1:
-                line = line.removeprefix("\ufeff")  # json.loads rejects a byte-order mark
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON: {e.msg} at column {e.colno}") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {_json_type(record)}")
-            if text_field not in record:
-                keys = ", ".join(map(repr, list(record)[:10])) or "none"
-                raise DataError(f"{where}: no {text_field!r} field (keys: {keys}); "
-                                f"set text_field to the field that holds the text")
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise DataError(f"{where}: field {text_field!r} is {_json_type(text)}, expected a string")
-            yield Document(text, where)
+    for lineno, offset, raw in jsonl_lines(path):
+        where = f"{path}:{lineno}"
+        line = _decode(raw, where, encoding_errors, offset)
+        if lineno == 1:
+            line = line.removeprefix("\ufeff")  # json.loads rejects a byte-order mark
+        if not line.strip():
+            continue
+        record = parse_json(line, where)
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {json_type(record)}")
+        if text_field not in record:
+            keys = ", ".join(map(repr, list(record)[:10])) or "none"
+            raise DataError(f"{where}: no {text_field!r} field (keys: {keys}); "
+                            f"set text_field to the field that holds the text")
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise DataError(f"{where}: field {text_field!r} is {json_type(text)}, expected a string")
+        yield Document(text, where)
 
 
-def _json_type(value: object) -> str:
+def json_type(value: object) -> str:
     """The JSON name of a decoded value's type, for messages about JSONL lines."""
     for types, name in ((dict, "an object"), (list, "an array"), (str, "a string"), (bool, "a boolean"),
                         ((int, float), "a number")):

@@ -55,7 +55,7 @@ from llmlab.data.clean import CleanConfig, normalize, quality_problem
 from llmlab.data.dedup import Deduplicator
 from llmlab.data.ingest import Document, default_corpus, iter_documents, python_sources
 from llmlab.data.shards import MANIFEST, MANIFEST_VERSION, ShardWriter, token_dtype
-from llmlab.tokenizer import check_vocab_size, load_tokenizer, train_bpe
+from llmlab.tokenizer import check_min_frequency, check_vocab_size, load_tokenizer, train_bpe
 
 SPLITS = ("train", "val", "test")
 BATCH_DOCS = 256  # documents per encode_batch call: enough to keep the Rust threads busy
@@ -83,6 +83,7 @@ class PrepareConfig:
     eos: bool = True  # put EOS after every document, so the model learns where documents end
 
     def __post_init__(self):
+        _check_inputs(self.inputs, self.text_field, self.default)
         if self.default_bytes < 0:
             raise ValueError(f"default_bytes must be >= 0, got {self.default_bytes}")
         for name in ("val_frac", "test_frac"):
@@ -110,11 +111,26 @@ class TokenizerTrainConfig:
     max_docs: int | None = None  # train on the first max_docs non-empty documents only (None: all)
 
     def __post_init__(self):
+        _check_inputs(self.inputs, self.text_field, self.default)
         check_vocab_size(self.vocab_size)
+        check_min_frequency(self.min_frequency)
         if self.default_bytes < 0:
             raise ValueError(f"default_bytes must be >= 0, got {self.default_bytes}")
         if self.max_docs is not None and self.max_docs < 1:
             raise ValueError(f"max_docs must be >= 1 or null, got {self.max_docs}")
+
+
+def _check_inputs(inputs: list[str], text_field: str, default: str) -> None:
+    if inputs and default != "docs":
+        raise ValueError(f"default={default} picks the corpus read when inputs is empty, but inputs names "
+                         f"{len(inputs)} path(s); drop one of the two")
+    # an empty path would be read as the current folder
+    empty = [i for i, path in enumerate(inputs) if not path.strip()]
+    if empty:
+        raise ValueError(f"inputs[{empty[0]}] is an empty path; name a file or folder, or leave inputs empty for "
+                         "the embedded default")
+    if not text_field:
+        raise ValueError("text_field must name the JSONL field that holds the text, got ''")
 
 
 def assign_split(text: str, seed: int, val_frac: float, test_frac: float = 0.0) -> str:
@@ -211,8 +227,8 @@ def run(cfg: PrepareConfig, *, tokenizer: Any = None, overwrite: bool = False) -
         if n_in == 0:
             raise DataError(f"empty corpus: no documents in {', '.join(cfg.inputs)}{_skipped_note(file_stats)}")
         if n_kept == 0:
-            raise DataError(f"empty corpus: all {n_in} documents were removed ({_counts(removed)}); "
-                            f"check the inputs or loosen the clean.* thresholds")
+            raise DataError(f"empty corpus: all {n_in} documents of {', '.join(cfg.inputs)} were removed "
+                            f"({_counts(removed)}); check the inputs or loosen the clean.* thresholds")
         if kept["train"]["documents"] == 0:
             raise DataError(f"empty corpus: none of the {n_kept} kept documents landed in the train split "
                             f"(val_frac={cfg.val_frac}, test_frac={cfg.test_frac}); add data or lower the fractions")

@@ -13,8 +13,8 @@ one to a row.
 
 from __future__ import annotations
 
-import json
 import os
+import stat
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from llmlab.data import DataError
+from llmlab.data.ingest import check_input, input_error, json_type, jsonl_lines, parse_json
 from llmlab.tokenizer.chat import ChatTemplate, ChatTemplateError, encode_chat
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -45,42 +46,57 @@ class Example:
 
 
 def read_records(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
-    """(where, record) for every record in a .json/.jsonl file or a directory of them (sorted)."""
+    """(where, record) for every record in a .json/.jsonl file or a directory of them (sorted).
+
+    Raises:
+        DataError: naming the file (and line): a path that is missing or cannot be read (see
+            `llmlab.data.ingest.check_input`), a folder without such files, text that is not UTF-8 or
+            not JSON (or nested too deeply), a .json file that is not an array, a record that is not
+            an object, a JSONL line longer than `MAX_LINE_BYTES`.
+    """
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file or directory")
-    files = sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl") and p.is_file()) \
-        if path.is_dir() else [path]
-    if not files:
-        raise DataError(f"{path}: no .json or .jsonl files in this directory")
+    if not stat.S_ISDIR(check_input(path, folders=True).st_mode):
+        files = [path]
+    else:
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl") and not p.is_dir())
+        if not files:
+            raise DataError(f"{path}: no .json or .jsonl files in this directory")
     for file in files:
+        check_input(file)
         try:
-            text = file.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        if file.suffix == ".json":
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{file}:{e.lineno}: malformed JSON: {e.msg}") from None
-            if not isinstance(data, list):
-                raise DataError(f"{file}: expected a JSON array of records, got {type(data).__name__}")
-            records = ((f"{file}[{i}]", r) for i, r in enumerate(data))
-        else:
-            records = _jsonl(file, text)
-        for where, record in records:
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            yield where, record
+            yield from _file_records(file)
+        except OSError as e:
+            raise input_error(file, e) from None
 
 
-def _jsonl(file: Path, text: str) -> Iterator[tuple[str, object]]:
-    for n, line in enumerate(text.splitlines(), 1):
+def _file_records(file: Path) -> Iterator[tuple[str, dict]]:
+    if file.suffix == ".json":
+        data = parse_json(_decode(file.read_bytes(), str(file)), str(file), lines=True)
+        if not isinstance(data, list):
+            raise DataError(f"{file}: expected a JSON array of records, got {json_type(data)}")
+        records = ((f"{file}[{i}]", r) for i, r in enumerate(data))
+    else:
+        records = _jsonl(file)
+    for where, record in records:
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {json_type(record)}")
+        yield where, record
+
+
+def _decode(data: bytes, where: str, offset: int = 0) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text ({e.reason} at byte {offset + e.start})") from None
+
+
+def _jsonl(file: Path) -> Iterator[tuple[str, object]]:
+    for n, offset, raw in jsonl_lines(file):
+        line = _decode(raw, f"{file}:{n}", offset)
+        if n == 1:
+            line = line.removeprefix("\ufeff")  # json.loads rejects a byte-order mark
         if line.strip():
-            try:
-                yield f"{file}:{n}", json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{file}:{n}: malformed JSON: {e.msg} (column {e.colno})") from None
+            yield f"{file}:{n}", parse_json(line, f"{file}:{n}")
 
 
 def record_messages(record: dict, where: str) -> list[dict] | None:
@@ -102,9 +118,12 @@ def record_messages(record: dict, where: str) -> list[dict] | None:
             if not isinstance(record.get(key), str):
                 raise DataError(f"{where}: an Alpaca record needs a string {key!r}"
                                 + ("" if key in record else f" (missing {key!r})"))
+        for key in ("input", "system"):
+            if record.get(key) is not None and not isinstance(record[key], str):
+                raise DataError(f"{where}: an Alpaca record's {key!r} must be a string, got {json_type(record[key])}")
         prompt = record["instruction"]
         if record.get("input"):
-            prompt += "\n\n" + str(record["input"])
+            prompt += "\n\n" + record["input"]
         system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
         return [*system, {"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
     if "text" in record:
@@ -138,8 +157,12 @@ def build_examples(path: str | os.PathLike, tokenizer, template: ChatTemplate, s
         if len(ids) > seq_len + 1:
             ids, mask = ids[:seq_len + 1], mask[:seq_len + 1]
             stats["truncated"] += 1
+        task = record.get("task")
+        if task is not None and not isinstance(task, str):
+            raise DataError(f"{where}: task must be a string (the name evaluation groups scores by), got "
+                            f"{json_type(task)}")
         example = Example(np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool), prompt, reference,
-                          record.get("task"), where)
+                          task, where)
         if example.targets == 0:
             stats["no_target"] += 1
             continue

@@ -38,8 +38,10 @@ from llmlab.config import save_config
 
 SPLITS = ("train", "val", "test")
 MAX_DRAWS = 1000  # draws per record before a split is declared impossible to fill with new inputs
+MAX_RECORDS = 1_000_000  # per split: all are drawn in memory before any is written (0.7 GB at difficulty 8)
 DIGITS = "0123456789"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+MAX_DIFFICULTY = len(DIGITS) - 2  # the count task draws difficulty + 2 distinct digits
 WORDS = ("red", "blue", "green", "cat", "dog", "bird", "fish", "tree", "sun", "moon", "star", "book", "door",
          "hand", "road", "ship", "rain", "snow", "wind", "fire", "milk", "cake", "bread", "apple", "king",
          "queen", "house", "river", "stone", "light", "dark", "cold", "warm", "fast", "slow", "big", "small",
@@ -153,7 +155,8 @@ def generate(tasks: Sequence[str], n: int, seed: int, difficulty: int = 1, *, pa
         The records; inputs may repeat (use `run` for splits without shared inputs).
 
     Raises:
-        LlmlabError: An unknown task, no tasks, n <= 0 or difficulty < 1.
+        LlmlabError: An unknown task, no tasks, n outside [1, MAX_RECORDS] or difficulty outside
+            [1, MAX_DIFFICULTY].
     """
     return _draw(tasks, n, random.Random(seed), difficulty, paraphrase=paraphrase)
 
@@ -197,10 +200,10 @@ def _check(tasks: Sequence[str], n: int, difficulty: int) -> None:
     for name in tasks:
         if name not in TASKS:
             raise LlmlabError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
-    if n <= 0:
-        raise LlmlabError(f"the number of records must be >= 1, got {n}")
-    if difficulty < 1:
-        raise LlmlabError(f"difficulty must be >= 1, got {difficulty}")
+    if not 1 <= n <= MAX_RECORDS:
+        raise LlmlabError(f"the number of records must be >= 1 and at most {MAX_RECORDS:,}, got {n}")
+    if not 1 <= difficulty <= MAX_DIFFICULTY:
+        raise LlmlabError(f"difficulty must be >= 1 and at most {MAX_DIFFICULTY}, got {difficulty}")
 
 
 # --------------------------------------------------------------------------- scoring
@@ -244,12 +247,12 @@ def score(records: Sequence[dict], predictions: Sequence[str]) -> dict:
 
 @dataclass
 class SynthConfig:
-    out_dir: str = "runs/synth"  # output folder for train.jsonl, val.jsonl, test.jsonl; must not exist yet (or be empty)
+    out_dir: str = "runs/synth"  # folder for train.jsonl, val.jsonl, test.jsonl; absent or empty, or --overwrite
     tasks: list[str] = field(default_factory=lambda: list(TASKS))  # task names, interleaved round-robin
     train: int = 4000  # training records (inputs may repeat)
     val: int = 200  # validation records, each input once and never in train or test
     test: int = 200  # test records, each input once and never in train or val
-    difficulty: int = 1  # 1 (easiest) or more: scales operand sizes and list lengths
+    difficulty: int = 1  # 1 (easiest) to 8: scales operand sizes and list lengths
     seed: int = 0  # one seed for all three splits (each draws from its own stream)
     paraphrase: bool = False  # draw instructions among a few phrasings instead of one canonical phrasing per task
 
@@ -259,13 +262,12 @@ class SynthConfig:
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; known tasks: {', '.join(TASKS)}")
-        if self.train < 1:
-            raise ValueError(f"train must be >= 1, got {self.train}")
-        for name in ("val", "test"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.difficulty < 1:
-            raise ValueError(f"difficulty must be >= 1, got {self.difficulty}")
+        for name, least in (("train", 1), ("val", 0), ("test", 0)):
+            if not least <= getattr(self, name) <= MAX_RECORDS:
+                raise ValueError(f"{name} must be >= {least} and at most {MAX_RECORDS:,} (records are drawn in memory "
+                                 f"before any is written), got {getattr(self, name)}")
+        if not 1 <= self.difficulty <= MAX_DIFFICULTY:
+            raise ValueError(f"difficulty must be >= 1 and at most {MAX_DIFFICULTY}, got {self.difficulty}")
 
 
 def run(cfg: SynthConfig, *, overwrite: bool = False) -> dict:

@@ -23,6 +23,8 @@ ModelConfig = Union[GPTConfig, LlamaConfig]
 
 def build_model(cfg: ModelConfig) -> nn.Module:
     """Instantiate the family's module for `cfg` (random initialisation, on the default device)."""
+    if cfg.vocab_size is None:
+        raise ValueError("vocab_size is not set: a model needs its vocabulary size (pretrain takes the data's)")
     return REGISTRY[cfg.family][1](cfg)
 
 

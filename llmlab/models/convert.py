@@ -9,8 +9,10 @@ checkpoint lacks, is an error that lists them all.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -178,10 +180,40 @@ def _unsupported(where: str, field: str, value, expected: str) -> ConversionErro
     return ConversionError(f"{where}: {field}={value!r} is not supported (expected {expected})")
 
 
+_REQUIRED = object()
+_KIND_NAMES = {int: "a whole number", float: "a finite number", bool: "true or false", dict: "a JSON object"}
+
+
+def _field(hf: dict, key: str, where: str, kind: type, default: Any = _REQUIRED) -> Any:
+    """`hf[key]` checked to be of `kind` (for float, an int is fine); `default` when it is absent or null.
+
+    Raises:
+        ConversionError: the key is required and absent, or holds another type; the message names it.
+    """
+    value = hf.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ConversionError(f"{where}: {key!r} is missing and has no default")
+        return default
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {int: number and isinstance(value, int), float: number and math.isfinite(value),
+          bool: isinstance(value, bool)}.get(kind, isinstance(value, kind))
+    if not ok:
+        raise ConversionError(f"{where}: {key} must be {_KIND_NAMES[kind]}, got {value!r}")
+    return float(value) if kind is float else value
+
+
 def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
-    """Map an HF `config.json` dict to a llmlab model config; unknown architectures and options
-    llmlab cannot reproduce exactly are errors naming the field."""
+    """Map an HF `config.json` dict to a llmlab model config; unknown architectures, options llmlab
+    cannot reproduce exactly, and missing or mistyped fields are errors naming the field."""
     model_type = hf.get("model_type")
+    try:
+        return _config_from_hf(hf, model_type, where)
+    except ValueError as e:  # a combination the model config refuses (e.g. dim not divisible by n_heads)
+        raise ConversionError(f"{where}: {e}") from None
+
+
+def _config_from_hf(hf: dict, model_type: Any, where: str) -> ModelConfig:
     if model_type == "gpt2":
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -189,31 +221,40 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         for flag, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)):
             if hf.get(flag, ok) != ok:
                 raise _unsupported(where, flag, hf[flag], str(ok))
-        return GPTConfig(vocab_size=hf["vocab_size"], dim=hf["n_embd"], n_layers=hf["n_layer"],
-                         n_heads=hf["n_head"], hidden_dim=hf.get("n_inner"), max_seq_len=hf["n_positions"],
-                         norm_eps=hf.get("layer_norm_epsilon", 1e-5), dropout=hf.get("resid_pdrop", 0.0),
-                         tie_embeddings=hf.get("tie_word_embeddings", True))
-    if model_type in LLAMA_TYPES:
+        return GPTConfig(vocab_size=_field(hf, "vocab_size", where, int), dim=_field(hf, "n_embd", where, int),
+                         n_layers=_field(hf, "n_layer", where, int), n_heads=_field(hf, "n_head", where, int),
+                         hidden_dim=_field(hf, "n_inner", where, int, None),
+                         max_seq_len=_field(hf, "n_positions", where, int),
+                         norm_eps=_field(hf, "layer_norm_epsilon", where, float, 1e-5),
+                         dropout=_field(hf, "resid_pdrop", where, float, 0.0),
+                         tie_embeddings=_field(hf, "tie_word_embeddings", where, bool, True))
+    if isinstance(model_type, str) and model_type in LLAMA_TYPES:
         if hf.get("hidden_act", "silu") != "silu":
             raise _unsupported(where, "hidden_act", hf["hidden_act"], "silu")
         if hf.get("mlp_bias"):
             raise _unsupported(where, "mlp_bias", True, "false")
         if model_type == "llama" and hf.get("attention_bias"):
             raise _unsupported(where, "attention_bias", True, "false (biases on q/k/v only: use qwen2)")
-        sliding = hf.get("sliding_window") if model_type == "mistral" else None
+        sliding = _field(hf, "sliding_window", where, int, None) if model_type == "mistral" else None
         if model_type == "qwen2" and hf.get("use_sliding_window"):
             raise _unsupported(where, "use_sliding_window", True, "false (per-layer windows)")
-        rope = dict(hf.get("rope_parameters") or {})
-        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-        scaling = rope or hf.get("rope_scaling")
-        return LlamaConfig(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-                           n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads"),
-                           head_dim=hf.get("head_dim"), hidden_dim=hf["intermediate_size"],
-                           max_seq_len=hf.get("max_position_embeddings", 2048), norm_eps=hf.get("rms_norm_eps", 1e-6),
-                           rope_theta=float(theta), rope_scaling=_scaling_from_hf(scaling, where),
-                           tie_embeddings=hf.get("tie_word_embeddings", False),
+        rope = dict(_field(hf, "rope_parameters", where, dict, {}))
+        theta = _field(rope, "rope_theta", where, float, None)
+        theta = _field(hf, "rope_theta", where, float, 10000.0) if theta is None else theta
+        rope.pop("rope_theta", None)
+        scaling = rope or _field(hf, "rope_scaling", where, dict, None)
+        return LlamaConfig(vocab_size=_field(hf, "vocab_size", where, int), dim=_field(hf, "hidden_size", where, int),
+                           n_layers=_field(hf, "num_hidden_layers", where, int),
+                           n_heads=_field(hf, "num_attention_heads", where, int),
+                           n_kv_heads=_field(hf, "num_key_value_heads", where, int, None),
+                           head_dim=_field(hf, "head_dim", where, int, None),
+                           hidden_dim=_field(hf, "intermediate_size", where, int),
+                           max_seq_len=_field(hf, "max_position_embeddings", where, int, 2048),
+                           norm_eps=_field(hf, "rms_norm_eps", where, float, 1e-6),
+                           rope_theta=theta, rope_scaling=_scaling_from_hf(scaling, where),
+                           tie_embeddings=_field(hf, "tie_word_embeddings", where, bool, False),
                            attention_bias=model_type == "qwen2", sliding_window=sliding,
-                           dropout=hf.get("attention_dropout", 0.0))
+                           dropout=_field(hf, "attention_dropout", where, float, 0.0))
     raise ConversionError(f"{where}: model_type={model_type!r} is not a supported architecture "
                           f"(supported: {', '.join(('gpt2',) + LLAMA_TYPES)})")
 
@@ -233,15 +274,17 @@ def _scaling_from_hf(scaling: dict | None, where: str) -> RopeScaling | None:
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return None
-    if kind not in RopeScaling.KINDS:
+    if not isinstance(kind, str) or kind not in RopeScaling.KINDS:
         raise _unsupported(where, "rope_type", kind, ", ".join(RopeScaling.KINDS))
     fields = _SCALING_FIELDS[kind]
     extra = set(scaling) - {"rope_type", "type", "factor", "partial_rotary_factor", *fields}
     if extra or scaling.get("partial_rotary_factor", 1.0) != 1.0:
         raise _unsupported(where, f"{kind} rope scaling fields", sorted(extra) or scaling,
                            ", ".join(("factor",) + fields))
-    return RopeScaling(kind=kind, factor=float(scaling["factor"]),
-                       **{k: scaling[k] for k in fields if scaling.get(k) is not None})
+    kinds = {"original_max_position_embeddings": int, "truncate": bool}
+    return RopeScaling(kind=kind, factor=_field(scaling, "factor", f"{where}: rope_scaling", float),
+                       **{k: _field(scaling, k, f"{where}: rope_scaling", kinds.get(k, float))
+                          for k in fields if scaling.get(k) is not None})
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:

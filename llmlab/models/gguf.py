@@ -265,9 +265,15 @@ def _encode(source: _Source, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     if source.rotary_heads is not None:
         weight = permute_rotary(weight, source.rotary_heads)
     data = np.ascontiguousarray(weight.to("cpu", torch.float32).numpy())
+    if not np.isfinite(data).all():
+        raise GGUFExportError(f"{source.name} holds NaN or infinite values: the model is damaged (a diverged run?); "
+                              "export a checkpoint from before that")
     if qtype == gguf.GGMLQuantizationType.F32:
         return data
     if qtype == _Q8_0:
+        if np.abs(data).max() / 127 > np.finfo(np.float16).max:  # the block scales are float16
+            raise GGUFExportError(f"{source.name} has values beyond q8_0's range (+-{127 * 65504:.3g}); export with "
+                                  "outtype=f32")
         return quantize(data, _Q8_0)
     with np.errstate(over="ignore"):  # an overflow is reported below, by name
         half = data.astype(np.float16)
@@ -303,13 +309,21 @@ def _read_vocab(folder: Path, vocab_size: int) -> _Vocab:
                               "model alone)")
     spec = _read_json(file)
     model = spec.get("model") or {}
+    if not isinstance(model, dict):
+        raise GGUFExportError(f"{file}: model must be a JSON object, got {type(model).__name__}")
     if model.get("type") != "BPE" or not _is_gpt2_byte_level(spec):
         raise GGUFExportError(f"{file}: GGUF export takes byte-level BPE tokenizers split by GPT-2's regex (llama.cpp "
                               f"pre-tokenizer {PRE_TOKENIZER!r}); this one has model {model.get('type')!r}, "
                               f"normalizer {_kind(spec.get('normalizer'))} and pre-tokenizer "
                               f"{_kind(spec.get('pre_tokenizer'))}")
     added_tokens = spec.get("added_tokens") or []
-    ids: dict[str, int] = {**(model.get("vocab") or {}), **{a["content"]: a["id"] for a in added_tokens}}
+    vocab = model.get("vocab") or {}
+    if not isinstance(added_tokens, list) or not all(
+            isinstance(a, dict) and isinstance(a.get("content"), str) and _is_id(a.get("id")) for a in added_tokens):
+        raise GGUFExportError(f"{file}: added_tokens must be a list of {{\"id\": int >= 0, \"content\": str}} objects")
+    if not isinstance(vocab, dict) or not all(_is_id(i) for i in vocab.values()):
+        raise GGUFExportError(f"{file}: model.vocab must map each token to an id >= 0")
+    ids: dict[str, int] = {**vocab, **{a["content"]: a["id"] for a in added_tokens}}
     added = {a["content"]: bool(a.get("special")) for a in added_tokens}  # text -> marked special
     if ids and max(ids.values()) >= vocab_size:
         raise GGUFExportError(f"{file}: token id {max(ids.values())} does not fit the model's vocabulary of "
@@ -321,26 +335,42 @@ def _read_vocab(folder: Path, vocab_size: int) -> _Vocab:
                 gguf.TokenType.CONTROL if added[text] else gguf.TokenType.USER_DEFINED)
         tokens[i], types[i] = text, int(kind)
     # a space inside a merge half is written as U+0120, as llama.cpp's SpecialVocab does (never in byte-level BPE)
-    merges = [m if isinstance(m, str) else " ".join(part.replace(" ", "\u0120") for part in m)
-              for m in model.get("merges") or []]
+    merges = model.get("merges") or []
+    if not isinstance(merges, list) or not all(
+            isinstance(m, str) or (isinstance(m, list) and len(m) == 2 and all(isinstance(p, str) for p in m))
+            for m in merges):
+        raise GGUFExportError(f"{file}: model.merges must be a list of \"left right\" strings or [left, right] pairs")
+    merges = [m if isinstance(m, str) else " ".join(part.replace(" ", "\u0120") for part in m) for m in merges]
     config_file = folder / "tokenizer_config.json"
     config = _read_json(config_file) if config_file.is_file() else {}
     special_ids = {role: _special_id(config, role, ids) for role in _FALLBACK_NAMES}
     template = config.get("chat_template")
     if (folder / "chat_template.jinja").is_file():  # it wins over the config's, as in llmlab.tokenizer.chat
-        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        try:
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise GGUFExportError(f"{folder / 'chat_template.jinja'}: unreadable: {e}") from None
+    if isinstance(template, list) and not all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                              and isinstance(t.get("template"), str) for t in template):
+        raise GGUFExportError(f"{config_file}: chat_template must be a string or a list of {{name, template}} "
+                              "objects")
     if not isinstance(template, (str, list)) or not template:
         template = None
     return _Vocab(tokens, types, merges, special_ids, template)
 
 
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _is_gpt2_byte_level(spec: dict) -> bool:
     """No normalizer and a ByteLevel pre-tokenizer with GPT-2's regex and no prefix space (alone or in a Sequence)."""
     pre = spec.get("pre_tokenizer") or {}
-    if pre.get("type") == "Sequence" and len(pre.get("pretokenizers") or []) == 1:
+    if isinstance(pre, dict) and pre.get("type") == "Sequence" and isinstance(pre.get("pretokenizers"), list) \
+            and len(pre["pretokenizers"]) == 1:
         pre = pre["pretokenizers"][0]
-    return (spec.get("normalizer") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
-            and not pre.get("add_prefix_space", False))
+    return (spec.get("normalizer") is None and isinstance(pre, dict) and pre.get("type") == "ByteLevel"
+            and pre.get("use_regex", True) and not pre.get("add_prefix_space", False))
 
 
 def _kind(component: Any) -> str:
@@ -359,8 +389,10 @@ def _special_id(config: dict, role: str, ids: dict[str, int]) -> int | None:
 def _read_json(file: Path) -> dict:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:
         raise GGUFExportError(f"{file}: unreadable: {e}") from None
+    except RecursionError:
+        raise GGUFExportError(f"{file}: unreadable: nested too deeply") from None
     if not isinstance(data, dict):
         raise GGUFExportError(f"{file}: expected a JSON object")
     return data

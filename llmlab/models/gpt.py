@@ -24,14 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llmlab.models.layers import (KVCache, Linear, ParamCount, RMSNorm, build_attention_mask, lm_output,
-                                  positions_from_mask, sdpa, training_flops_per_token)
+from llmlab.models.layers import (KVCache, Linear, ParamCount, RMSNorm, build_attention_mask, check_config_ranges,
+                                  lm_output, positions_from_mask, sdpa, training_flops_per_token)
 
 
 @dataclass
 class GPTConfig:
     family: Literal["gpt"] = "gpt"
-    vocab_size: int = 50257
+    vocab_size: int | None = 50257  # token ids; None only where a trainer sets it (pretrain: from the data)
     dim: int = 768  # residual stream width
     n_layers: int = 12
     n_heads: int = 12
@@ -47,10 +47,13 @@ class GPTConfig:
     init_std: float = 0.02  # std of the normal initialisation of matrices
 
     def __post_init__(self):
+        check_config_ranges(self, ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim", "max_seq_len"))
         if self.hidden_dim is None:
             self.hidden_dim = 4 * self.dim
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.position == "relative" and self.dim % 2:  # sin and cos halves of the distance encodings
+            raise ValueError(f"dim={self.dim} must be even for position='relative'")
 
     def num_params(self) -> ParamCount:
         d, h, b = self.dim, self.hidden_dim, int(self.bias)

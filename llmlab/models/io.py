@@ -13,8 +13,11 @@ import contextlib
 import fnmatch
 import json
 import os
-from collections.abc import Iterator
+import pickle
+import re
 import shutil
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -45,19 +48,25 @@ def read_config(path: str | os.PathLike) -> tuple[ModelConfig, str]:
     """(model config, "llmlab" | "hf") from a checkpoint folder's config.json."""
     file = Path(path) / "config.json"
     if not Path(path).is_dir():
-        raise CheckpointError(f"{path}: not a directory (expected a checkpoint folder with config.json)")
+        what = "a file" if Path(path).exists() else "nothing exists there"
+        raise CheckpointError(f"{path}: not a directory ({what}; expected a checkpoint folder with config.json)")
     if not file.is_file():
-        raise CheckpointError(f"{file}: missing (a checkpoint folder needs config.json)")
+        raise CheckpointError(f"{file}: {'not a file' if file.exists() else 'missing'} (a checkpoint folder needs "
+                              "config.json)")
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # not UTF-8, not JSON, an integer of more than 4,300 digits
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{file}: nested too deeply to be a model config") from None
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot be read ({e.strerror})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{file}: expected a JSON object")
     if "llmlab" in data:
         fields = data["llmlab"]
         family = fields.get("family") if isinstance(fields, dict) else None
-        if family not in REGISTRY:
+        if not isinstance(family, str) or family not in REGISTRY:
             raise CheckpointError(f"{file}: llmlab.family={family!r} is not one of {', '.join(REGISTRY)}")
         return configlib.from_dict(REGISTRY[family][0], fields, source=str(file)), "llmlab"
     return config_from_hf(data, where=str(file)), "hf"
@@ -69,15 +78,9 @@ def read_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False) -> d
     path = Path(path)
     if (path / INDEX).is_file() or (path / PICKLE_WEIGHTS[1]).is_file():
         index_file = path / INDEX if (path / INDEX).is_file() else path / PICKLE_WEIGHTS[1]
-        try:
-            weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index_file}: not a valid shard index ({e!r})") from None
+        weight_map = read_shard_index(index_file)
         state = {}
-        for shard in shards:
-            if Path(shard).name != shard:
-                raise CheckpointError(f"{index_file}: shard name {shard!r} must be a plain file name")
+        for shard in sorted(set(weight_map.values())):
             state.update(_read_file(path / shard, allow_pickle))
         missing = sorted(set(weight_map) - set(state))
         if missing:
@@ -86,12 +89,38 @@ def read_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False) -> d
     for name in (WEIGHTS, PICKLE_WEIGHTS[0]):
         if (path / name).is_file():
             return _read_file(path / name, allow_pickle)
+        if (path / name).exists():  # a folder, a FIFO (reading would block), a device
+            raise CheckpointError(f"{path / name}: not a regular file")
     raise CheckpointError(f"{path}: no weights found (expected {WEIGHTS} or {INDEX})")
+
+
+def read_shard_index(index_file: Path) -> dict[str, str]:
+    """The `weight_map` of a shard index: tensor name -> shard file name, a plain name in the index's folder.
+
+    Raises:
+        CheckpointError: the file is not JSON, has no weight_map of names to names, or names a shard
+            elsewhere than its own folder.
+    """
+    try:
+        data = json.loads(index_file.read_text(encoding="utf-8"))
+    except ValueError as e:  # not UTF-8, not JSON, an integer of more than 4,300 digits
+        raise CheckpointError(f"{index_file}: not a valid shard index (not JSON: {e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{index_file}: not a valid shard index (nested too deeply)") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise CheckpointError(f"{index_file}: not a valid shard index (expected a weight_map of tensor names to "
+                              "shard file names)")
+    for shard in set(weight_map.values()):
+        if Path(shard).name != shard or shard in ("", ".", ".."):
+            raise CheckpointError(f"{index_file}: shard name {shard!r} must be a plain file name")
+    return weight_map
 
 
 def _read_file(file: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     if not file.is_file():
-        raise CheckpointError(f"{file}: missing")
+        raise CheckpointError(f"{file}: {'not a regular file' if file.exists() else 'missing'}")
     if file.suffix == ".safetensors":
         try:
             with safe_open(file, framework="pt") as f:
@@ -102,10 +131,45 @@ def _read_file(file: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file}: pickled weights can run code when loaded and are refused; "
                               "convert them to safetensors, or pass --allow-pickle if you trust the file "
                               "(it is then read with weights_only=True)")
+    return _read_pickle(file)
+
+
+def _read_pickle(file: Path) -> dict[str, torch.Tensor]:
+    """A pickled state dict read with weights_only=True: tensors and plain containers only. Whatever
+    else the file holds is refused in llmlab's words: torch's own message suggests weights_only=False,
+    which would run the file's code."""
+    zipped = zipfile.is_zipfile(file)
+    with open(file, "rb") as f:
+        start = f.read(2)
+    if not zipped and start == b"PK":
+        raise CheckpointError(f"{file}: a damaged or truncated zip archive (a partial download or copy?)")
+    if not zipped and start[:1] != b"\x80":  # the PROTO opcode that starts torch's legacy format
+        raise CheckpointError(f"{file}: not a PyTorch weights file (neither a zip archive nor a pickle)")
     try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises many types for bad pickles; all mean the same to the user
-        raise CheckpointError(f"{file}: could not be read with weights_only=True ({e})") from None
+        # only the zip format (torch >= 1.6) can be memory-mapped; the legacy one is read whole
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipped)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
+        detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", str(e), re.DOTALL)
+        what = (f"holds the Python object {found.group(1)}" if found else
+                f"weights-only reading stopped at: {' '.join(detail.group(1).split())[:200]}" if detail else
+                _first_sentence(e))
+        raise CheckpointError(f"{file}: not a plain-tensor pickle ({what}); llmlab refuses it even with "
+                              "--allow-pickle, because unpickling anything but tensors could run code: convert the "
+                              "file to safetensors in a Python session you trust") from None
+    except Exception as e:  # torch raises many types for damaged files; all mean the same to the user
+        raise CheckpointError(f"{file}: not a readable PyTorch weights file ({_first_sentence(e)})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        got = type(state).__name__ if not isinstance(state, dict) else "a mapping with values other than tensors"
+        raise CheckpointError(f"{file}: expected a state dict (tensor names to tensors), got {got}")
+    return state
+
+
+def _first_sentence(error: Exception) -> str:
+    """The first line and sentence of an error's text: torch appends paragraphs of advice."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text.split(". ")[0].rstrip(".")[:200]
 
 
 @contextlib.contextmanager
@@ -134,19 +198,22 @@ def meta_parameters() -> Iterator[None]:
 
 def check_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str, *,
                 ignored: set[str] = frozenset()) -> None:
-    """Raise CheckpointError naming every missing, unexpected (and not `ignored`) and misshapen tensor
-    of `state` against `expected` (tensors or meta tensors of the right shapes)."""
+    """Raise CheckpointError naming the missing, unexpected (and not `ignored`) and misshapen tensors
+    of `state` against `expected` (tensors or meta tensors of the right shapes), on one line: the
+    first ten of each kind, and how many more."""
     missing = sorted(k for k in expected if state.get(k) is None)
     unexpected = sorted(set(state) - set(expected) - set(ignored))
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
-    if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected[:20])}")
-    problems += [f"{k}: shape {tuple(state[k].shape)} but the config implies {tuple(v.shape)}"
+    misshapen = [f"{k}: shape {tuple(state[k].shape)} but the config implies {tuple(v.shape)}"
                  for k, v in expected.items() if state.get(k) is not None and state[k].shape != v.shape]
+    problems = [f"{label}{_first(items)}" for label, items in
+                (("missing tensors: ", missing), ("unexpected tensors: ", unexpected), ("", misshapen)) if items]
     if problems:
-        raise CheckpointError(f"{source}: weights do not match the config:\n  " + "\n  ".join(problems))
+        raise CheckpointError(f"{source}: weights do not match the config: " + "; ".join(problems))
+
+
+def _first(items: list[str], n: int = 10) -> str:
+    """The first `n` items, comma-joined, and how many more there are: one line for any count."""
+    return ", ".join(items[:n]) + (f" (and {len(items) - n} more)" if len(items) > n else "")
 
 
 def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, *, assign: bool = False) -> None:

@@ -561,6 +561,19 @@ class _CacheWindow:
 # --------------------------------------------------------------------------- accounting
 
 
+def check_config_ranges(cfg, counts: tuple[str, ...]) -> None:
+    """The range checks every family's config shares: `counts` are >= 1 where set (None = derived
+    later), norm_eps and init_std > 0, dropout in [0, 1). Raises ValueError naming the field."""
+    for name in counts:
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("norm_eps", "init_std"):
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)}")
+    if not 0 <= cfg.dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
+
+
 class ParamCount(NamedTuple):
     """Parameter counts. `non_embedding` excludes the vocabulary matrices (token embedding and an
     untied output head) and learned position embeddings, as in Kaplan et al. 2020."""

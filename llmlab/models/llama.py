@@ -19,15 +19,15 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llmlab.models.layers import (KVCache, Linear, ParamCount, RMSNorm, RopeScaling, RotaryEmbedding,
-                                  SwiGLU, apply_rotary, build_attention_mask, lm_output, positions_from_mask, sdpa,
-                                  stacked_linear, training_flops_per_token)
+from llmlab.models.layers import (KVCache, Linear, ParamCount, RMSNorm, RopeScaling, RotaryEmbedding, SwiGLU,
+                                  apply_rotary, build_attention_mask, check_config_ranges, lm_output,
+                                  positions_from_mask, sdpa, stacked_linear, training_flops_per_token)
 
 
 @dataclass
 class LlamaConfig:
     family: Literal["llama"] = "llama"
-    vocab_size: int = 32000
+    vocab_size: int | None = 32000  # token ids; None only where a trainer sets it (pretrain: from the data)
     dim: int = 4096  # residual stream width
     n_layers: int = 32
     n_heads: int = 32  # query heads
@@ -46,6 +46,8 @@ class LlamaConfig:
     init_std: float = 0.02  # std of the normal initialisation of matrices
 
     def __post_init__(self):
+        check_config_ranges(self, ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim",
+                                   "max_seq_len", "sliding_window"))
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
@@ -58,6 +60,10 @@ class LlamaConfig:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if not self.rope_theta > 1:  # the frequencies theta^(-2i/d) need a base above 1 to spread out
+            raise ValueError(f"rope_theta must be > 1, got {self.rope_theta}")
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.rope_scaling, self.head_dim)
 
     def num_params(self) -> ParamCount:
         d, hd = self.dim, self.head_dim
@@ -73,6 +79,23 @@ class LlamaConfig:
     def flops_per_token(self, seq_len: int) -> int:
         return training_flops_per_token(self.num_params().non_embedding + self.vocab_size * self.dim,
                                         self.n_layers, self.n_heads * self.head_dim, seq_len)
+
+
+def _check_rope_scaling(s: RopeScaling, head_dim: int) -> None:
+    """Refuse the settings for which `rope_inv_freq` would divide by zero or take the log of a
+    non-positive number (the kind and factor >= 1 are RopeScaling's own checks)."""
+    if s.original_max_position_embeddings is not None and s.original_max_position_embeddings < 1:
+        raise ValueError(f"rope_scaling.original_max_position_embeddings must be >= 1, got "
+                         f"{s.original_max_position_embeddings}")
+    if s.kind == "dynamic" and head_dim < 4:
+        raise ValueError(f"rope_scaling kind 'dynamic' needs head_dim >= 4, got {head_dim}")
+    if s.kind == "llama3" and not 0 < s.low_freq_factor < s.high_freq_factor:
+        raise ValueError(f"rope_scaling needs 0 < low_freq_factor < high_freq_factor, got {s.low_freq_factor} "
+                         f"and {s.high_freq_factor}")
+    if s.kind == "yarn":
+        for name in ("beta_fast", "beta_slow", "attention_factor"):
+            if getattr(s, name) is not None and not getattr(s, name) > 0:
+                raise ValueError(f"rope_scaling.{name} must be > 0, got {getattr(s, name)}")
 
 
 class Attention(nn.Module):

@@ -10,7 +10,9 @@ export of the same base, and an adapter trained with `peft` loads here.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -84,45 +86,111 @@ def _peft_targets(model: nn.Module, family: str, hf_names: list[str]) -> list[st
 
 def read_adapter_config(path: str | os.PathLike) -> dict:
     file = Path(path) / ADAPTER_CONFIG
+    if Path(path).exists() and not Path(path).is_dir():
+        raise AdapterError(f"{path}: not an adapter folder (a file; name the folder holding {ADAPTER_CONFIG})")
+    if file.exists() and not file.is_file():
+        raise AdapterError(f"{file}: not a regular file")
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise AdapterError(f"{path}: not an adapter folder (no {ADAPTER_CONFIG})") from None
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:
         raise AdapterError(f"{file}: cannot read the adapter config ({e})") from None
+    except RecursionError:
+        raise AdapterError(f"{file}: cannot read the adapter config (nested too deeply)") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{file}: expected a JSON object, got {type(config).__name__}")
     if config.get("peft_type") != "LORA":
         raise AdapterError(f"{file}: peft_type must be LORA, got {config.get('peft_type')!r}")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
-            raise AdapterError(f"{file}: {key} must be a positive number, got {config.get(key)!r}")
+    r, alpha, dropout = config.get("r"), config.get("lora_alpha"), config.get("lora_dropout") or 0.0
+    if not _is_number(r) or r != int(r) or r < 1:
+        raise AdapterError(f"{file}: r must be a whole number >= 1, got {r!r}")
+    if not _is_number(alpha) or alpha <= 0:
+        raise AdapterError(f"{file}: lora_alpha must be a positive number, got {alpha!r}")
+    if not _is_number(dropout) or not 0 <= dropout < 1:
+        raise AdapterError(f"{file}: lora_dropout must be a number in [0, 1), got {dropout!r}")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise AdapterError(f"{file}: use_rslora must be true or false, got {config['use_rslora']!r}")
     for key, default in UNSUPPORTED.items():
         if config.get(key, default) not in (default, None, {}, [], False):
             raise AdapterError(f"{file}: {key}={config[key]!r} is not supported (only plain LoRA adapters load)")
     return config
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def read_adapter(path: str | os.PathLike, family: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """The adapter's config and its tensors under llmlab module names for `family`."""
     path = Path(path)
     config = read_adapter_config(path)
+    if (path / ADAPTER_WEIGHTS).exists() and not (path / ADAPTER_WEIGHTS).is_file():  # a FIFO would block
+        raise AdapterError(f"{path / ADAPTER_WEIGHTS}: not a regular file")
     try:
         raw = load_file(path / ADAPTER_WEIGHTS)
     except (OSError, SafetensorError) as e:
         raise AdapterError(f"{path / ADAPTER_WEIGHTS}: cannot read the adapter weights ({e})") from None
-    state = {}
+    parsed = []  # (HF module path, "lora_A" | "lora_B", tensor)
     for key, tensor in raw.items():
         module, dot, part = key.removeprefix(PREFIX).removesuffix(".weight").rpartition(".")
         if not dot or part not in ("lora_A", "lora_B") or not key.startswith(PREFIX):
             raise AdapterError(f"{path / ADAPTER_WEIGHTS}: unexpected tensor {key} (expected "
                                f"{PREFIX}<module>.lora_A.weight / .lora_B.weight)")
+        parsed.append((module, part, tensor))
+    _check_targets(path, config.get("target_modules"), list(dict.fromkeys(m for m, _, _ in parsed)))
+    ranks = {t.shape[0 if part == "lora_A" else -1] for _, part, t in parsed if t.ndim}
+    if ranks != {config["r"]}:
+        raise AdapterError(f"{path / ADAPTER_CONFIG}: r={config['r']!r}, but the tensors of {ADAPTER_WEIGHTS} have "
+                           f"rank {', '.join(map(str, sorted(ranks)))}")
+    state = {}
+    for module, part, tensor in parsed:
         try:
             name, _ = module_name_map(module, family, to_hf=False)
         except ConversionError as e:
             raise AdapterError(f"{path / ADAPTER_WEIGHTS}: {e} (an adapter for another model family?)") from None
         state[f"{name}.{part}.weight"] = tensor
     return config, state
+
+
+def _check_targets(path: Path, targets: object, modules: list[str]) -> None:
+    """Refuse an adapter whose config's `target_modules` and tensors disagree: PEFT would wrap the
+    modules the config selects and leave the others' tensors unused, or zero-initialised.
+
+    PEFT selects a module whose path equals a listed name or ends with "." + it, or, for a string,
+    whose path the regular expression matches in full (`check_target_module_exists`)."""
+    config, weights = path / ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return  # every linear layer but the output head: nothing to compare the tensors against
+        try:
+            pattern = re.compile(targets)
+        except re.error as e:
+            raise AdapterError(f"{config}: target_modules {targets!r} is not a valid regular expression "
+                               f"({e})") from None
+        unselected = [m for m in modules if not pattern.fullmatch(m)]
+        unused: list[str] = []
+    elif isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets):
+        def selects(target: str, module: str) -> bool:
+            return module == target or module.endswith("." + target)
+
+        unselected = [m for m in modules if not any(selects(t, m) for t in targets)]
+        unused = [t for t in targets if not any(selects(t, m) for m in modules)]
+    else:
+        raise AdapterError(f"{config}: target_modules must be a list of module names or a regular expression, "
+                           f"got {targets!r}")
+    problems = []
+    if unselected:
+        problems.append(f"{weights} holds tensors for {_first(unselected)}, which target_modules does not select")
+    if unused:
+        problems.append(f"target_modules lists {_first(unused)}, for which {weights} holds no tensors")
+    if problems:
+        raise AdapterError(f"{config}: target_modules {targets!r} does not match the adapter's tensors: "
+                           + "; ".join(problems))
+
+
+def _first(items: list[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f" (and {len(items) - n} more)" if len(items) > n else "")
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> LoraConfig:

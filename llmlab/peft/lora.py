@@ -29,6 +29,11 @@ class AdapterError(LlmlabError):
     """An adapter that does not fit the model, or a LoRA setting that cannot be honoured."""
 
 
+class LoraSettingError(AdapterError, ValueError):
+    """A LoraConfig value out of range: an AdapterError to code that builds the config, and a ValueError
+    so that a config file or override naming it is reported with its key (`llmlab.config`)."""
+
+
 @dataclass
 class LoraConfig:
     r: int = 8  # rank of the update B A
@@ -39,12 +44,14 @@ class LoraConfig:
 
     def __post_init__(self):
         if self.r < 1:
-            raise AdapterError(f"lora.r={self.r}: expected a rank >= 1")
+            raise LoraSettingError(f"r must be a rank >= 1, got {self.r}")
+        if not self.alpha > 0:  # the update's scale: 0 would train adapters that never act
+            raise LoraSettingError(f"alpha must be > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
-            raise AdapterError(f"lora.dropout={self.dropout}: expected a probability in [0, 1)")
-        if not self.targets:
-            raise AdapterError("lora.targets is empty: name the modules to adapt (e.g. [q_proj, v_proj]) "
-                               "or use [all-linear]")
+            raise LoraSettingError(f"dropout must be a probability in [0, 1), got {self.dropout}")
+        if not self.targets or not all(self.targets):
+            raise LoraSettingError(f"targets must name the modules to adapt (e.g. [q_proj, v_proj]) or be "
+                                   f"[all-linear], got {self.targets}")
 
     @property
     def scaling(self) -> float:
@@ -203,7 +210,8 @@ def load_lora_state(model: nn.Module, state: dict[str, torch.Tensor], source: st
                  "(an adapter trained for another base?)"
                  for key, t in expected.items() if key in state and state[key].shape != t.shape]
     if problems:
-        raise AdapterError(f"{source}: the adapter does not fit the model:\n  " + "\n  ".join(problems[:20]))
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise AdapterError(f"{source}: the adapter does not fit the model: " + "; ".join(problems[:5]) + more)
     with torch.no_grad():
         for key, t in expected.items():
             t.copy_(state[key])

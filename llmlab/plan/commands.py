@@ -5,13 +5,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
 from llmlab.common import LlmlabError
+from llmlab.data.ingest import check_input
 from llmlab.plan import estimate as est
+from llmlab.plan.estimate import PlanError
 from llmlab.plan.hardware import CATALOG, get_hardware
 from llmlab.plan.scaling import LAWS, config_for_params
+
+
+MAX_PARAMS = 1e15  # a thousand times the largest dense models trained by 2025: past it no estimate means anything
+MAX_TOKENS = 1e17  # some 10,000 times the largest training sets of 2025 (about 15T tokens)
+MAX_FLOPS = 1e33  # about 6 N D at those two limits
+MAX_COUNT = 10**9  # for a batch, context, vocabulary, device count or rank: far past any real run
+SEQ_LEN = 2048  # training sequence length when none is given (or the model's context, if shorter)
+VOCAB_SIZE = 32000  # vocabulary of a model sized from a count when none is given
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,10 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--params", type=float, help="a bare parameter count, e.g. 7e9 (a LLaMA shape is chosen)")
     g.add_argument("--tokens", type=float, help="training tokens (default: the compute-optimal count)")
     g.add_argument("--budget-flops", type=float, help="a compute budget: size the model compute-optimally")
-    g.add_argument("--law", default="tokens-per-param", choices=sorted(LAWS),
-                   help="how a budget is split into parameters and tokens")
-    g.add_argument("--vocab-size", type=int, default=32000, help="vocabulary of a model sized from a count")
-    g.add_argument("--seq-len", type=int, default=2048, help="training sequence length")
+    g.add_argument("--law", choices=sorted(LAWS),
+                   help="how a budget is split into parameters and tokens (default: tokens-per-param)")
+    g.add_argument("--vocab-size", type=int, help=f"vocabulary of a model sized from a count (default {VOCAB_SIZE})")
+    g.add_argument("--seq-len", type=int, help=f"training sequence length (default {SEQ_LEN}, or the model's "
+                   "context if shorter)")
     g.add_argument("--batch", type=int, default=8, help="micro-batch per device (sequences)")
     g.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"), help="training precision")
     g.add_argument("--optimizer", default="adamw", choices=sorted(est.OPTIMIZER_BYTES))
@@ -41,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--memory-gb", type=float, help="override the device's memory")
     g.add_argument("--price", type=float, help="USD per device-hour (default: the catalog's)")
     g.add_argument("--power", type=float, help="watts per device (default: the catalog's)")
-    g.add_argument("--pue", type=float, default=1.1, help="data-centre power usage effectiveness")
+    g.add_argument("--pue", type=float, default=1.1, help="data-centre power usage effectiveness (>= 1)")
     g.add_argument("--grid", type=float, default=0.4, help="grid carbon intensity, kg CO2 per kWh")
     g = p.add_argument_group("inference")
     g.add_argument("--context", type=int, help="KV-cache context length (default: --seq-len)")
@@ -51,52 +63,122 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def _model_config(ns: argparse.Namespace, params: float | None):
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_arguments(ns: argparse.Namespace) -> None:
+    """Refuse, before any work, every flag out of range and every flag that another one contradicts
+    or makes meaningless (PlanError naming the flag)."""
+    if ns.model is None and ns.params is None and ns.budget_flops is None:
+        raise PlanError("name a model (preset or config file), --params N or --budget-flops C")
+    if ns.model is not None and ns.params is not None:
+        raise PlanError(f"give a model or --params, not both (got {ns.model!r} and --params {ns.params:.3g})")
+    if ns.budget_flops is not None and (ns.model is not None or ns.params is not None):
+        raise PlanError("--budget-flops sizes the model compute-optimally, so it takes no model or --params; to plan "
+                        "a given model, give its --tokens instead")
+    if ns.budget_flops is not None and ns.tokens is not None:
+        raise PlanError("--budget-flops sets the token count (C = 6 N D), so it takes no --tokens; give one of them")
+    if ns.law is not None and ns.budget_flops is None:
+        raise PlanError("--law splits a --budget-flops into parameters and tokens; it applies to --budget-flops only")
+    if ns.vocab_size is not None and ns.model is not None:
+        raise PlanError(f"--vocab-size applies to a model sized from --params or --budget-flops; {ns.model!r} "
+                        "has its own vocabulary")
+    if ns.qlora and not ns.lora_rank:
+        raise PlanError("--qlora needs --lora-rank R > 0 (QLoRA trains rank-R adapters on a 4-bit base)")
+    for name, limit in (("params", MAX_PARAMS), ("tokens", MAX_TOKENS), ("budget_flops", MAX_FLOPS)):
+        if getattr(ns, name) is not None:
+            est.positive(_flag(name), getattr(ns, name), at_most=limit)
+    if ns.tokens is not None and ns.tokens < 1:
+        raise PlanError(f"--tokens must be at least 1, got {ns.tokens:.3g}")
+    for name in ("vocab_size", "seq_len", "batch", "devices", "infer_batch", "context"):
+        if getattr(ns, name) is not None:
+            est.count(_flag(name), getattr(ns, name), at_most=MAX_COUNT)
+    est.count("--lora-rank", ns.lora_rank, minimum=0, at_most=MAX_COUNT)
+    for name in ("peak_tflops", "memory_gb"):
+        if getattr(ns, name) is not None:
+            est.positive(_flag(name), getattr(ns, name))
+    for name in ("price", "power", "grid"):
+        if getattr(ns, name) is not None:
+            est.non_negative(_flag(name), getattr(ns, name))
+    est.check_pue("--pue", ns.pue)
+    if ns.mfu is not None:
+        est.check_mfu("--mfu", ns.mfu)
+
+
+def _model_config(ns: argparse.Namespace, params: float | None, max_seq_len: int):
     from llmlab.config import from_dict
     from llmlab.models import REGISTRY
     from llmlab.models.presets import PRESETS, get_preset
 
     if ns.model is None:
-        cfg = config_for_params(params, vocab_size=ns.vocab_size, max_seq_len=ns.seq_len)
+        cfg = config_for_params(params, vocab_size=ns.vocab_size or VOCAB_SIZE, max_seq_len=max_seq_len)
         return cfg, f"a LLaMA shape for {params:.3g} parameters"
     if ns.model in PRESETS:
         return get_preset(ns.model), f"preset {ns.model}"
     path = Path(ns.model)
-    if not path.is_file():
-        raise LlmlabError(f"{ns.model!r} is neither a preset nor a file; presets: {', '.join(PRESETS)}")
+    if path.is_dir():
+        raise PlanError(f"{path}: is a folder; expected a preset name or a YAML config file")
+    if not os.path.lexists(path):
+        raise PlanError(f"{ns.model!r} is neither a preset nor a file; presets: {', '.join(PRESETS)}")
+    check_input(path)  # a loop of symbolic links, a FIFO whose reading would block, a device
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise LlmlabError(f"{path}: not a readable YAML file: {e}") from None
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise PlanError(f"{path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise PlanError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise PlanError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    except RecursionError:
+        raise PlanError(f"{path}: nested too deeply to be a config") from None
+    except ValueError as e:  # an integer of more than 4,300 digits
+        raise PlanError(f"{path}: {e}") from None
+    if data is None or data == {}:
+        raise PlanError(f"{path}: is empty; expected a model config (family, dim, n_layers, ...) or a model: section")
     section = data.get("model", data) if isinstance(data, dict) else None
     family = section.get("family", "llama") if isinstance(section, dict) else None
-    if family not in REGISTRY:
-        raise LlmlabError(f"{path}: expected a model config (family: {' or '.join(REGISTRY)}) or a model: section")
+    if not isinstance(family, str) or family not in REGISTRY:
+        raise PlanError(f"{path}: expected a model config (family: {' or '.join(REGISTRY)}) or a model: section")
     return from_dict(REGISTRY[family][0], {**section, "family": family}, source=str(path)), str(path)
 
 
 def plan(ns: argparse.Namespace) -> dict:
-    """Every estimate for the command line's arguments, as a JSON-ready dict (bytes, FLOPs, hours)."""
-    if ns.model is None and ns.params is None and ns.budget_flops is None:
-        raise LlmlabError("name a model (preset or config file), --params N or --budget-flops C")
-    if ns.model is not None and ns.params is not None:
-        raise LlmlabError("give a model or --params, not both")
-    for name in ("params", "tokens", "budget_flops"):
-        if getattr(ns, name) is not None:
-            est.positive(f"--{name.replace('_', '-')}", getattr(ns, name))
-    for name in ("seq_len", "batch", "devices", "infer_batch", "pue"):
-        est.positive(f"--{name.replace('_', '-')}", getattr(ns, name))
+    """Every estimate for the command line's arguments, as a JSON-ready dict (bytes, FLOPs, hours).
+
+    Raises:
+        LlmlabError: a flag out of range or contradicted by another (`check_arguments`), a model that
+            cannot be read, or a sequence length, context or LoRA rank the model cannot take.
+    """
+    check_arguments(ns)
+    law = ns.law or "tokens-per-param"
     optimal = {}
     if ns.budget_flops is not None:
-        optimal = {law: dict(zip(("params", "tokens"), fn(ns.budget_flops))) for law, fn in LAWS.items()}
+        optimal = {name: dict(zip(("params", "tokens"), fn(ns.budget_flops))) for name, fn in LAWS.items()}
     params = ns.params
     if ns.model is None and params is None:
-        params = optimal[ns.law]["params"]
-    cfg, source = _model_config(ns, params)
+        params = optimal[law]["params"]
+        if params > MAX_PARAMS:
+            raise PlanError(f"--budget-flops {ns.budget_flops:.3g} buys {params:.3g} parameters under the {law} law, "
+                            f"past the planner's range of {MAX_PARAMS:.3g}; lower the budget")
+    sized_context = max(ns.seq_len or SEQ_LEN, ns.context or 0)
+    cfg, source = _model_config(ns, params, sized_context)
+    for name in ("seq_len", "context"):
+        value = getattr(ns, name)
+        if value is not None and value > cfg.max_seq_len:
+            raise PlanError(f"{_flag(name)} {value} exceeds the context of {source} (max_seq_len {cfg.max_seq_len})")
+    if ns.lora_rank > cfg.dim:
+        raise PlanError(f"--lora-rank {ns.lora_rank} exceeds the model's width {cfg.dim}: a rank above a layer's "
+                        "smaller side adds nothing")
+    seq_len = ns.seq_len or min(SEQ_LEN, cfg.max_seq_len)
     shape = est.shape_of(cfg)
-    per_token = cfg.flops_per_token(ns.seq_len)
+    if shape.params > MAX_PARAMS:
+        raise PlanError(f"{source}: {shape.params:.3g} parameters, past the planner's range of {MAX_PARAMS:.3g}")
+    per_token = cfg.flops_per_token(seq_len)
     if ns.tokens is not None:
         tokens = ns.tokens
     elif ns.budget_flops is not None:
@@ -105,19 +187,22 @@ def plan(ns: argparse.Namespace) -> dict:
         tokens = 20 * shape.params  # the compute-optimal rule of thumb
     flops = est.training_flops(per_token, tokens)
 
-    hw = get_hardware(ns.hardware, peak_flops=ns.peak_tflops and ns.peak_tflops * 1e12,
-                      memory_bytes=ns.memory_gb and ns.memory_gb * 1e9, price_per_hour=ns.price,
-                      power_watts=ns.power, mfu=ns.mfu)
-    memory = est.training_memory(shape, batch=ns.batch, seq_len=ns.seq_len, precision=ns.precision,
+    try:
+        hw = get_hardware(ns.hardware, peak_flops=ns.peak_tflops and ns.peak_tflops * 1e12,
+                          memory_bytes=ns.memory_gb and ns.memory_gb * 1e9, price_per_hour=ns.price,
+                          power_watts=ns.power, mfu=ns.mfu)
+    except PlanError as e:  # the overrides were checked by their flags: this is the name
+        raise PlanError(f"--hardware: {e}") from None
+    memory = est.training_memory(shape, batch=ns.batch, seq_len=seq_len, precision=ns.precision,
                                  optimizer=ns.optimizer, checkpointing=ns.checkpointing, lora_rank=ns.lora_rank,
                                  qlora=ns.qlora, zero_stage=ns.zero, devices=ns.devices, cpu=hw.name == "this-cpu")
     cost = est.run_cost(flops, hw.peak_flops, devices=ns.devices, mfu=hw.mfu, price_per_hour=hw.price_per_hour,
                         power_watts=hw.power_watts, pue=ns.pue, grid_kg_per_kwh=ns.grid)
-    context = ns.context or ns.seq_len
+    context = ns.context or seq_len
     result = {
         "model": {"source": source, "params": shape.params, "non_embedding_params": shape.non_embedding,
                   "config": {k: v for k, v in asdict(cfg).items() if v is not None}},
-        "tokens": tokens, "tokens_per_param": tokens / shape.params,
+        "tokens": tokens, "tokens_per_param": tokens / shape.params, "seq_len": seq_len,
         "flops": flops, "pf_days": est.pf_days(flops), "flops_per_token": per_token,
         "flops_6nd": 6 * shape.params * tokens,  # the usual headline figure, without the attention term
         "inference_memory": {
@@ -131,14 +216,14 @@ def plan(ns: argparse.Namespace) -> dict:
         "run": {**asdict(cost), "days": cost.hours / 24, "devices": ns.devices, "mfu": hw.mfu},
     }
     if optimal:
-        result["compute_optimal"] = {"budget_flops": ns.budget_flops, "law": ns.law, **optimal}
+        result["compute_optimal"] = {"budget_flops": ns.budget_flops, "law": law, **optimal}
     return result
 
 
 def _size(n: float) -> str:
     for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= scale:
-            return f"{n / scale:.3g}{unit}"
+            return f"{n / scale:,.0f}{unit}" if n >= 1000 * scale else f"{n / scale:.3g}{unit}"
     return f"{n:.3g}"
 
 

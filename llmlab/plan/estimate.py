@@ -9,6 +9,8 @@ no attention matrix unless `flash=False`).
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -57,10 +59,68 @@ def shape_of(cfg) -> Shape:
                  cfg.n_kv_heads if llama else cfg.n_heads, head_dim, cfg.hidden_dim, cfg.vocab_size, llama)
 
 
-def positive(name: str, value: float) -> float:
-    if not value > 0:
-        raise PlanError(f"{name} must be > 0, got {value!r}")
+def _show(value: float) -> str:
+    """`value` to 3 significant digits, also an int too large for a float."""
+    try:
+        return f"{value:.3g}"
+    except OverflowError:
+        digits = str(abs(value))
+        mantissa = f"{digits[0]}.{digits[1:3]}".rstrip("0").rstrip(".")
+        return f"{'-' if value < 0 else ''}{mantissa}e+{len(digits) - 1}"
+
+
+def finite(name: str, value: float) -> float:
+    """`value` when it is a finite real number; else a PlanError naming `name`."""
+    try:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        ok = False
+    if not ok:
+        shown = _show(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else repr(value)
+        raise PlanError(f"{name} must be a finite number, got {shown}")
     return value
+
+
+def positive(name: str, value: float, *, at_most: float = math.inf) -> float:
+    """`value` when it is a finite number > 0 and <= `at_most`; else a PlanError naming `name`."""
+    finite(name, value)
+    if not value > 0:
+        raise PlanError(f"{name} must be positive, got {_show(value)}")
+    if value > at_most:
+        raise PlanError(f"{name} must be at most {at_most:.3g}, got {_show(value)}")
+    return value
+
+
+def non_negative(name: str, value: float) -> float:
+    """`value` when it is a finite number >= 0; else a PlanError naming `name`."""
+    if finite(name, value) < 0:
+        raise PlanError(f"{name} must be >= 0, got {_show(value)}")
+    return value
+
+
+def count(name: str, value: int, *, minimum: int = 1, at_most: float = math.inf) -> int:
+    """`value` when it is an int in [`minimum`, `at_most`] (a batch, a device count, a rank); else a PlanError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise PlanError(f"{name} must be a whole number, got {value!r}")
+    if value < minimum:
+        raise PlanError(f"{name} must be {'positive' if minimum == 1 else f'>= {minimum}'}, got {_show(value)}")
+    if value > at_most:
+        raise PlanError(f"{name} must be at most {at_most:.3g}, got {_show(value)}")
+    return value
+
+
+def check_mfu(name: str, mfu: float) -> float:
+    """Model FLOPs utilisation is a fraction of the peak: in (0, 1]."""
+    if not 0 < finite(name, mfu) <= 1:
+        raise PlanError(f"{name} must be in (0, 1] (a fraction of the peak), got {mfu:.3g}")
+    return mfu
+
+
+def check_pue(name: str, pue: float) -> float:
+    """Power usage effectiveness is the facility's power over the devices' power: >= 1."""
+    if not finite(name, pue) >= 1:
+        raise PlanError(f"{name} must be >= 1 (the facility's power over the devices' power), got {pue:.3g}")
+    return pue
 
 
 def precision_bytes(precision: str) -> float:
@@ -90,8 +150,8 @@ def weight_bytes(params: float, precision: str) -> float:
 
 def kv_cache_bytes(shape: Shape, batch: int, context: int, precision: str = "bf16") -> float:
     """Keys and values of every layer for `batch` sequences of `context` tokens."""
-    positive("batch", batch)
-    positive("context", context)
+    count("batch", batch)
+    count("context", context)
     return 2 * shape.n_layers * shape.n_kv_heads * shape.head_dim * batch * context * precision_bytes(precision)
 
 
@@ -107,7 +167,7 @@ def activation_bytes(shape: Shape, batch: int, seq_len: int, precision: str = "b
     With checkpointing only each layer's input (d) is kept, plus one layer's full set while it is
     recomputed. The final norm adds 3 d.
     """
-    tokens = positive("batch", batch) * positive("seq_len", seq_len)
+    tokens = count("batch", batch) * count("seq_len", seq_len)
     q, kv = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
     per_layer = 6 * shape.dim + 3 * q + 2 * kv + (4 if shape.gated_mlp else 2) * shape.hidden_dim
     if not flash:
@@ -118,7 +178,7 @@ def activation_bytes(shape: Shape, batch: int, seq_len: int, precision: str = "b
 
 def lora_params(shape: Shape, rank: int) -> int:
     """Trainable parameters of rank-r adapters on every linear layer of every block (A: r x in, B: out x r)."""
-    positive("lora rank", rank)
+    count("lora rank", rank)
     d, q, kv, h = shape.dim, shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim, shape.hidden_dim
     attn = (d + q) + 2 * (d + kv) + (q + d)
     mlp = (3 if shape.gated_mlp else 2) * (d + h)
@@ -164,9 +224,10 @@ def training_memory(shape: Shape, *, batch: int, seq_len: int, precision: str = 
         raise PlanError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZER_BYTES)}")
     if zero_stage not in (0, 1, 2, 3):
         raise PlanError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
+    count("lora_rank", lora_rank, minimum=0)
     if qlora and not lora_rank:
         raise PlanError("qlora needs a lora_rank > 0")
-    positive("devices", devices)
+    count("devices", devices)
     p = precision_bytes(precision)
     mixed = precision != "fp32"
     trainable = lora_params(shape, lora_rank) if lora_rank else shape.params
@@ -206,9 +267,12 @@ def run_cost(flops: float, peak_flops: float, *, devices: int = 1, mfu: float = 
     """
     positive("flops", flops)
     positive("peak flops", peak_flops)
-    positive("devices", devices)
-    if not 0 < mfu <= 1:
-        raise PlanError(f"mfu must be in (0, 1], got {mfu!r}")
+    count("devices", devices)
+    check_mfu("mfu", mfu)
+    non_negative("price_per_hour", price_per_hour)
+    non_negative("power_watts", power_watts)
+    check_pue("pue", pue)
+    non_negative("grid_kg_per_kwh", grid_kg_per_kwh)
     hours = flops / (devices * peak_flops * mfu) / 3600
     device_hours = hours * devices
     energy = device_hours * power_watts / 1000 * pue

@@ -67,7 +67,7 @@ def fit_law(params: Sequence[float], tokens: Sequence[float], losses: Sequence[f
     """Fit L(N, D) to runs (params[i], tokens[i]) -> losses[i] (nats/token).
 
     Raises:
-        PlanError: fewer than 5 runs (the law has 5 constants), non-positive values, or a single
+        PlanError: fewer than 5 runs (the law has 5 constants), values that are not finite and > 0, a single
             model size or token count (the two exponents cannot be told apart).
     """
     n, d, loss = (torch.tensor([float(x) for x in v], dtype=torch.float64) for v in (params, tokens, losses))
@@ -75,8 +75,8 @@ def fit_law(params: Sequence[float], tokens: Sequence[float], losses: Sequence[f
         raise PlanError(f"params, tokens and losses differ in length: {len(n)}, {len(d)}, {len(loss)}")
     if len(n) < 5:
         raise PlanError(f"fitting 5 constants needs at least 5 runs, got {len(n)}")
-    if (n <= 0).any() or (d <= 0).any() or (loss <= 0).any():
-        raise PlanError("parameters, tokens and losses must all be > 0")
+    if not all(bool(((v > 0) & v.isfinite()).all()) for v in (n, d, loss)):
+        raise PlanError("parameters, tokens and losses must all be finite and > 0")
     if len(set(n.tolist())) < 2 or len(set(d.tolist())) < 2:
         raise PlanError("the runs need at least two model sizes and two token counts")
     log_n, log_d, log_l = n.log(), d.log(), loss.log()

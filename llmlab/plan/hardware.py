@@ -6,11 +6,12 @@ Peaks are dense (no structured sparsity). Anything can be overridden on the comm
 
 from __future__ import annotations
 
+import difflib
 import os
 import time
 from dataclasses import dataclass, replace
 
-from llmlab.common import LlmlabError
+from llmlab.plan.estimate import PlanError, check_mfu, non_negative, positive
 
 
 @dataclass(frozen=True)
@@ -63,13 +64,27 @@ def _best_rate(work, amount: float, seconds: float, min_runs: int = 3) -> float:
     return best
 
 
+# override -> its check: what a device can be (PlanError naming the field otherwise)
+_CHECKS = {"peak_flops": positive, "memory_bytes": positive, "bandwidth": positive, "power_watts": non_negative,
+           "price_per_hour": non_negative, "mfu": check_mfu}
+
+
 def get_hardware(name: str, **overrides) -> Hardware:
-    """A catalog entry (or "this-cpu", measured), with fields replaced by the non-None `overrides`."""
-    key = name.lower()
-    if key == "this-cpu":
-        hw = measure_cpu()
-    elif key in CATALOG:
-        hw = CATALOG[key]
-    else:
-        raise LlmlabError(f"unknown hardware {name!r}; known: {', '.join([*CATALOG, 'this-cpu'])}")
-    return replace(hw, **{k: v for k, v in overrides.items() if v is not None})
+    """A catalog entry (or "this-cpu", measured), with fields replaced by the non-None `overrides`.
+
+    Raises:
+        PlanError: an unknown name, an unknown field, or an override out of range (a peak, memory or
+            bandwidth <= 0, a negative price or power, an mfu outside (0, 1]).
+    """
+    known = [*CATALOG, "this-cpu"]
+    key = name.lower() if isinstance(name, str) else name
+    if key not in known:
+        close = difflib.get_close_matches(str(key), known, n=1)
+        raise PlanError(f"unknown hardware {name!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                        f"known: {', '.join(known)}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    for field, value in given.items():
+        if field not in _CHECKS:
+            raise PlanError(f"unknown hardware field {field!r}; known: {', '.join(_CHECKS)}")
+        _CHECKS[field](field, value)
+    return replace(measure_cpu() if key == "this-cpu" else CATALOG[key], **given)

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 
 from llmlab.models import LlamaConfig
-from llmlab.plan.estimate import PF_DAY, PlanError, positive
+from llmlab.plan.estimate import PF_DAY, PlanError, count, positive
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class ParametricLaw:
     source: str = ""
 
     def loss(self, params: float, tokens: float) -> float:
-        return self.E + self.A / params ** self.alpha + self.B / tokens ** self.beta
+        n, d = positive("params", params), positive("tokens", tokens)
+        return self.E + self.A / n ** self.alpha + self.B / d ** self.beta
 
     @property
     def size_exponent(self) -> float:
@@ -79,6 +80,9 @@ def config_for_params(params: float, *, vocab_size: int = 32000, max_seq_len: in
     shapes; 7B-70B LLaMA models sit between 100 and 128) among shapes within 10% of the count.
     """
     positive("params", params)
+    count("vocab_size", vocab_size)
+    count("max_seq_len", max_seq_len)
+    positive("aspect_ratio", aspect_ratio)
     best = None
     for layers in range(SMALLEST_LAYERS, 161):
         # 12 L d^2 (attention 4 d^2, SwiGLU 8 d^2) + 2 V d = params, solved for d

@@ -20,7 +20,6 @@ bitsandbytes is imported inside functions, since importing it takes seconds.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,7 +32,8 @@ from torch import nn
 
 from llmlab.models import build_model
 from llmlab.models.convert import TABLES, ConversionError, hf_to_llmlab_state
-from llmlab.models.io import INDEX, WEIGHTS, CheckpointError, check_state, meta_parameters, read_config
+from llmlab.models.io import (INDEX, WEIGHTS, CheckpointError, check_state, meta_parameters, read_config,
+                              read_shard_index)
 
 if TYPE_CHECKING:
     from bitsandbytes.functional import QuantState
@@ -216,15 +216,7 @@ def _weight_files(path: Path) -> tuple[dict[str, Path], str]:
     """Each stored tensor's safetensors file, and the file to name in errors (the index when sharded)."""
     if (path / INDEX).is_file():
         index_file = path / INDEX
-        try:
-            weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
-            files = {str(key): path / str(shard) for key, shard in weight_map.items()}
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index_file}: not a valid shard index ({e!r})") from None
-        for file in set(files.values()):
-            if file.parent != path:
-                raise CheckpointError(f"{index_file}: shard name {file.name!r} must be a plain file name")
-        return files, str(index_file)
+        return {key: path / shard for key, shard in read_shard_index(index_file).items()}, str(index_file)
     if (path / WEIGHTS).is_file():
         return {key: path / WEIGHTS for key in _keys(path / WEIGHTS)}, str(path / WEIGHTS)
     raise CheckpointError(f"{path}: no safetensors weights found (expected {WEIGHTS} or {INDEX}); "

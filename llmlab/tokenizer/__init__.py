@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
-from llmlab.tokenizer.bpe import FIM_TOKENS, SPECIAL_TOKENS, Tokenizer, check_vocab_size, load_tokenizer, train_bpe
+from llmlab.tokenizer.bpe import (FIM_TOKENS, SPECIAL_TOKENS, Tokenizer, check_min_frequency, check_vocab_size,
+                                  load_tokenizer, train_bpe)
 
-__all__ = ["FIM_TOKENS", "SPECIAL_TOKENS", "Tokenizer", "check_vocab_size", "load_tokenizer", "train_bpe"]
+__all__ = ["FIM_TOKENS", "SPECIAL_TOKENS", "Tokenizer", "check_min_frequency", "check_vocab_size", "load_tokenizer",
+           "train_bpe"]

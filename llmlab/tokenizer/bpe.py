@@ -30,6 +30,8 @@ _BOS_NAMES = ("<|bos|>", "<s>", "<|begin_of_text|>", "<|endoftext|>")
 _EOS_NAMES = ("<|eos|>", "</s>", "<|end_of_text|>", "<|endoftext|>")
 _PAD_NAMES = ("<|pad|>", "<pad>")
 _N_BYTES = 256  # the byte-level alphabet: one symbol per byte value
+MAX_VOCAB_SIZE = 2**20  # what BPE training may ask for: the trainer allocates about 70 bytes per id up front
+MAX_MIN_FREQUENCY = 2**32  # counts are unsigned 64-bit in the trainer; past this no pair of any corpus qualifies
 
 
 class Tokenizer:
@@ -169,11 +171,21 @@ def _explain(error: TypeError, texts: Iterable[str]) -> Exception:
 
 
 def check_vocab_size(vocab_size: int, special_tokens: Sequence[str] = SPECIAL_TOKENS) -> None:
-    """Raise ValueError unless `vocab_size` leaves room for at least one merge."""
+    """Raise ValueError unless `vocab_size` leaves room for at least one merge and is at most
+    MAX_VOCAB_SIZE."""
     floor = _N_BYTES + len(special_tokens)
     if vocab_size <= floor:
         raise ValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs {_N_BYTES} byte tokens "
                          f"+ {len(special_tokens)} special tokens, so vocab_size must be > {floor}")
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise ValueError(f"vocab_size={vocab_size} is too large: at most {MAX_VOCAB_SIZE:,} (the trainer reserves "
+                         "memory for every id it may create; the largest vocabularies in use are about 256K)")
+
+
+def check_min_frequency(min_frequency: int) -> None:
+    """Raise ValueError unless `min_frequency` is in [1, MAX_MIN_FREQUENCY]."""
+    if not 1 <= min_frequency <= MAX_MIN_FREQUENCY:
+        raise ValueError(f"min_frequency must be in [1, {MAX_MIN_FREQUENCY:,}], got {min_frequency}")
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, *, special_tokens: Sequence[str] = SPECIAL_TOKENS,
@@ -195,9 +207,11 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, special_tokens: Sequence
         The trained tokenizer.
 
     Raises:
-        ValueError: `vocab_size` leaves no room for a single merge.
+        ValueError: `vocab_size` leaves no room for a single merge or exceeds MAX_VOCAB_SIZE;
+            `min_frequency` is below 1 or above MAX_MIN_FREQUENCY.
     """
     check_vocab_size(vocab_size, special_tokens)
+    check_min_frequency(min_frequency)
     tok = tokenizers.Tokenizer(models.BPE())
     # use_regex splits words/numbers/punctuation GPT-2 style, so merges never cross those borders
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -218,6 +232,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """
     path = Path(path)
     file = path / "tokenizer.json" if path.is_dir() else path
+    if file.exists() and not file.is_file():  # a folder, a FIFO (reading would block), a device
+        raise LlmlabError(f"{file}: not a regular file; expected a tokenizer.json or the folder holding one")
     try:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -230,6 +246,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     except Exception as e:  # the Rust side raises a bare Exception for any malformed file
         try:
             json.loads(text)  # parsed only on failure: Python's message gives the line and column
-        except json.JSONDecodeError as je:
+        except ValueError as je:
             raise LlmlabError(f"{file}: invalid JSON: {je}") from None
+        except RecursionError:
+            raise LlmlabError(f"{file}: not a valid tokenizer.json: nested too deeply") from None
         raise LlmlabError(f"{file}: not a valid tokenizer.json: {e}") from None

@@ -5,7 +5,9 @@ from __future__ import annotations
 import inspect
 import json
 import json.decoder
+import os
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -88,6 +90,78 @@ def test_missing_path_is_named_before_any_document(tmp_path):
     docs = iter_documents([tmp_path / "a.txt", tmp_path / "nope"])
     with pytest.raises(DataError, match=r"nope: no such file or directory"):
         next(docs)
+
+
+def _make_special(kind: str, path: Path) -> None:
+    if kind == "loop":
+        path.symlink_to(path.with_name("other" + path.suffix))
+        path.with_name("other" + path.suffix).symlink_to(path)
+    elif kind == "broken":
+        path.symlink_to(path.with_name("gone.txt"))
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")  # would never end
+
+
+@pytest.mark.parametrize("kind, problem", [
+    ("loop", "a loop of symbolic links"),
+    ("broken", "a broken symbolic link (to "),
+    ("fifo", "is a FIFO (named pipe), not a regular file"),
+    ("device", "is a device file, not a regular file"),
+])
+def test_inputs_that_are_not_regular_files_are_named_not_read(tmp_path, kind, problem):
+    named = tmp_path / "named.jsonl"
+    _make_special(kind, named)
+    with pytest.raises(DataError, match=re.escape(f"{named}: {problem}")):  # before any document
+        next(iter_documents([named]))
+    folder = tmp_path / "walked"
+    _write(folder / "a.txt", "readable")
+    _make_special(kind, folder / "b.txt")
+    with pytest.raises(DataError, match=re.escape(f"{folder / 'b.txt'}: {problem}")):
+        list(iter_documents([folder]))
+
+
+def test_an_unreadable_file_is_named(tmp_path, monkeypatch):
+    # tests run as root, for whom chmod 000 blocks nothing: the refusal is simulated at open()
+    _write(tmp_path / "a.jsonl", '{"text": "x"}\n')
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "a.jsonl"))
+
+    monkeypatch.setattr(ingest, "open", refuse, raising=False)
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'a.jsonl'}: cannot be read (Permission denied)")):
+        list(iter_documents([tmp_path]))
+
+
+def test_deeply_nested_json_is_an_error_naming_file_and_line(tmp_path):
+    path = tmp_path / "deep.jsonl"
+    _write(path, '{"text": "ok"}\n{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: JSON nested too deeply to read")):
+        list(iter_documents([path]))
+
+
+def test_a_line_too_long_is_refused_not_read_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(ingest, "MAX_LINE_BYTES", 64)
+    path = tmp_path / "long.jsonl"
+    _write(path, '{"text": "short"}\n' + json.dumps({"text": "x" * 100}) + "\n")
+    docs = iter_documents([path])
+    assert next(docs).text == "short"
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: line longer than 6.10352e-05 MiB")):
+        next(docs)
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"text": "abc', "invalid JSON: Unterminated string starting at column 10"),
+    ('{"text": "a\tb"}', "invalid JSON: Invalid control character at column 12"),
+    ('{"text": "ok"} x', "invalid JSON: Extra data at column 16"),
+])
+def test_json_messages_read_right(tmp_path, line, message):
+    path = tmp_path / "a.jsonl"
+    _write(path, line + "\n")
+    with pytest.raises(DataError) as e:
+        list(iter_documents([path]))
+    assert str(e.value) == f"{path}:1: {message}"
 
 
 def test_named_file_of_unsupported_type_is_an_error(tmp_path):

@@ -213,7 +213,7 @@ def test_empty_corpus_is_an_error_and_writes_nothing(tmp_path, tokenizer_path):
     assert sorted(os.listdir(tmp_path)) == before  # not even the parents of out_dir
     for i, text in enumerate(["tiny", "small", "short one"]):
         (corpus / f"{i}.txt").write_text(text)
-    with pytest.raises(DataError, match=r"empty corpus: all 3 documents were removed \(too_short 3\)"):
+    with pytest.raises(DataError, match=r"empty corpus: all 3 documents of .*corpus were removed \(too_short 3\)"):
         run(PrepareConfig(inputs=[str(corpus)], out_dir=str(out), tokenizer=str(tokenizer_path)))
     assert sorted(os.listdir(tmp_path)) == before
 
@@ -311,6 +311,44 @@ def test_config_validation_and_round_trip():
         from_dict(PrepareConfig, {"dedup": "fuzzy"})
     with pytest.raises(ConfigError, match="vocab_size must be >"):
         from_dict(TokenizerTrainConfig, {"vocab_size": 100})
+
+
+@pytest.mark.parametrize("cls, data, message", [
+    (PrepareConfig, {"inputs": ["a.txt", ""]}, "inputs[1] is an empty path"),
+    (PrepareConfig, {"text_field": ""}, "text_field must name the JSONL field"),
+    (PrepareConfig, {"inputs": ["a.txt"], "default": "python"}, "default=python picks the corpus read when inputs"),
+    (TokenizerTrainConfig, {"inputs": ["a.txt"], "default": "python"}, "default=python picks the corpus"),
+    (PrepareConfig, {"shard_tokens": 0}, "shard_tokens must be >= 1"),
+    (PrepareConfig, {"near_threshold": 0}, "near_threshold must be in (0, 1]"),
+    (PrepareConfig, {"default_bytes": -1}, "default_bytes must be >= 0"),
+    (PrepareConfig, {"val_frac": -0.1}, "val_frac must be in [0, 1)"),
+    (PrepareConfig, {"clean": {"min_chars": -1}}, "clean: min_chars must be >= 0 (0 turns the rule off), got -1"),
+    (PrepareConfig, {"clean": {"max_line_chars": -5}}, "clean: max_line_chars must be >= 0"),
+    (PrepareConfig, {"clean": {"max_symbol_frac": 1.5}}, "clean: max_symbol_frac must be in [0, 1]"),
+    (TokenizerTrainConfig, {"inputs": [" "]}, "inputs[0] is an empty path"),
+    (TokenizerTrainConfig, {"vocab_size": 10**12}, "vocab_size=1000000000000 is too large: at most 1,048,576"),
+    (TokenizerTrainConfig, {"min_frequency": -1}, "min_frequency must be in [1, 4,294,967,296], got -1"),
+    (TokenizerTrainConfig, {"min_frequency": 2**70}, "min_frequency must be in [1,"),
+    (TokenizerTrainConfig, {"max_docs": 0}, "max_docs must be >= 1"),
+])
+def test_config_ranges_are_checked(cls, data, message):
+    with pytest.raises(ConfigError) as e:
+        from_dict(cls, data)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("verb", ["data prepare", "tokenizer train"])
+def test_unreadable_inputs_are_one_error_line_from_the_command_line(tmp_path, tokenizer_path, capsys, verb):
+    from llmlab.cli import main
+
+    os.mkfifo(tmp_path / "pipe.jsonl")  # reading it would block for ever
+    (tmp_path / "deep.jsonl").write_text('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    for name, problem in (("pipe.jsonl", "is a FIFO (named pipe)"), ("deep.jsonl", ":1: JSON nested too deeply")):
+        args = [*verb.split(), f"inputs=[{tmp_path / name}]", f"out_dir={tmp_path / 'out'}"]
+        assert main(args + ([f"tokenizer={tokenizer_path}"] if verb == "data prepare" else [])) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {tmp_path / name}") and problem in err and err.count("\n") == 1
+        assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- tokenizer training

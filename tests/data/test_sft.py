@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections import Counter
 
 import numpy as np
@@ -112,7 +114,8 @@ def test_a_packed_batch_has_the_loss_of_its_examples_alone():
 
 
 @pytest.mark.parametrize("content, match", [
-    ('{"instruction": "a", "output": "b"}\n{"instruction": ', r"x\.jsonl:2: malformed JSON"),
+    ('{"instruction": "a", "output": "b"}\n{"instruction": ',
+     r"x\.jsonl:2: invalid JSON: Expecting value at column 17"),
     ('[1, 2]', r"x\.jsonl:1: expected a JSON object"),
     ('{"conversations": [{"from": "bot", "value": "hi"}]}', r"x\.jsonl:1: conversations\[0\]"),
     ('{"instruction": "a", "output": 3}', r"x\.jsonl:1: an Alpaca record needs a string 'output'"),
@@ -121,6 +124,41 @@ def test_bad_records_name_file_and_line(tmp_path, tok, content, match):
     (tmp_path / "x.jsonl").write_text(content + "\n")
     with pytest.raises(DataError, match=match):
         build_examples(tmp_path / "x.jsonl", tok, builtin_template("llmlab"), seq_len=32)
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("x.jsonl", '{"text": "ok"}\n{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n",
+     r"x\.jsonl:2: JSON nested too deeply to read"),
+    ("x.json", "[" * 100_000 + "]" * 100_000, r"x\.json: JSON nested too deeply to read"),
+    ("x.json", '[\n{"text": "ok"},\n{"text": "unterminated}\n]', r"x\.json:3: invalid JSON: Invalid control "
+                                                               r"character at column 24"),
+    ("x.jsonl", b'{"text": "ok"}\n{"text": "\xff"}\n', r"x\.jsonl:2: not UTF-8 text \(invalid start byte at byte 25\)"),
+    ("x.jsonl", '{"instruction": "a", "input": {"n": 1}, "output": "b"}', r"x\.jsonl:1: an Alpaca record's 'input' "
+                                                                       "must be a string, got an object"),
+    ("x.jsonl", '{"text": "a", "task": ["add"]}', r"x\.jsonl:1: task must be a string .*got an array"),
+])
+def test_unreadable_records_name_file_and_line(tmp_path, tok, name, content, match):
+    (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(DataError, match=match):
+        build_examples(tmp_path, tok, builtin_template("llmlab"), seq_len=32)
+
+
+def test_a_line_separator_inside_a_string_does_not_split_a_record(tmp_path, tok):
+    (tmp_path / "x.jsonl").write_text(json.dumps({"text": "one\u2028two"}, ensure_ascii=False) + "\n",
+                                      encoding="utf-8")
+    assert [r for _, r in read_records(tmp_path / "x.jsonl")] == [{"text": "one\u2028two"}]
+
+
+@pytest.mark.parametrize("make, problem", [
+    (lambda p: p.symlink_to(p), "a loop of symbolic links"),
+    (lambda p: os.mkfifo(p), "is a FIFO (named pipe), not a regular file"),
+    (lambda p: p.symlink_to("/dev/zero"), "is a device file"),
+])
+def test_records_that_are_not_regular_files_are_named(tmp_path, make, problem):
+    make(tmp_path / "x.jsonl")
+    for path in (tmp_path / "x.jsonl", tmp_path):  # named, or met in a folder
+        with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'x.jsonl'}: {problem}")):
+            list(read_records(path))
 
 
 def test_missing_and_empty_inputs(tmp_path, tok):

@@ -48,7 +48,7 @@ def test_there_are_eight_tasks_each_with_a_solver_and_phrasings():
     assert SOLVE.keys() == TASKS.keys() == INSTRUCTIONS.keys()
 
 
-@pytest.mark.parametrize("difficulty", [1, 2, 3])
+@pytest.mark.parametrize("difficulty", [1, 2, 3, synth.MAX_DIFFICULTY])  # every task works up to the cap
 @pytest.mark.parametrize("task", list(TASKS))
 def test_every_answer_is_correct(task, difficulty):
     records = generate([task], 300, seed=difficulty, difficulty=difficulty)
@@ -122,9 +122,12 @@ def test_score_overall_and_per_task():
 
 @pytest.mark.parametrize("tasks, n, difficulty, message", [
     (["add", "divide"], 10, 1, r"unknown task 'divide'; known tasks: add, subtract, multiply"),
-    (["add"], 0, 1, "must be >= 1, got 0"),
-    (["add"], -3, 1, "must be >= 1, got -3"),
+    (["add"], 0, 1, "must be >= 1 and at most 1,000,000, got 0"),
+    (["add"], -3, 1, "must be >= 1 and at most 1,000,000, got -3"),
+    (["add"], 10**12, 1, "must be >= 1 and at most 1,000,000, got 1000000000000"),
     (["add"], 5, 0, "difficulty must be >= 1"),
+    (["count"], 5, 9, "difficulty must be >= 1 and at most 8, got 9"),
+    (["add"], 5, 10**6, "difficulty must be >= 1 and at most 8, got 1000000"),
     ([], 5, 1, "no tasks"),
 ])
 def test_generate_refuses_bad_arguments(tasks, n, difficulty, message):
@@ -204,7 +207,10 @@ def test_config_is_checked_and_builds_from_a_dict():
     assert cfg.tasks == ["add", "sort"] and cfg.val == 200 and SynthConfig().tasks == list(TASKS)
     for bad, message in [({"tasks": ["add", "nope"]}, "unknown task"), ({"tasks": []}, "at least one task"),
                          ({"train": 0}, "train must be >= 1"), ({"val": -1}, "val must be >= 0"),
-                         ({"difficulty": 0}, "difficulty must be >= 1")]:
+                         ({"train": 10**12}, "train must be >= 1 and at most 1,000,000"),
+                         ({"test": 10**7}, "test must be >= 0 and at most 1,000,000"),
+                         ({"difficulty": 0}, "difficulty must be >= 1"),
+                         ({"difficulty": 10**9}, "difficulty must be >= 1 and at most 8")]:
         with pytest.raises(ConfigError, match=message):
             from_dict(SynthConfig, bad)
 

@@ -389,6 +389,61 @@ def test_tokenizer_problems_are_named(tokenizer_dir, vocab_size, tmp_path):
     assert not (tmp_path / "m.gguf").exists()
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"model": ["BPE"]}, "model must be a JSON object"),
+    ({"added_tokens": [{"id": "0", "content": "<|bos|>"}]}, "added_tokens must be a list of"),
+    ({"added_tokens": "none"}, "added_tokens must be a list of"),
+    ({"model.vocab": {"a": -1}}, "model.vocab must map each token to an id >= 0"),
+    ({"model.vocab": ["a"]}, "model.vocab must map each token to an id >= 0"),
+    ({"model.merges": [["a", "b", "c"]]}, "model.merges must be a list of"),
+    ({"model.merges": 5}, "model.merges must be a list of"),
+    ({"pre_tokenizer": {"type": "Sequence", "pretokenizers": 5}}, "GGUF export takes byte-level BPE"),
+    ({"pre_tokenizer": "ByteLevel"}, "GGUF export takes byte-level BPE"),
+])
+def test_a_malformed_tokenizer_json_is_named(tokenizer_dir, vocab_size, tmp_path, change, message):
+    folder = tmp_path / "tok"
+    shutil.copytree(tokenizer_dir, folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    for key, value in change.items():
+        if key.startswith("model."):
+            spec["model"][key.removeprefix("model.")] = value
+        else:
+            spec[key] = value
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(GGUFExportError, match=f"tokenizer.json: {message}" if "must" in message else message):
+        export_gguf(_model(vocab_size), folder, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_a_bad_chat_template_or_config_is_named(tokenizer_dir, vocab_size, tmp_path):
+    folder = tmp_path / "tok"
+    shutil.copytree(tokenizer_dir, folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": [{"name": 1}]}))
+    with pytest.raises(GGUFExportError, match="tokenizer_config.json: chat_template must be"):
+        export_gguf(_model(vocab_size), folder, tmp_path / "m.gguf")
+    (folder / "tokenizer_config.json").write_text("[" * 100_000)
+    with pytest.raises(GGUFExportError, match="tokenizer_config.json: unreadable: nested too deeply"):
+        export_gguf(_model(vocab_size), folder, tmp_path / "m.gguf")
+    (folder / "tokenizer_config.json").unlink()
+    (folder / "chat_template.jinja").write_bytes(b"\xff\xfe{{ x }}")
+    with pytest.raises(GGUFExportError, match="chat_template.jinja: unreadable"):
+        export_gguf(_model(vocab_size), folder, tmp_path / "m.gguf")
+
+
+@pytest.mark.parametrize("value, outtype, message", [
+    (float("nan"), "f32", "blk.0.ffn_up.weight holds NaN or infinite values"),
+    (float("inf"), "f16", "blk.0.ffn_up.weight holds NaN or infinite values"),
+    (1e10, "q8_0", "blk.0.ffn_up.weight has values beyond q8_0's range"),
+])
+def test_weights_a_type_cannot_hold_are_refused(vocab_size, tmp_path, value, outtype, message):
+    model = _model(vocab_size)
+    with torch.no_grad():
+        model.layers[0].mlp.up_proj.weight[0, 0] = value
+    with pytest.raises(GGUFExportError, match=message):
+        export_gguf(model, None, tmp_path / "m.gguf", outtype=outtype)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_failure_mid_write_leaves_the_old_file_and_no_temporary(tokenizer_dir, vocab_size, tmp_path, monkeypatch):
     target = tmp_path / "m.gguf"
     target.write_bytes(b"old")

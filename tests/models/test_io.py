@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import pytest
 import torch
@@ -68,13 +70,28 @@ def test_unknown_architecture_names_the_field(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ("{not json", "not valid JSON"),
+    ("[" * 100_000, "nested too deeply"),
+    ('{"llmlab": {"family": ["llama"]}}', "llmlab.family=['llama'] is not one of"),
+    ('{"model_type": "llama"}', "'vocab_size' is missing"),
+    ('{"model_type": "gpt2", "vocab_size": 10, "n_embd": "8", "n_layer": 1, "n_head": 2, "n_positions": 8}',
+     "n_embd must be a whole number, got '8'"),
+    ('{"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, '
+     '"num_attention_heads": 3}', "dim=8 is not divisible by n_heads=3"),
+    ('{"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, '
+     '"num_attention_heads": 2, "rope_scaling": "yes"}', "rope_scaling must be a JSON object"),
+    ('{"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, '
+     '"num_attention_heads": 2, "rope_scaling": {"rope_type": "linear"}}', "rope_scaling: 'factor' is missing"),
     ("[1, 2]", "expected a JSON object"),
     ('{"llmlab": {"family": "rnn"}}', "llmlab.family='rnn' is not one of gpt, llama"),
     ('{"llmlab": {"family": "llama", "dimm": 4}}', "dimm: unknown key"),
 ])
 def test_bad_config_json(tmp_path, content, message):
     (tmp_path / "config.json").write_text(content)
-    with pytest.raises(llmlab.common.LlmlabError, match=message):
+    with pytest.raises(llmlab.common.LlmlabError, match=re.escape(message)):
+        load_model(tmp_path)
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(CheckpointError, match="config.json: not a file"):
         load_model(tmp_path)
 
 
@@ -87,6 +104,18 @@ def test_missing_folder_config_and_weights(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no weights found"):
         load_model(tmp_path)
+
+
+def test_weights_that_are_not_regular_files_are_named_not_read(checkpoint):
+    _, path = checkpoint
+    (path / "model.safetensors").unlink()
+    os.mkfifo(path / "model.safetensors")  # reading it would block for ever
+    with pytest.raises(CheckpointError, match="model.safetensors: not a regular file"):
+        load_model(path)
+    (path / "model.safetensors").unlink()
+    (path / "model.safetensors").mkdir()
+    with pytest.raises(CheckpointError, match="model.safetensors: not a regular file"):
+        load_model(path)
 
 
 def test_pickle_is_refused_unless_allowed_and_then_weights_only(tmp_path):
@@ -107,8 +136,49 @@ def test_pickle_is_refused_unless_allowed_and_then_weights_only(tmp_path):
             return (print, ("pwned",))
 
     torch.save({"x": Evil()}, tmp_path / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match="weights_only=True"):
+    with pytest.raises(CheckpointError, match=r"not a plain-tensor pickle \(holds the Python object print\); llmlab "
+                                              "refuses it even with --allow-pickle, because unpickling") as e:
         load_model(tmp_path, allow_pickle=True)
+    assert "weights_only=False" not in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "not a PyTorch weights file (neither a zip archive nor a pickle)"),
+    (b"hello, not a pickle", "not a PyTorch weights file (neither a zip archive nor a pickle)"),
+    (b"\x80\x02garbage", "not a plain-tensor pickle (weights-only reading stopped at: Unsupported operand"),
+    (None, "a damaged or truncated zip archive"),
+    ([1, 2], "expected a state dict (tensor names to tensors), got list"),
+    ({"w": 3}, "expected a state dict (tensor names to tensors), got a mapping with values other than tensors"),
+])
+def test_a_damaged_or_strange_pickle_is_one_line(tmp_path, content, message):
+    save_hf(build_model(TINY["llama"]), tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    file = tmp_path / "pytorch_model.bin"
+    if isinstance(content, bytes):
+        file.write_bytes(content)
+    elif content is None:  # a zip archive cut short
+        torch.save({"w": torch.zeros(4)}, file)
+        file.write_bytes(file.read_bytes()[:100])
+    else:
+        torch.save(content, file)
+    with pytest.raises(CheckpointError, match=re.escape(f"{file}: {message}")) as e:
+        load_model(tmp_path, allow_pickle=True)
+    assert "\n" not in str(e.value) and "weights_only=False" not in str(e.value)
+
+
+def test_a_mismatch_is_one_line_with_the_first_ten_of_each_kind(checkpoint):
+    _, path = checkpoint
+    state = load_file(path / "model.safetensors")
+    for i in range(12):
+        state[f"extra.{i:02d}"] = torch.zeros(1)
+    del state["norm.weight"]
+    save_file(state, path / "model.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        load_model(path)
+    message = str(e.value)
+    assert "\n" not in message
+    assert "missing tensors: norm.weight; unexpected tensors: extra.00, extra.01" in message
+    assert "extra.09 (and 2 more)" in message and "extra.10" not in message
 
 
 def test_shard_index_problems(tmp_path):
@@ -118,9 +188,10 @@ def test_shard_index_problems(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="must be a plain file name"):
         load_model(tmp_path)
-    (tmp_path / "model.safetensors.index.json").write_text("{}")
-    with pytest.raises(CheckpointError, match="not a valid shard index"):
-        load_model(tmp_path)
+    for text in ("{}", '{"weight_map": {"a": 1}}', '{"weight_map": [1]}', "[" * 100_000, "{"):
+        (tmp_path / "model.safetensors.index.json").write_text(text)
+        with pytest.raises(CheckpointError, match="index.json: not a valid shard index"):
+            load_model(tmp_path)
 
 
 def test_conversion_is_strict_about_unmapped_keys():

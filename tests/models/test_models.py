@@ -187,6 +187,33 @@ def test_bad_shapes_are_rejected():
         _model("gpt2")(_ids(1, 65))
 
 
+LLAMA, GPT = type(TINY["llama"]), type(TINY["gpt2"])
+
+
+@pytest.mark.parametrize("family, field, value, message", [
+    (family, field, value, f"{field} must be >= 1, got {value}")
+    for family in (LLAMA, GPT) for field in ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim", "max_seq_len")
+    for value in (0, -3)
+] + [
+    (LLAMA, "n_kv_heads", 0, "n_kv_heads must be >= 1"), (LLAMA, "head_dim", -2, "head_dim must be >= 1"),
+    (LLAMA, "sliding_window", 0, "sliding_window must be >= 1"), (LLAMA, "rope_theta", 1.0, "rope_theta must be > 1"),
+    (LLAMA, "dropout", 1.0, r"dropout must be in \[0, 1\)"), (GPT, "dropout", -0.1, r"dropout must be in \[0, 1\)"),
+    (LLAMA, "norm_eps", 0.0, "norm_eps must be > 0"), (GPT, "init_std", -1.0, "init_std must be > 0"),
+    (LLAMA, "rope_scaling", RopeScaling("dynamic", 2.0), "'dynamic' needs head_dim >= 4"),
+    (LLAMA, "rope_scaling", RopeScaling("yarn", 2.0, attention_factor=0.0), "attention_factor must be > 0"),
+])
+def test_sizes_and_rates_out_of_range_are_named(family, field, value, message):
+    small = {"dim": 4, "n_heads": 2} if field == "rope_scaling" else {}  # head_dim 2
+    with pytest.raises(ValueError, match=message):
+        family(**{**small, field: value})
+
+
+def test_a_model_without_a_vocabulary_size_is_not_built():
+    assert LLAMA(vocab_size=None).vocab_size is None  # pretrain fills it in from the data
+    with pytest.raises(ValueError, match="vocab_size is not set"):
+        build_model(LLAMA(vocab_size=None, dim=8, n_layers=1, n_heads=2))
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (4,), (2, 8), (17,)])
 def test_linear_split_product_equals_f_linear(shape):
     from llmlab.models.layers import Linear

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llmlab.common import LlmlabError
 from llmlab.models import build_model
 from llmlab.peft import (AdapterError, LoraConfig, LoRALinear, apply_lora, disable_adapters, freeze, lora_state_dict,
                          merge_and_unload, merge_lora, trainable_parameters, unmerge_lora)
@@ -112,10 +113,14 @@ def test_bad_lora_settings_are_named():
     model = _model()
     with pytest.raises(AdapterError, match="'qproj' matches no linear layer.*q_proj"):
         apply_lora(model, LoraConfig(targets=["qproj"]))
-    with pytest.raises(AdapterError, match="lora.r=0"):
+    with pytest.raises(AdapterError, match="r must be a rank >= 1, got 0"):
         LoraConfig(r=0)
     with pytest.raises(AdapterError, match="dropout"):
         LoraConfig(dropout=1.0)
+    with pytest.raises(AdapterError, match="alpha must be > 0, got -1.0"):
+        LoraConfig(alpha=-1.0)
+    with pytest.raises(AdapterError, match="targets must name the modules"):
+        LoraConfig(targets=[""])
     apply_lora(model, LoraConfig(targets=["q_proj"]))
     with pytest.raises(AdapterError, match="already carry an adapter"):
         apply_lora(model, LoraConfig(targets=["q_proj"]))
@@ -133,3 +138,12 @@ def test_freeze_by_name_glob_and_layer_range():
         freeze(model, ["layer.0"])
     with pytest.raises(Exception, match="range 3-1 is empty"):
         freeze(model, ["layers.3-1"])
+
+
+@pytest.mark.parametrize("pattern", ["layers.0-99", "layers.2-4.mlp", "layers.0-99999999999999"])
+def test_a_layer_range_past_the_depth_is_named_with_the_depth(pattern):
+    model = build_model(TINY["llama"].__class__(vocab_size=V, dim=32, n_layers=4, n_heads=4, hidden_dim=64))
+    with pytest.raises(LlmlabError, match=rf"freeze pattern '{pattern}': the range .* reaches past the model's 4 "
+                                          r"layers \(layers.0-3\)"):
+        freeze(model, [pattern])
+    assert all(p.requires_grad for p in model.parameters())  # nothing frozen on the way

@@ -4,13 +4,14 @@ same base and give the same logits, and adapters made with `peft` load into llml
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
 from llmlab.models import build_model
 from llmlab.models.io import load_model, save_hf
-from llmlab.peft import AdapterError, LoraConfig, LoRALinear, apply_lora, load_adapter, save_adapter
+from llmlab.peft import AdapterError, LoraConfig, LoRALinear, apply_lora, disable_adapters, load_adapter, save_adapter
 from tests.models.zoo import TINY, V
 
 pytestmark = pytest.mark.hf
@@ -43,8 +44,6 @@ def _adapted(name, cfg, seed=0):
 def test_llmlab_adapter_applies_with_peft_to_the_hf_export(name, cfg, tmp_path):
     model = _adapted(name, cfg)
     save_adapter(model, tmp_path / "adapter", cfg)
-    from llmlab.peft import disable_adapters
-
     with disable_adapters(model):
         save_hf(_base_copy(model), tmp_path / "hf")
     hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
@@ -107,3 +106,81 @@ def test_unsupported_or_broken_adapter_configs_are_named(tmp_path):
         load_adapter(build_model(TINY["llama"]), tmp_path)
     with pytest.raises(AdapterError, match="HF fuses this layer"):
         save_adapter(_adapted("gpt2", LoraConfig(targets=["q_proj"])), tmp_path / "b", cfg)
+
+
+def _rewrite(folder, **changes):
+    file = folder / "adapter_config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
+
+
+@pytest.mark.parametrize("targets, message", [
+    (["q_proj"], "holds tensors for model.layers.0.self_attn.v_proj, model.layers.1.self_attn.v_proj, which "
+                 "target_modules does not select; target_modules lists q_proj, for which"),
+    (["v_proj", "k_proj"], "target_modules lists k_proj, for which adapter_model.safetensors holds no tensors"),
+    (["model.layers.0.self_attn.v_proj"], "holds tensors for model.layers.1.self_attn.v_proj, which"),
+    (r".*\.q_proj", "holds tensors for model.layers.0.self_attn.v_proj"),
+    ("([", "is not a valid regular expression"),
+    ([], "target_modules must be a list of module names or a regular expression, got []"),
+    (None, "target_modules must be a list"),
+])
+def test_target_modules_that_do_not_match_the_tensors_are_refused(tmp_path, targets, message):
+    cfg = LoraConfig(r=4, targets=["v_proj"])
+    save_adapter(_adapted("llama", cfg), tmp_path / "a", cfg)
+    _rewrite(tmp_path / "a", target_modules=targets)
+    with pytest.raises(AdapterError, match="adapter_config.json: target_modules") as e:
+        load_adapter(build_model(TINY["llama"]), tmp_path / "a")
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert str(tmp_path / "a" / "adapter_config.json") in str(e.value)
+
+
+def test_a_matching_regex_or_all_linear_loads(tmp_path):
+    cfg = LoraConfig(r=4, targets=["v_proj"])
+    save_adapter(_adapted("llama", cfg), tmp_path / "a", cfg)
+    for targets in (r".*\.v_proj", "all-linear"):
+        _rewrite(tmp_path / "a", target_modules=targets)
+        assert load_adapter(build_model(TINY["llama"]), tmp_path / "a").r == 4
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"r": 8}, "r=8, but the tensors of adapter_model.safetensors have rank 4"),
+    ({"r": 2.5}, "r must be a whole number >= 1, got 2.5"),
+    ({"r": True}, "r must be a whole number >= 1"),
+    ({"lora_alpha": "16"}, "lora_alpha must be a positive number"),
+    ({"lora_dropout": "0.1"}, "lora_dropout must be a number in [0, 1)"),
+    ({"lora_dropout": 1.5}, "lora_dropout must be a number in [0, 1)"),
+    ({"use_rslora": "false"}, "use_rslora must be true or false"),
+])
+def test_bad_lora_settings_are_named(tmp_path, changes, message):
+    cfg = LoraConfig(r=4, targets=["v_proj"])
+    save_adapter(_adapted("llama", cfg), tmp_path / "a", cfg)
+    _rewrite(tmp_path / "a", **changes)
+    with pytest.raises(AdapterError, match="adapter_config.json: ") as e:
+        load_adapter(build_model(TINY["llama"]), tmp_path / "a")
+    assert message in str(e.value)
+
+
+def test_adapter_files_that_are_not_regular_files_are_named_not_read(tmp_path):
+    cfg = LoraConfig(r=4, targets=["v_proj"])
+    save_adapter(_adapted("llama", cfg), tmp_path / "a", cfg)
+    (tmp_path / "a" / "adapter_model.safetensors").unlink()
+    os.mkfifo(tmp_path / "a" / "adapter_model.safetensors")  # reading it would block for ever
+    with pytest.raises(AdapterError, match="adapter_model.safetensors: not a regular file"):
+        load_adapter(build_model(TINY["llama"]), tmp_path / "a")
+    with pytest.raises(AdapterError, match="adapter_config.json: not an adapter folder"):
+        load_adapter(build_model(TINY["llama"]), tmp_path / "a" / "adapter_config.json")
+
+
+def test_convert_names_the_adapter_whose_targets_do_not_match(tmp_path, capsys):
+    from llmlab.cli import main
+
+    cfg = LoraConfig(r=4, targets=["v_proj"])
+    model = _adapted("llama", cfg)
+    save_adapter(model, tmp_path / "a", cfg)
+    with disable_adapters(model):
+        save_hf(_base_copy(model), tmp_path / "hf")
+    _rewrite(tmp_path / "a", target_modules=["q_proj"])
+    assert main(["convert", str(tmp_path / "hf"), "--to", "hf", "--out", str(tmp_path / "out"),
+                 "--adapter", str(tmp_path / "a")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a/adapter_config.json: target_modules ['q_proj'] does not match" in err
+    assert not (tmp_path / "out").exists()

@@ -40,7 +40,9 @@ def test_fit_on_noisy_runs_predicts_a_held_out_larger_run_and_reports_uncertaint
 @pytest.mark.parametrize("args, message", [
     (([1e5] * 4, [1e7] * 4, [3.0] * 4), "at least 5 runs"),
     (([1e5] * 6, [1e7, 2e7, 3e7, 4e7, 5e7, 6e7], [3.0] * 6), "two model sizes"),
-    (([1e5, 2e5, 3e5, 4e5, -1], [1e7] * 5, [3.0] * 5), "must all be > 0"),
+    (([1e5, 2e5, 3e5, 4e5, -1], [1e7] * 5, [3.0] * 5), "must all be finite and > 0"),
+    (([1e5, 2e5, 3e5, 4e5, 5e5], [1e7] * 4 + [float("inf")], [3.0] * 5), "must all be finite and > 0"),
+    (([1e5, 2e5, 3e5, 4e5, 5e5], [1e7, 2e7, 3e7, 4e7, 5e7], [3.0] * 4 + [float("nan")]), "finite and > 0"),
     (([1e5, 2e5], [1e7], [3.0]), "differ in length"),
 ])
 def test_bad_runs_are_clear_errors(args, message):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -103,20 +104,130 @@ def test_config_for_params_lands_near_the_count():
         assert 60 <= cfg.dim / cfg.n_layers <= 160
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--params", "-5"], "--params must be > 0"),
-    (["--params", "0"], "--params must be > 0"),
-    (["--params", "1e9", "--tokens", "0"], "--tokens must be > 0"),
-    (["--params", "1e9", "--hardware", "tpu-v9"], "unknown hardware 'tpu-v9'"),
+# one line a case: the arguments, and what the one error line must contain (the flag it names)
+BAD_ARGUMENTS = [
+    (["--params", "-5"], "--params must be positive"),
+    (["--params", "-7e9"], "--params must be positive"),
+    (["--params", "0"], "--params must be positive"),
+    (["--params", "inf"], "--params must be a finite number"),
+    (["--params", "nan"], "--params must be a finite number"),
+    (["--params", "1e40"], "--params must be at most 1e+15"),
+    (["--params", "1e9", "--tokens", "0"], "--tokens must be positive"),
+    (["--params", "1e9", "--tokens", "1e60"], "--tokens must be at most"),
+    (["--params", "1e9", "--tokens", "0.5"], "--tokens must be at least 1"),
+    (["--budget-flops", "inf"], "--budget-flops must be a finite number"),
+    (["--budget-flops", "1e80"], "--budget-flops must be at most"),
+    (["--budget-flops", "1e33", "--law", "kaplan"], "past the planner's range"),
     (["--budget-flops", "1e9"], "below the smallest model"),
-    (["--params", "1e9", "--mfu", "1.5"], "mfu must be in (0, 1]"),
+    (["--params", "1e9", "--hardware", "tpu-v9"], "--hardware: unknown hardware 'tpu-v9'"),
+    (["--params", "1e9", "--hardware", "h100"], "did you mean 'h100-80gb'"),
+    (["--params", "1e9", "--mfu", "1.5"], "--mfu must be in (0, 1]"),
+    (["--params", "1e9", "--mfu", "0"], "--mfu must be in (0, 1]"),
+    (["--params", "1e9", "--mfu", "nan"], "--mfu must be a finite number"),
+    (["--params", "1e9", "--peak-tflops", "0"], "--peak-tflops must be positive"),
+    (["--params", "1e9", "--peak-tflops", "inf"], "--peak-tflops must be a finite number"),
+    (["--params", "1e9", "--memory-gb", "0"], "--memory-gb must be positive"),
+    (["--params", "1e9", "--memory-gb", "-80"], "--memory-gb must be positive"),
+    (["--params", "1e9", "--price", "-1"], "--price must be >= 0"),
+    (["--params", "1e9", "--price", "inf"], "--price must be a finite number"),
+    (["--params", "1e9", "--power", "-700"], "--power must be >= 0"),
+    (["--params", "1e9", "--grid", "-0.4"], "--grid must be >= 0"),
+    (["--params", "1e9", "--pue", "0.5"], "--pue must be >= 1"),
+    (["--params", "1e9", "--devices", "0"], "--devices must be positive"),
+    (["--params", "1e9", "--batch", "-1"], "--batch must be positive"),
+    (["--params", "1e9", "--seq-len", "0"], "--seq-len must be positive"),
+    (["--params", "1e9", "--context", "0"], "--context must be positive"),
+    (["--params", "1e9", "--infer-batch", "0"], "--infer-batch must be positive"),
+    (["--params", "1e9", "--vocab-size", "0"], "--vocab-size must be positive"),
+    (["--params", "1e9", "--lora-rank", "-1"], "--lora-rank must be >= 0"),
+    (["--params", "1e9", "--devices", "1" + "0" * 400], "--devices must be at most 1e+09, got 1e+400"),
+    (["--params", "1e9", "--batch", str(10**20)], "--batch must be at most 1e+09"),
+    (["--params", "1e9", "--seq-len", str(10**20)], "--seq-len must be at most 1e+09"),
+    (["--params", "1e9", "--context", str(10**20)], "--context must be at most 1e+09"),
+    (["--params", "1e9", "--vocab-size", str(10**20)], "--vocab-size must be at most 1e+09"),
+    (["--params", "1e9", "--lora-rank", str(10**20)], "--lora-rank must be at most 1e+09"),
+    (["--params", "1e9", "--qlora"], "--qlora needs --lora-rank"),
+    (["llama-tiny", "--lora-rank", "100"], "--lora-rank 100 exceeds the model's width 64"),
+    (["llama-tiny", "--seq-len", "256"], "--seq-len 256 exceeds the context of preset llama-tiny"),
+    (["llama-tiny", "--context", "1000"], "--context 1000 exceeds the context"),
+    # flags that contradict each other, or that the others make meaningless
+    (["--params", "1e9", "--budget-flops", "1e20"], "--budget-flops sizes the model"),
+    (["llama-7b", "--budget-flops", "1e20"], "--budget-flops sizes the model"),
+    (["--budget-flops", "1e20", "--tokens", "1e9"], "takes no --tokens"),
+    (["llama-7b", "--params", "1e9"], "give a model or --params, not both"),
+    (["--params", "1e9", "--law", "kaplan"], "--law splits a --budget-flops"),
+    (["llama-7b", "--vocab-size", "1000"], "--vocab-size applies to a model sized from"),
     (["nope-7b"], "neither a preset nor a file"),
     ([], "name a model"),
-    (["--params", "1e9", "--qlora"], "qlora needs a lora_rank"),
-])
-def test_bad_input_is_a_clear_error(capsys, args, message):
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_ARGUMENTS)
+def test_bad_input_is_one_clear_error_line(capsys, args, message):
     assert main(["plan", *args]) == 1
-    assert message in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1
+    assert message in captured.err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[" * 100_000 + "\n", "nested too deeply"),
+    ("dim: [\n", "invalid YAML at line 2"),
+    ("", "is empty"),
+    ("model: 5\n", "expected a model config"),
+    ("family: [1]\n", "expected a model config"),
+    ("model: {family: llama, dim: 4096, n_layers: 100000000, n_heads: 32}\n", "past the planner's range"),
+])
+def test_a_bad_model_file_is_named(capsys, tmp_path, text, message):
+    path = tmp_path / "model.yaml"
+    path.write_text(text)
+    assert main(["plan", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}") and message in err and err.count("\n") == 1
+
+
+def test_a_folder_or_non_utf8_file_as_the_model_is_named(capsys, tmp_path):
+    assert main(["plan", str(tmp_path)]) == 1
+    assert "is a folder" in capsys.readouterr().err
+    (tmp_path / "m.yaml").write_bytes(b"\xff\xfe")
+    assert main(["plan", str(tmp_path / "m.yaml")]) == 1
+    assert "not UTF-8" in capsys.readouterr().err
+    os.mkfifo(tmp_path / "pipe.yaml")  # reading it would block for ever
+    assert main(["plan", str(tmp_path / "pipe.yaml")]) == 1
+    assert "pipe.yaml: is a FIFO (named pipe), not a regular file" in capsys.readouterr().err
+
+
+def test_a_short_model_plans_at_its_own_context(capsys):
+    out = plan_json(capsys, "llama-tiny")  # 128 tokens of context: the default 2048 would not run
+    assert out["seq_len"] == 128 and out["inference_memory"]["kv_cache_for"]["context"] == 128
+    assert plan_json(capsys, "--params", 1e7, "--context", 8192)["model"]["config"]["max_seq_len"] == 8192
+
+
+def test_estimates_refuse_bad_arguments_from_python():
+    shape = est.shape_of(get_preset("llama-tiny"))
+    with pytest.raises(est.PlanError, match="tokens must be a finite number"):
+        est.training_flops(1e6, float("inf"))
+    with pytest.raises(est.PlanError, match="batch must be a whole number"):
+        est.kv_cache_bytes(shape, 1.5, 128)
+    with pytest.raises(est.PlanError, match="lora_rank must be >= 0"):
+        est.training_memory(shape, batch=1, seq_len=16, lora_rank=-2)
+    for name, value in (("price_per_hour", -1.0), ("power_watts", float("nan")), ("pue", 0.9),
+                        ("grid_kg_per_kwh", -0.1), ("mfu", 2.0)):
+        with pytest.raises(est.PlanError, match=name):
+            est.run_cost(1e18, 1e12, **{name: value})
+    with pytest.raises(est.PlanError, match="params must be a finite number"):
+        config_for_params(float("inf"))
+    with pytest.raises(est.PlanError, match="vocab_size must be positive"):
+        config_for_params(1e9, vocab_size=0)
+    with pytest.raises(est.PlanError, match="flop budget must be a finite number"):
+        tokens_per_param_optimal(float("nan"))
+    with pytest.raises(est.PlanError, match="params must be positive"):
+        CHINCHILLA.loss(0, 1e9)
+    with pytest.raises(est.PlanError, match="memory_bytes must be positive"):
+        get_hardware("h100-80gb", memory_bytes=0)
+    with pytest.raises(est.PlanError, match="unknown hardware field 'speed'"):
+        get_hardware("h100-80gb", speed=1.0)
 
 
 def test_unknown_precision_is_named():

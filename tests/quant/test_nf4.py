@@ -4,6 +4,7 @@ the model swap keeps logits close, and the streaming loader equals quantize_mode
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -202,6 +203,18 @@ def test_misshapen_tensors_are_named(tmp_path):
     state["layers.0.attn.q_proj.weight"] = torch.zeros(64, 32)
     save_file(state, file)
     with pytest.raises(CheckpointError, match=r"layers.0.attn.q_proj.weight: shape \(64, 32\)"):
+        load_quantized(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("index, message", [
+    ('{"weight_map": {"embed_tokens.weight": "../x.safetensors"}}', "shard name '../x.safetensors' must be a plain"),
+    ('{"weight_map": {"embed_tokens.weight": 3}}', "not a valid shard index (expected a weight_map"),
+    ("[" * 100_000, "not a valid shard index (nested too deeply)"),
+])
+def test_a_bad_shard_index_is_named(tmp_path, index, message):
+    save_hf(build_model(LLAMA), tmp_path / "ckpt", max_shard_bytes=100_000)
+    (tmp_path / "ckpt" / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(CheckpointError, match=re.escape(f"model.safetensors.index.json: {message}")):
         load_quantized(tmp_path / "ckpt")
 
 

@@ -6,6 +6,7 @@ Every tokenizer here is trained in a fraction of a second on a corpus generated 
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 
@@ -183,6 +184,18 @@ def test_load_errors_name_the_path(tmp_path):
         load_tokenizer(wrong)
 
 
+def test_a_tokenizer_path_that_is_no_file_or_nested_too_deeply_is_named(tmp_path):
+    os.mkfifo(tmp_path / "pipe.json")  # reading it would block for ever
+    with pytest.raises(LlmlabError, match=re.escape(f"{tmp_path / 'pipe.json'}: not a regular file")):
+        load_tokenizer(tmp_path / "pipe.json")
+    (tmp_path / "tokenizer.json").mkdir()
+    with pytest.raises(LlmlabError, match=re.escape(f"{tmp_path / 'tokenizer.json'}: not a regular file")):
+        load_tokenizer(tmp_path)
+    (tmp_path / "deep.json").write_text('{"model": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(LlmlabError, match="deep.json: .*nested too deeply"):
+        load_tokenizer(tmp_path / "deep.json")
+
+
 def test_foreign_tokenizer_uses_common_special_names_and_ignores_its_template():
     vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, "hi": 3, "there": 4}
     raw = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -212,6 +225,18 @@ def test_too_small_vocab_is_a_value_error():
     with pytest.raises(ValueError, match="must be > 257"):
         train_bpe(["hello world"], 100, special_tokens=["<|eos|>"])
     assert train_bpe(["hello hello hello"], floor + 1).vocab_size == floor + 1  # room for one merge
+
+
+@pytest.mark.parametrize("vocab_size, min_frequency, message", [
+    (10**9, 2, "is too large: at most 1,048,576"),  # the trainer would reserve 70 GB up front and abort
+    (10**20, 2, "is too large"),
+    (1000, -1, "min_frequency must be in [1, 4,294,967,296], got -1"),
+    (1000, 0, "min_frequency must be in [1,"),
+    (1000, 2**70, "min_frequency must be in [1,"),
+])
+def test_training_settings_the_trainer_cannot_take_are_value_errors(vocab_size, min_frequency, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train_bpe(["hello world"], vocab_size, min_frequency=min_frequency)
 
 
 @pytest.mark.hf

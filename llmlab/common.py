@@ -26,25 +26,33 @@ class LlmlabError(Exception):
 # --------------------------------------------------------------------------- devices
 
 
-def choose_device(name: str = "auto") -> torch.device:
-    """Resolve "auto" to cuda > mps > cpu; otherwise check that the named device exists."""
+def choose_device(name: str = "auto", label: str = "device") -> torch.device:
+    """Resolve "auto" to cuda > mps > cpu; otherwise check that the named device exists here.
+
+    Raises:
+        LlmlabError: `name` is not auto, cpu, cuda, cuda:N or mps, or names a device this machine
+            lacks; the message starts with `label` (the option that named it) and lists what exists.
+    """
+    cuda = torch.cuda.is_available()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LlmlabError(f"device {name!r} was asked for but CUDA is not available on this machine")
-    return device
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    count = torch.cuda.device_count() if cuda else 0
+    here = ", ".join(["cpu", *(f"cuda:{i}" for i in range(count)), *(["mps"] if mps else [])])
+    kind, colon, index = name.partition(":") if isinstance(name, str) else ("", "", "")
+    if kind not in ("cpu", "cuda", "mps") or (colon and not (kind == "cuda" and index.isdigit())):
+        raise LlmlabError(f"{label}={name!r}: expected auto, cpu, cuda, cuda:N or mps (this machine has {here})")
+    if (kind == "cuda" and (not cuda or (colon and int(index) >= count))) or (kind == "mps" and not mps):
+        raise LlmlabError(f"{label}={name!r}: no such device on this machine (it has {here}); use auto to "
+                          "take the best one there is")
+    return torch.device(name)
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-def choose_dtype(name: str, device: torch.device) -> torch.dtype:
+def choose_dtype(name: str, device: torch.device, label: str = "dtype") -> torch.dtype:
     """Resolve a dtype name; "auto" is bf16 on GPUs that support it and fp32 elsewhere.
 
     CPUs without native bf16 run bf16 matmuls far slower than fp32, so "auto" never picks it there.
@@ -54,7 +62,7 @@ def choose_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     if name not in _DTYPES:
-        raise LlmlabError(f"unknown dtype {name!r}; expected one of: auto, {', '.join(_DTYPES)}")
+        raise LlmlabError(f"{label}={name!r}: unknown dtype; expected one of: auto, {', '.join(_DTYPES)}")
     return _DTYPES[name]
 
 
@@ -108,6 +116,7 @@ def atomic_dir(path: str | os.PathLike, *, merge: bool = False) -> Iterator[Path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; give the folder the usual mode
         yield tmp
         fsync_dir(tmp)
         try:
@@ -215,7 +224,7 @@ def _resolve(path: Path, where: str) -> Path:
     try:
         return path.resolve()
     except (RuntimeError, OSError) as e:  # a symlink loop
-        raise OutputError(f"{where}: cannot be resolved ({e})") from None
+        raise OutputError(f"{where}: cannot be resolved: a loop of symbolic links ({e})") from None
 
 
 def _alive(pid: int) -> bool:

@@ -105,8 +105,9 @@ def _suggest(word: Any, choices: Sequence[Any]) -> str:
 _Where = Callable[[str], str]
 
 
-def _error(where: _Where, path: str, message: str) -> ConfigError:
-    prefix = "".join(f"{part}: " for part in (where(path), path) if part)
+def _error(where: _Where, path: str, message: str, blame: str | None = None) -> ConfigError:
+    """`blame` is the key whose source (file or command line) is named, when it is not `path` itself."""
+    prefix = "".join(f"{part}: " for part in (where(path if blame is None else blame), path) if part)
     return ConfigError(prefix + message)
 
 
@@ -205,8 +206,11 @@ def _build(cls: type, data: dict, path: str, where: _Where) -> Any:
             raise _error(where, _join(path, name), f"missing required key ({_type_name(hints[name])})")
     try:
         return cls(**kwargs)
-    except ValueError as e:  # __post_init__ checks that span several fields
-        raise _error(where, path, str(e)) from e
+    except ValueError as e:  # __post_init__ checks, which name the fields they refuse
+        named = [_join(path, w) for w in dict.fromkeys(re.findall(r"\w+", str(e))) if w in fields]
+        # of the named fields, one the command line set is the likelier culprit than the file's
+        blame = next((n for n in named if where(n) == "command line"), named[0] if named else path)
+        raise _error(where, path, str(e), blame) from None
 
 
 def _onto_default(default: Any, value: dict) -> dict:
@@ -328,6 +332,8 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
             raise ConfigError(f"command line: {key}: {_yaml_problem(e)} in value {raw[:80]!r}") from None
         except RecursionError:
             raise ConfigError(f"command line: {key}: the value is nested too deeply") from None
+        except ValueError as e:  # an integer of more than 4,300 digits
+            raise ConfigError(f"command line: {key}: {e}") from None
         node = result
         for depth, part in enumerate(parts[:-1]):
             if node.get(part) is None:
@@ -371,6 +377,8 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
             raise ConfigError(f"{os.fspath(path)}: nested too deeply to be a config") from None
         except UnicodeDecodeError as e:
             raise ConfigError(f"{os.fspath(path)}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except ValueError as e:  # an integer of more than 4,300 digits
+            raise ConfigError(f"{os.fspath(path)}: {e}") from None
         data = {} if data is None else data
         if not isinstance(data, dict):
             raise ConfigError(f"{os.fspath(path)}: top level must be a mapping, got {type(data).__name__}")
@@ -380,6 +388,8 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
 
     def where(error_path: str) -> str:
         from_override = any(error_path == k or error_path.startswith((k + ".", k + "[")) for k in keys)
+        # a check of a whole mapping blames the command line when it set something inside it
+        from_override |= bool(error_path) and any(k.startswith(error_path + ".") for k in keys)
         return "command line" if from_override else file_name
 
     return _convert(cls, data, "", where)

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmlab.common import atomic_path, atomic_write_text, check_output, seed_everything, style
+from llmlab.common import (LlmlabError, atomic_path, atomic_write_text, check_output, choose_device, seed_everything,
+                           style)
 from llmlab.config import save_config
 from llmlab.data.prepare import PrepareConfig, TokenizerTrainConfig, train_tokenizer
 from llmlab.data.prepare import run as prepare
@@ -29,7 +30,10 @@ from llmlab.generate.text import TextGenerator
 from llmlab.models import LlamaConfig
 from llmlab.models.io import load_model
 from llmlab.tokenizer import load_tokenizer
-from llmlab.train.pretrain import PretrainConfig, run as pretrain
+from llmlab.tokenizer.bpe import check_vocab_size
+from llmlab.train.loop import available_memory, check_at_least, check_seed
+from llmlab.train.pretrain import PretrainConfig, estimate_training_memory
+from llmlab.train.pretrain import run as pretrain
 
 PROMPTS = ("The for statement", "A class definition", "Exceptions are")
 
@@ -46,11 +50,31 @@ class DemoConfig:
     lr: float = 2e-3
     seed: int = 0
 
+    def __post_init__(self):
+        check_vocab_size(self.vocab_size)
+        check_at_least(self, n_layers=1, seq_len=1, batch_size=1)
+        for name in ("minutes", "lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.dim < 1 or self.dim % 12:
+            raise ValueError(f"dim must be a positive multiple of 12 (6 heads of even width), got {self.dim}")
+        check_seed(self.seed)
+
 
 def run(cfg: DemoConfig, *, overwrite: bool = False) -> dict:
     """Run the demo; returns {"val_loss", "val_ppl", "unigram_ppl", "steps", "run_dir"}. `overwrite`
     runs it again in an out_dir that holds an earlier demo (or anything else)."""
     out = check_output(cfg.out_dir, label="out_dir", overwrite=overwrite)
+    model = LlamaConfig(vocab_size=cfg.vocab_size, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=6,
+                        max_seq_len=cfg.seq_len, tie_embeddings=True)
+    # before the tokenizer and the data: a model too large for this machine is refused in seconds
+    device = choose_device()
+    need = estimate_training_memory(PretrainConfig(model=model, seq_len=cfg.seq_len, batch_size=cfg.batch_size),
+                                    device).total
+    have = available_memory(device)
+    if have is not None and need > have:
+        raise LlmlabError(f"the demo's model needs about {need / 1e9:.2f} GB to train but {device} has "
+                          f"{have / 1e9:.2f} GB free; lower dim, n_layers, batch_size or seq_len")
     seed_everything(cfg.seed)
     save_config(cfg, out / "config.yaml")
 
@@ -61,11 +85,9 @@ def run(cfg: DemoConfig, *, overwrite: bool = False) -> dict:
                                      seed=cfg.seed), overwrite=overwrite)
 
     print(style(f"\n2/3 pretraining for {cfg.minutes:g} minutes", "1"))
-    train_cfg = PretrainConfig(
-        data=str(out / "data"), out_dir=str(out / "pretrain"), seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-        model=LlamaConfig(vocab_size=manifest["vocab_size"], dim=cfg.dim, n_layers=cfg.n_layers, n_heads=6,
-                          max_seq_len=cfg.seq_len, tie_embeddings=True),
-        seed=cfg.seed, log_every=25)
+    model.vocab_size = manifest["vocab_size"]
+    train_cfg = PretrainConfig(data=str(out / "data"), out_dir=str(out / "pretrain"), seq_len=cfg.seq_len,
+                               batch_size=cfg.batch_size, model=model, seed=cfg.seed, log_every=25)
     train_cfg.optim.lr = cfg.lr
     train_cfg.eval.batches = 4
     train_cfg.max_steps = _calibrate_steps(train_cfg, 60 * cfg.minutes, n_evals=6)

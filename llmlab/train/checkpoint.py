@@ -4,14 +4,19 @@ A checkpoint is a folder `checkpoints/step-00000100/` holding
 - `config.json`, `model.safetensors`: an llmlab model checkpoint (`llmlab.load_model` reads it);
 - `optimizer.safetensors`: every optimizer state tensor, keyed `state.<param index>.<name>`;
 - `rng.safetensors`: torch CPU (and CUDA) generator states;
-- `state.json`: step, counters, optimizer hyper-parameters and the Python and NumPy RNG states.
+- `state.json`: step, counters, optimizer hyper-parameters, the Python and NumPy RNG states, the
+  SHA-256 of every other file in the folder and of its own content.
 It is written inside a hidden temporary folder, every file fsynced, then renamed into place in
 one atomic step: a crash at any moment leaves the previous checkpoints intact and at worst a
-`.tmp-*` folder, which the next resume deletes.
+`.tmp-*` folder, which the next resume deletes. What a crash cannot do, a disk or a copy can: the
+checksums let `verify_checkpoint` tell a damaged checkpoint before anything is loaded from it
+(hashing costs about 0.8 s per GB on a CPU with SHA instructions: 0.08 s on top of the 0.12 s that
+writing 100 MB to the page cache takes, and as much again to verify on resume).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -23,13 +28,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 from llmlab.common import LlmlabError, atomic_write_text, fsync_dir
-from llmlab.models.io import copy_tokenizer_files, load_state_into, read_state_dict, save_model, save_safetensors
+from llmlab.models.io import (CheckpointError, copy_tokenizer_files, load_state_into, read_state_dict, save_model,
+                              save_safetensors)
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+# what every training checkpoint's state.json holds, whatever the loop adds
+STATE_KEYS = ("step", "param_groups", "optimizer_scalars", "python_rng", "numpy_rng")
+_HASH_BLOCK = 2**22
 
 
 class CheckpointWriteError(LlmlabError):
@@ -74,7 +84,9 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Module, op
         np_state = np.random.get_state()
         full = {**state, "step": step, "param_groups": opt["param_groups"], "optimizer_scalars": scalars,
                 "python_rng": [py_version, list(py_state), py_gauss],
-                "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+                "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+                "files": {str(f.relative_to(tmp)): _sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()}}
+        full["sha256"] = _state_digest(full)
         atomic_write_text(tmp / "state.json", json.dumps(full))
         fsync_dir(tmp)
         os.rename(tmp, final)
@@ -108,6 +120,78 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, *, clean: bool = True) -> Pat
     return found[-1] if found else None
 
 
+def verify_checkpoint(path: str | os.PathLike) -> dict:
+    """Check that the checkpoint at `path` is whole before anything is loaded from it; returns its state.
+
+    The SHA-256 checksums that `save_checkpoint` recorded are recomputed, so a truncated file or a
+    flipped byte is found. A checkpoint from before checksums were recorded is checked by opening
+    each of its safetensors files instead, which finds truncation but not every flipped byte.
+
+    Raises:
+        CheckpointError: the message names the first damaged or missing file.
+    """
+    path = Path(path)
+    file = path / "state.json"
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing (not a training checkpoint)") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{file}: damaged, not readable JSON ({e})") from None
+    missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else list(STATE_KEYS)
+    if missing:
+        raise CheckpointError(f"{file}: damaged or not a training checkpoint's state (no {', '.join(missing)})")
+    if "sha256" in state and state["sha256"] != _state_digest(state):
+        raise CheckpointError(f"{file}: damaged (its content no longer matches the checksum saved with it)")
+    recorded = state.get("files")
+    if not isinstance(recorded, dict):  # an older checkpoint: opening a file validates its header and length
+        for f in sorted(path.glob("*.safetensors")):
+            try:
+                with safe_open(f, framework="pt") as opened:
+                    opened.keys()
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{f}: damaged ({e})") from None
+        return state
+    for name, digest in recorded.items():
+        f = path / name
+        try:
+            actual = _sha256(f)
+        except FileNotFoundError:
+            raise CheckpointError(f"{f}: missing from the checkpoint") from None
+        except OSError as e:
+            raise CheckpointError(f"{f}: cannot be read ({e.strerror})") from None
+        if actual != digest:
+            raise CheckpointError(f"{f}: damaged (its SHA-256 differs from the one recorded when it was saved)")
+    return state
+
+
+def newest_intact_checkpoint(ckpt_dir: str | os.PathLike) -> tuple[Path | None, dict | None,
+                                                                   list[tuple[Path, CheckpointError]]]:
+    """(the newest complete checkpoint that `verify_checkpoint` passes, its state, the newer ones passed
+    over with their errors, newest first); the first two are None when no checkpoint is intact."""
+    damaged = []
+    for path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            return path, verify_checkpoint(path), damaged
+        except CheckpointError as e:
+            damaged.append((path, e))
+    return None, None, damaged
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _state_digest(state: dict) -> str:
+    """SHA-256 of state.json's content without its own checksum (JSON gives floats back exactly)."""
+    rest = {k: v for k, v in state.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
 def _flatten(state: dict, prefix: str, tensors: dict, scalars: dict) -> None:
     """Optimizer state into safetensors-ready tensors and JSON scalars; nested dicts (an 8-bit
     optimizer's quantization state) get '/'-joined keys."""
@@ -133,31 +217,49 @@ def _unflatten(items: dict) -> dict[int, dict]:
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    load_weights: Callable[[nn.Module, Path], object] | None = None) -> dict:
+                    load_weights: Callable[[nn.Module, Path], object] | None = None, state: dict | None = None) -> dict:
     """Restore weights, optimizer state and every RNG from `path`; returns the saved `state.json`.
-    `load_weights(model, folder)` reads what `save_checkpoint`'s `save_weights` wrote."""
+    `load_weights(model, folder)` reads what `save_checkpoint`'s `save_weights` wrote. `state` is what
+    `verify_checkpoint(path)` returned, when the caller has just checked the folder (hashing a large
+    checkpoint twice takes time); otherwise it is checked here.
+
+    Raises:
+        CheckpointError: a file is damaged (`verify_checkpoint`), or the checkpoint does not fit this
+            model or optimizer (another shape, optimizer or set of trained parameters).
+    """
     path = Path(path)
-    try:
-        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise LlmlabError(f"{path / 'state.json'}: cannot resume from this checkpoint ({e})") from None
+    state = verify_checkpoint(path) if state is None else state
     if load_weights is None:
         load_state_into(model, read_state_dict(path), str(path))
     else:
         load_weights(model, path)
-    opt_state = _unflatten({**load_file(path / "optimizer.safetensors"), **state.get("optimizer_scalars", {})})
-    # JSON turned tuples such as AdamW's betas into lists; give them back their type
-    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
-              for g in state["param_groups"]]
-    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-    rng = load_file(path / "rng.safetensors")
-    torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available():
-        cuda = [rng[k] for k in sorted((k for k in rng if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
-        if cuda:
-            torch.cuda.set_rng_state_all(cuda)
-    version, py_state, gauss = state["python_rng"]
-    random.setstate((version, tuple(py_state), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy_rng"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    file = path / "optimizer.safetensors"
+    try:
+        opt_state = _unflatten({**load_file(file), **state["optimizer_scalars"]})
+        # JSON turned tuples such as AdamW's betas into lists; give them back their type
+        groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+                  for g in state["param_groups"]]
+        optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: damaged ({e})") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{file}: the optimizer state does not fit this run's optimizer ({e}); was "
+                              "optim.name, freeze, peft or lora changed since it was saved?") from None
+    file = path / "rng.safetensors"
+    try:
+        rng = load_file(file)
+        torch.set_rng_state(rng["torch"])
+        if torch.cuda.is_available():
+            cuda = [rng[k] for k in sorted((k for k in rng if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+            if cuda:
+                torch.cuda.set_rng_state_all(cuda)
+    except (SafetensorError, OSError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{file}: damaged ({e})") from None
+    try:
+        version, py_state, gauss = state["python_rng"]
+        random.setstate((version, tuple(py_state), gauss))
+        name, keys, pos, has_gauss, cached = state["numpy_rng"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    except (ValueError, TypeError, OverflowError) as e:
+        raise CheckpointError(f"{path / 'state.json'}: damaged RNG state ({e})") from None
     return state

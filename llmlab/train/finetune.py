@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import torch
 from llmlab.common import LlmlabError, atomic_dir, choose_device, init_distributed, seed_everything
 from llmlab.config import save_config
 from llmlab.data.sft import Batches, Example, build_examples
-from llmlab.data.shards import TokenShards
+from llmlab.data.shards import TokenShards, is_prepared, prepared_dir
 from llmlab.data.synth import exact_match
 from llmlab.generate import SamplingParams
 from llmlab.generate.text import TextGenerator
@@ -36,9 +37,10 @@ from llmlab.peft.io import load_adapter_weights
 from llmlab.plan.estimate import TrainingMemory, shape_of, training_memory
 from llmlab.tokenizer import load_tokenizer
 from llmlab.tokenizer.chat import load_chat_template
-from llmlab.train.checkpoint import latest_checkpoint, save_checkpoint
-from llmlab.train.loop import (available_memory, check_run_dir, finite_step, print_line, report, resume_run, run_outputs,
-                               step_seed, stop_reason, truncate_metrics, write_metrics)
+from llmlab.train.checkpoint import latest_checkpoint, newest_intact_checkpoint, save_checkpoint
+from llmlab.train.loop import (available_memory, check_at_least, check_run_dir, check_seed, finite_step, print_line,
+                               report, resume_run, run_outputs, run_settings, step_seed, stop_reason,
+                               truncate_metrics, write_metrics)
 from llmlab.train.optim import OptimConfig, build_optimizer, lr_at
 from llmlab.train.pretrain import CheckpointConfig, SystemConfig, sample_batch
 
@@ -50,6 +52,13 @@ class DataConfig:
     val_fraction: float = 0.05  # share of the training records held out when val is ""
     template: str = ""  # chat template: a built-in name or a Jinja file; "" = the base's own, else llmlab's
     packing: bool = True  # several examples per row (attention stays within each) instead of one, padded
+    verify: bool = True  # a prepared folder: check its shards' SHA-256 and token ids first (~1 s per GB)
+
+    def __post_init__(self):
+        if not self.train:
+            raise ValueError("train is empty: name the records (.jsonl) or a `llmlab data prepare` folder")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
 @dataclass
@@ -59,6 +68,9 @@ class FinetuneEvalConfig:
     patience: int = 0  # stop after N evaluations without a new best val loss; 0 = never
     exact_match: int = 0  # validation records answered greedily and scored by exact match; 0 = off
     max_new_tokens: int = 64  # answer length limit for exact match
+
+    def __post_init__(self):
+        check_at_least(self, every=1, batches=1, patience=0, exact_match=0, max_new_tokens=1)
 
 
 @dataclass
@@ -70,7 +82,7 @@ class FinetuneConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     freeze: list[str] = field(default_factory=list)  # with peft=none: names, globs or ranges (layers.0-3) to keep
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20, weight_decay=0.0))
-    seq_len: int = 256  # tokens per row; longer examples are cut
+    seq_len: int | None = None  # tokens per row, longer examples are cut; null = the base's context, all it can use
     batch_size: int = 8  # rows per micro-batch (per process)
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 300  # optimizer steps; the schedule ends here
@@ -82,6 +94,11 @@ class FinetuneConfig:
     eval: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
     ckpt: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=100))
     system: SystemConfig = field(default_factory=SystemConfig)
+
+    def __post_init__(self):
+        check_at_least(self, seq_len=1, batch_size=1, grad_accum=1, max_steps=1, epochs=0, max_minutes=0,
+                       log_every=1)
+        check_seed(self.seed)
 
 
 class TokenWindows:
@@ -102,20 +119,24 @@ def run(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict:
     """Fine-tune; returns {"step", "tokens", "val_loss", "exact_match", "stopped", "final", "adapter", ...}.
     `overwrite` starts over in an out_dir that holds an earlier run's checkpoints or other files."""
     # ---- setup
-    device = choose_device(cfg.system.device)
+    device = choose_device(cfg.system.device, "system.device")
     rank, world = init_distributed(device)
     if cfg.peft != "none" and cfg.freeze:
         raise LlmlabError(f"freeze applies to full fine-tuning (peft=none); with peft={cfg.peft} only the "
                           "adapters train already")
-    check_run_dir(Path(cfg.out_dir), resume=cfg.ckpt.resume, inputs=[cfg.base, cfg.data.train, cfg.data.val],
+    check_run_dir(Path(cfg.out_dir), resume=cfg.ckpt.resume,
+                  inputs=[cfg.base, prepared_dir(cfg.data.train), cfg.data.val],
                   overwrite=overwrite, rank=rank)
     cfg.base = str(_base_checkpoint(cfg.base))
     model_cfg, _ = read_config(cfg.base)
+    if cfg.seq_len is None:
+        cfg.seq_len = model_cfg.max_seq_len
     if cfg.seq_len > model_cfg.max_seq_len:
-        raise LlmlabError(f"seq_len={cfg.seq_len} exceeds the base model's context of {model_cfg.max_seq_len}")
+        raise LlmlabError(f"seq_len={cfg.seq_len} exceeds the base model's context of {model_cfg.max_seq_len}; "
+                          f"set seq_len={model_cfg.max_seq_len} or less, or leave it unset to take the context")
     tokenizer = load_tokenizer(cfg.base)
     template = load_chat_template(cfg.base, cfg.data.template or None)
-    train_data, val_data, val_examples = _data(cfg, tokenizer, template)
+    train_data, val_data, val_examples = _data(cfg, tokenizer, template, model_cfg.vocab_size)
     if cfg.epochs > 0:
         cfg.max_steps = max(1, math.ceil(cfg.epochs / train_data.epoch_of(0) / (cfg.grad_accum * world)))
     if cfg.system.preflight:
@@ -132,12 +153,17 @@ def run(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict:
     elif cfg.freeze:
         print(f"froze {len(freeze(model, cfg.freeze))} parameter tensors")
     trained, total = trainable_parameters(model)
+    if trained == 0:
+        raise LlmlabError(f"freeze={cfg.freeze} freezes every parameter, which leaves nothing to train")
     print(f"training {trained:,} of {total:,} parameters ({100 * trained / total:.2f}%)")
     model.gradient_checkpointing = cfg.system.gradient_checkpointing
     optimizer = build_optimizer(model, cfg.optim, device)
     save_weights = (lambda m, path: save_adapter(m, path, cfg.lora, base=cfg.base)) if lora else save_model
     load_weights = load_adapter_weights if lora else None
-    start, tokens, skipped, best, bad_evals = resume_run(cfg, ckpt_dir, rank, model, optimizer, load_weights)
+    # the adapters or weights of a checkpoint belong to the base they were trained from
+    settings = run_settings(cfg, world, base=str(Path(cfg.base).resolve()))
+    start, tokens, skipped, best, bad_evals = resume_run(cfg, ckpt_dir, rank, model, optimizer, settings,
+                                                         load_weights)
     if rank == 0:
         save_config(cfg, out / "config.yaml")
         truncate_metrics(out / "metrics.jsonl", start)
@@ -217,8 +243,8 @@ def run(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict:
                     stopped, last = "early_stopping", True
             if rank == 0 and (done % cfg.ckpt.every == 0 or last):
                 save_checkpoint(ckpt_dir, done, model, optimizer,
-                                {"tokens": tokens, "skipped": skipped, "best_val_loss": best, "bad_evals": bad_evals},
-                                cfg.ckpt.keep_last, cfg.base, save_weights)
+                                {"tokens": tokens, "skipped": skipped, "best_val_loss": best, "bad_evals": bad_evals,
+                                 "settings": settings}, cfg.ckpt.keep_last, cfg.base, save_weights)
             if stopped is not None:
                 break
     stopped = stopped or "max_steps"
@@ -238,12 +264,16 @@ def run(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict:
 
 
 def _base_checkpoint(base: str) -> Path:
-    """`base` itself, or for a run directory its newest complete checkpoint."""
+    """`base` itself, or for a run directory its newest intact checkpoint (a warning names each newer,
+    damaged one passed over)."""
     path = Path(base)
     if not (path / "config.json").is_file() and (path / "checkpoints").is_dir():
-        latest = latest_checkpoint(path / "checkpoints", clean=False)
+        latest, _, damaged = newest_intact_checkpoint(path / "checkpoints")
         if latest is None:
-            raise LlmlabError(f"base={base}: the run directory holds no complete checkpoint")
+            raise LlmlabError(f"base={base}: the run directory holds no intact checkpoint"
+                              + (f" (the newest: {damaged[0][1]})" if damaged else ""))
+        for _, error in damaged:
+            print(f"warning: {error}; fine-tuning {latest} instead", file=sys.stderr, flush=True)
         return latest
     if not path.exists():
         raise LlmlabError(f"base={base}: no such checkpoint or run directory")
@@ -261,13 +291,25 @@ def _load_base(cfg: FinetuneConfig, device: torch.device) -> torch.nn.Module:
     return model
 
 
-def _data(cfg: FinetuneConfig, tokenizer, template) -> tuple[Batches | TokenWindows, Batches | None,
-                                                              list[Example]]:
+def _data(cfg: FinetuneConfig, tokenizer, template, vocab_size: int) -> tuple[Batches | TokenWindows,
+                                                                              Batches | None, list[Example]]:
     """Training batches, validation batches and the validation examples that have a reference answer."""
-    if (Path(cfg.data.train) / "manifest.json").is_file():  # continued pretraining on token shards
+    if is_prepared(cfg.data.train):  # continued pretraining on token shards
+        if cfg.data.val:
+            raise LlmlabError(f"data.val={cfg.data.val}: a prepared data.train brings its own val split; leave "
+                              "data.val unset")
         train = TokenShards(cfg.data.train, "train")
-        windows = TokenWindows(train, cfg.seq_len, cfg.batch_size, cfg.seed)
         val = TokenShards(cfg.data.train, "val") if train.manifest["splits"].get("val", {}).get("tokens") else None
+        if train.vocab_size > vocab_size:
+            raise LlmlabError(f"data.train={cfg.data.train}: its tokenizer has {train.vocab_size} ids, more than the "
+                              f"base model's vocab_size of {vocab_size}; prepare it with the base's tokenizer")
+        for name, shards in (("train", train), ("val", val)):
+            if shards is not None and len(shards) <= cfg.seq_len + 1:
+                raise LlmlabError(f"data.train={cfg.data.train}: the {name} split has {len(shards)} tokens, fewer "
+                                  f"than seq_len+1={cfg.seq_len + 1}; lower seq_len or add data")
+            if shards is not None and cfg.data.verify:
+                shards.verify()
+        windows = TokenWindows(train, cfg.seq_len, cfg.batch_size, cfg.seed)
         val_windows = TokenWindows(val, cfg.seq_len, cfg.batch_size, cfg.seed + 1) if val is not None else None
         return windows, val_windows, []
     stats: Counter = Counter()
@@ -275,8 +317,6 @@ def _data(cfg: FinetuneConfig, tokenizer, template) -> tuple[Batches | TokenWind
     if cfg.data.val:
         val = build_examples(cfg.data.val, tokenizer, template, cfg.seq_len, stats)
     else:
-        if not 0.0 <= cfg.data.val_fraction < 1.0:
-            raise LlmlabError(f"data.val_fraction={cfg.data.val_fraction}: expected a fraction in [0, 1)")
         order = np.random.default_rng((cfg.seed, 5)).permutation(len(examples))
         n_val = int(len(examples) * cfg.data.val_fraction)
         val = [examples[i] for i in order[:n_val]]
@@ -344,7 +384,7 @@ def _evaluate_answers(model, tokenizer, template, examples: list[Example], cfg: 
     params = SamplingParams(temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens)
     answers = []
     for i in range(0, len(chosen), 32):
-        prompts = [template.render(e.prompt, add_generation_prompt=True) for e in chosen[i:i + 32]]
+        prompts = template.render_many([(e.prompt, True) for e in chosen[i:i + 32]])
         answers += [c.text for c in generator.complete(prompts, params, stop=[template.stop], truncate=True)]
     model.train()
     right = [exact_match(a, e.reference) for a, e in zip(answers, chosen)]

@@ -18,7 +18,35 @@ import numpy as np
 import torch
 
 from llmlab.common import LlmlabError, atomic_write_text, check_output
-from llmlab.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from llmlab.models.io import CheckpointError
+from llmlab.train.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint,
+                                     newest_intact_checkpoint, verify_checkpoint)
+
+
+# --------------------------------------------------------------------------- config checks
+
+
+def check_at_least(cfg, **bounds) -> None:
+    """ValueError naming the first field of `cfg` below its bound (fields that are None are not set yet)."""
+    for name, low in bounds.items():
+        value = getattr(cfg, name)
+        if value is not None and value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+def check_probability(cfg, *names: str) -> None:
+    """ValueError naming the first of the fields `names` of `cfg` that is not in [0, 1]."""
+    for name in names:
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(cfg, name)}")
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed < 2**64:  # what NumPy's seed sequences and torch.manual_seed take
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+
+
+# --------------------------------------------------------------------------- the run
 
 
 class StopSignals:
@@ -65,32 +93,87 @@ def check_run_dir(out: Path, *, resume: str, inputs: list, overwrite: bool, rank
                           f"({', '.join(entries[:5])}); pass --overwrite to write the run there anyway (llmlab "
                           "replaces only the files it writes) or choose another out_dir")
     if overwrite and rank == 0:
-        for old in checkpoints:
+        for old in checkpoints + sorted((out / "checkpoints").glob("step-*.damaged")):
             shutil.rmtree(old)
         latest_checkpoint(out / "checkpoints", clean=True)  # and the debris of interrupted writes
 
 
-def resume_path(cfg, ckpt_dir: Path, rank: int) -> Path | None:
+BATCH_SHAPE = ("batch_size", "seq_len", "grad_accum", "world_size")
+
+
+def run_settings(cfg, world: int, **more) -> dict:
+    """What a resume must keep from the run that saved the checkpoint: the batches each step sees
+    (`BATCH_SHAPE`, changeable with ckpt.allow_batch_change), the optimizer (only its own kind reads
+    its saved state) and whatever `more` names."""
+    return {"batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "grad_accum": cfg.grad_accum, "world_size": world,
+            "optim.name": cfg.optim.name, **more}
+
+
+def resume_from(cfg, ckpt_dir: Path, rank: int) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume from and its state, checked whole (`verify_checkpoint`); (None, None)
+    for a fresh start.
+
+    With resume=auto, damaged checkpoints newer than the newest intact one are passed over with a
+    warning each, and set aside (renamed `step-N.damaged`) so that the run can write their steps again.
+    """
     if cfg.ckpt.resume == "none":
-        return None
-    if cfg.ckpt.resume == "auto":
-        return latest_checkpoint(ckpt_dir, clean=rank == 0)  # none yet: a fresh start
-    path = Path(cfg.ckpt.resume)
-    if not (path / "state.json").is_file():
-        raise LlmlabError(f"ckpt.resume={cfg.ckpt.resume}: not a training checkpoint (no state.json)")
-    return path
+        return None, None
+    if cfg.ckpt.resume != "auto":
+        path = Path(cfg.ckpt.resume)
+        try:
+            path.stat()
+        except OSError as e:  # missing, a symbolic link loop, unreadable
+            raise LlmlabError(f"ckpt.resume={cfg.ckpt.resume}: {e.strerror}") from None
+        if not (path / "state.json").is_file():
+            raise LlmlabError(f"ckpt.resume={cfg.ckpt.resume}: not a training checkpoint (no state.json)")
+        try:
+            state = verify_checkpoint(path)
+        except CheckpointError as e:
+            raise CheckpointError(f"ckpt.resume: {e}; resume from another checkpoint") from None
+        newer = [p.name for p in list_checkpoints(ckpt_dir) if int(p.name[5:]) > state["step"]]
+        if newer:  # saving would skip their steps, and a later resume=auto would mix the two runs
+            raise LlmlabError(f"ckpt.resume={cfg.ckpt.resume}: {ckpt_dir} holds checkpoints past its step "
+                              f"{state['step']} ({', '.join(newer)}); resume from the newest, or choose another "
+                              "out_dir")
+        return path, state
+    latest_checkpoint(ckpt_dir, clean=rank == 0)  # removes the debris of interrupted writes
+    path, state, damaged = newest_intact_checkpoint(ckpt_dir)
+    if damaged and path is None:
+        raise CheckpointError(f"ckpt.resume=auto: no intact checkpoint in {ckpt_dir}; the newest: {damaged[0][1]}")
+    for folder, error in damaged:
+        if rank == 0:
+            print(f"warning: {error}; resuming from {path.name} instead, and {folder.name} is set aside as "
+                  f"{folder.name}.damaged", file=sys.stderr, flush=True)
+            aside = folder.with_name(folder.name + ".damaged")
+            shutil.rmtree(aside, ignore_errors=True)  # the same step, damaged and set aside before
+            os.replace(folder, aside)
+    return path, state
 
 
-def resume_run(cfg, ckpt_dir: Path, rank: int, model, optimizer, load_weights=None) -> tuple[int, int, int, float, int]:
+def resume_run(cfg, ckpt_dir: Path, rank: int, model, optimizer, settings: dict,
+               load_weights=None) -> tuple[int, int, int, float, int]:
     """(start step, tokens, skipped steps, best validation loss, evaluations without improvement):
     restored from the checkpoint `ckpt.resume` names (`load_checkpoint` restores the weights, the
-    optimizer and the RNGs), or a fresh start's."""
-    resume_from = resume_path(cfg, ckpt_dir, rank)
-    if resume_from is None:
+    optimizer and the RNGs), or a fresh start's. `settings` (`run_settings`) must equal those the
+    checkpoint recorded, the batch shape excepted with ckpt.allow_batch_change."""
+    path, state = resume_from(cfg, ckpt_dir, rank)
+    if path is None:
         return 0, 0, 0, math.inf, 0
-    state = load_checkpoint(resume_from, model, optimizer, load_weights)
-    print(f"resumed from {resume_from} at step {state['step']}")
-    return state["step"], state["tokens"], state["skipped"], state["best_val_loss"], state["bad_evals"]
+    saved = state.get("settings") if isinstance(state.get("settings"), dict) else {}  # older: none recorded
+    for name, value in settings.items():
+        if name not in saved or saved[name] == value or (name in BATCH_SHAPE and cfg.ckpt.allow_batch_change):
+            continue
+        what = f"{value} processes" if name == "world_size" else f"{name}={value}"
+        hint = ", or pass ckpt.allow_batch_change=true to resume with other batches" if name in BATCH_SHAPE else ""
+        raise LlmlabError(f"{what}, but the checkpoint {path} was trained with {saved[name]}; set it back{hint}")
+    load_checkpoint(path, model, optimizer, load_weights, state)
+    try:
+        counters = state["tokens"], state["skipped"], state["best_val_loss"], state["bad_evals"]
+    except KeyError as e:
+        raise CheckpointError(f"{path / 'state.json'}: not a checkpoint of this loop (no {e})") from None
+    if rank == 0:
+        print(f"resumed from {path} at step {state['step']}")
+    return (state["step"], *counters)
 
 
 @contextlib.contextmanager
@@ -130,14 +213,17 @@ def stop_reason(signals: StopSignals, out_of_time: bool, world: int, device: tor
 def finite_step(loss: torch.Tensor, grad_norm: torch.Tensor, optimizer: torch.optim.Optimizer, nonfinite: str,
                 step: int) -> bool:
     """True when the step's loss and gradient norm are finite. Otherwise the gradients are dropped and,
-    with nonfinite="stop", the run stops with an error (nothing is saved); with "skip" it returns False
-    and the caller counts the batch as skipped."""
-    if torch.isfinite(loss) and torch.isfinite(grad_norm):
+    with nonfinite="stop", the run stops with an error naming which was not finite (nothing is saved);
+    with "skip" it returns False and the caller counts the batch as skipped. `step` counts from 0."""
+    values = {"loss": loss.item(), "gradient norm": grad_norm.item()}
+    bad = [f"{name} {value}" for name, value in values.items() if not math.isfinite(value)]
+    if not bad:
         return True
     optimizer.zero_grad(set_to_none=True)
     if nonfinite == "stop":
-        raise LlmlabError(f"non-finite loss ({loss.item()}) or gradient norm at step {step}; stopping "
-                          f"without saving. Lower optim.lr, or set nonfinite=skip to skip such batches")
+        fine = "".join(f" ({name} {value:.4g})" for name, value in values.items() if math.isfinite(value))
+        raise LlmlabError(f"non-finite {' and '.join(bad)} at step {step + 1}{fine}; stopping without saving. "
+                          "Lower optim.lr, or set nonfinite=skip to skip such batches")
     return False
 
 
@@ -160,9 +246,18 @@ def truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines past `step`: a killed run may have logged steps its checkpoint lacks."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
+    kept = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+            if _logged_step(line) <= step]
     atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _logged_step(line: str) -> float:
+    """The step a metrics line records; infinity (so it is dropped) for a line a kill cut short."""
+    try:
+        record = json.loads(line)
+        return record["step"] if isinstance(record, dict) and isinstance(record.get("step"), int) else math.inf
+    except ValueError:
+        return math.inf
 
 
 def write_metrics(metrics, record: dict) -> None:

@@ -25,6 +25,16 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
 
+    def __post_init__(self):
+        bounds = {"lr": (self.lr > 0, "> 0"), "min_lr_ratio": (0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+                  "warmup_steps": (self.warmup_steps >= 0, ">= 0"), "weight_decay": (self.weight_decay >= 0, ">= 0"),
+                  "eps": (self.eps > 0, "> 0"), "grad_clip": (self.grad_clip >= 0, ">= 0 (0 disables clipping)"),
+                  # decay rates of the moment averages: 1 would never forget the first gradient
+                  "betas": (all(0 <= b < 1 for b in self.betas), "each in [0, 1)")}
+        for name, (ok, expected) in bounds.items():
+            if not ok:
+                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)}")
+
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW over two groups: matrices with weight decay, vectors (biases, norms) without.

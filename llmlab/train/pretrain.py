@@ -22,12 +22,13 @@ import torch
 from llmlab.common import LlmlabError, choose_device, init_distributed, seed_everything
 from llmlab.config import save_config
 from llmlab.data.fim import FimSpec, fim_permute
-from llmlab.data.shards import TokenShards
+from llmlab.data.shards import TokenShards, prepared_dir
 from llmlab.models import GPTConfig, LlamaConfig, build_model
 from llmlab.models.layers import LOSS_BLOCK_ELEMENTS_CPU, LOSS_BLOCK_ELEMENTS_GPU
 from llmlab.plan.estimate import TrainingMemory, cpu_runtime_bytes, shape_of, training_memory
 from llmlab.train.checkpoint import latest_checkpoint, save_checkpoint
-from llmlab.train.loop import (available_memory, check_run_dir, finite_step, print_line, report, resume_run, run_outputs,
+from llmlab.train.loop import (available_memory, check_at_least, check_probability, check_run_dir,
+                               check_seed, finite_step, print_line, report, resume_run, run_outputs, run_settings,
                                step_seed, stop_reason, truncate_metrics, write_metrics)
 from llmlab.train.optim import OptimConfig, build_optimizer, lr_at
 
@@ -38,12 +39,22 @@ class EvalConfig:
     batches: int = 20  # validation micro-batches per evaluation
     patience: int = 0  # stop after N evaluations without a new best val loss; 0 = never
 
+    def __post_init__(self):
+        check_at_least(self, every=1, batches=1, patience=0)
+
 
 @dataclass
 class CheckpointConfig:
     every: int = 200  # save every N steps (and at the end, and on SIGINT/SIGTERM)
     keep_last: int = 3  # complete checkpoints kept on disk
-    resume: str = "none"  # "none", "auto" (the newest complete checkpoint) or a checkpoint folder
+    resume: str = "none"  # "none", "auto" (the newest intact checkpoint) or a checkpoint folder
+    # on request only, since each step then sees other batches than in the run that saved the checkpoint:
+    allow_batch_change: bool = False  # resume with another batch_size, seq_len, grad_accum or number of processes
+
+    def __post_init__(self):
+        check_at_least(self, every=1, keep_last=1)
+        if not self.resume:
+            raise ValueError('resume must be "none", "auto" or a checkpoint folder, got ""')
 
 
 @dataclass
@@ -58,11 +69,12 @@ class SystemConfig:
 @dataclass
 class PretrainConfig:
     data: str = "runs/data"  # folder written by `llmlab data prepare`
+    verify_data: bool = True  # check the shards' SHA-256 and token ids first (~1 s per GB); false for huge corpora
     out_dir: str = "runs/pretrain"  # run directory: config.yaml, metrics.jsonl, checkpoints/
-    model: GPTConfig | LlamaConfig = field(default_factory=lambda: LlamaConfig(
-        vocab_size=4096, dim=128, n_layers=4, n_heads=4, max_seq_len=256))
+    model: GPTConfig | LlamaConfig = field(default_factory=lambda: LlamaConfig(  # vocab_size null = the data's
+        vocab_size=None, dim=128, n_layers=4, n_heads=4, max_seq_len=256))
     optim: OptimConfig = field(default_factory=OptimConfig)
-    seq_len: int = 256  # tokens per training sequence
+    seq_len: int | None = None  # tokens per training sequence; null = model.max_seq_len, the context it is built for
     batch_size: int = 16  # sequences per micro-batch (per process)
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 1000  # optimizer steps; the schedule ends here
@@ -75,6 +87,13 @@ class PretrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
+
+    def __post_init__(self):
+        check_at_least(self, seq_len=1, batch_size=1, grad_accum=1, max_steps=1, max_minutes=0, log_every=1)
+        check_probability(self, "fim_rate", "fim_spm_rate")
+        if not self.data:
+            raise ValueError("data is empty: name the folder `llmlab data prepare` wrote")
+        check_seed(self.seed)
 
 
 def sample_batch(shards: TokenShards, batch_size: int, seq_len: int, seed: tuple[int, ...],
@@ -107,32 +126,30 @@ def run(cfg: PretrainConfig, *, overwrite: bool = False) -> dict:
     """Pretrain; returns {"step", "tokens", "val_loss", "stopped", "checkpoint", "exit_code"}.
     `overwrite` starts over in an out_dir that holds an earlier run's checkpoints or other files."""
     # ---- setup
-    device = choose_device(cfg.system.device)
+    device = choose_device(cfg.system.device, "system.device")
     rank, world = init_distributed(device)
-    check_run_dir(Path(cfg.out_dir), resume=cfg.ckpt.resume, inputs=[cfg.data], overwrite=overwrite, rank=rank)
+    check_run_dir(Path(cfg.out_dir), resume=cfg.ckpt.resume, inputs=[prepared_dir(cfg.data)], overwrite=overwrite,
+                  rank=rank)
     train_data = TokenShards(cfg.data, "train")
     manifest = train_data.manifest
     val_data = TokenShards(cfg.data, "val") if manifest["splits"].get("val", {}).get("tokens") else None
-    if cfg.model.vocab_size < manifest["vocab_size"]:
-        raise LlmlabError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                          f"{manifest['vocab_size']} ({cfg.data}); set model.vocab_size={manifest['vocab_size']}")
-    for name, shards in (("train", train_data), ("val", val_data)):
-        if shards is not None and len(shards) <= cfg.seq_len + 1:
-            raise LlmlabError(f"{cfg.data}: the {name} split has {len(shards)} tokens, fewer than seq_len+1="
-                              f"{cfg.seq_len + 1}; lower seq_len or add data")
-    if cfg.seq_len > cfg.model.max_seq_len:
-        raise LlmlabError(f"seq_len={cfg.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    _resolve(cfg, manifest, {"train": train_data, "val": val_data})
     fim = _fim_spec(cfg, manifest)
     tokenizer_dir = _tokenizer_dir(manifest)
     if cfg.system.preflight:
         preflight(cfg, device, processes=world if device.type == "cpu" else 1)
+    if cfg.verify_data:
+        for shards in (train_data, val_data):
+            if shards is not None:
+                shards.verify()
     out, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"
 
     seed_everything(cfg.seed)
     model = build_model(cfg.model).to(device)
     model.gradient_checkpointing = cfg.system.gradient_checkpointing
     optimizer = build_optimizer(model, cfg.optim, device)
-    start, tokens, skipped, best, bad_evals = resume_run(cfg, ckpt_dir, rank, model, optimizer)
+    settings = run_settings(cfg, world)
+    start, tokens, skipped, best, bad_evals = resume_run(cfg, ckpt_dir, rank, model, optimizer, settings)
     if rank == 0:
         save_config(cfg, out / "config.yaml")
         truncate_metrics(out / "metrics.jsonl", start)
@@ -202,8 +219,8 @@ def run(cfg: PretrainConfig, *, overwrite: bool = False) -> dict:
                     stopped, last = "early_stopping", True
             if rank == 0 and (done % cfg.ckpt.every == 0 or last):
                 save_checkpoint(ckpt_dir, done, model, optimizer,
-                                {"tokens": tokens, "skipped": skipped, "best_val_loss": best, "bad_evals": bad_evals},
-                                cfg.ckpt.keep_last, tokenizer_dir)
+                                {"tokens": tokens, "skipped": skipped, "best_val_loss": best, "bad_evals": bad_evals,
+                                 "settings": settings}, cfg.ckpt.keep_last, tokenizer_dir)
             if stopped is not None:
                 break
     stopped = stopped or "max_steps"
@@ -259,10 +276,29 @@ def _tokenizer_dir(manifest: dict) -> Path | None:
     return path if path.is_dir() else path.parent
 
 
+def _resolve(cfg: PretrainConfig, manifest: dict, splits: dict[str, TokenShards | None]) -> None:
+    """Fill in what was left unset from the data and the model (config.yaml records the values), and
+    check what was set against them."""
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = manifest["vocab_size"]
+    if cfg.model.vocab_size < manifest["vocab_size"]:
+        raise LlmlabError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{manifest['vocab_size']} ({cfg.data}); set model.vocab_size={manifest['vocab_size']} "
+                          "or leave it unset")
+    given = cfg.seq_len is not None
+    if not given:
+        cfg.seq_len = cfg.model.max_seq_len
+    if cfg.seq_len > cfg.model.max_seq_len:
+        raise LlmlabError(f"seq_len={cfg.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; lower "
+                          f"seq_len, or build the model for it with model.max_seq_len={cfg.seq_len}")
+    for name, shards in splits.items():
+        if shards is not None and len(shards) <= cfg.seq_len + 1:
+            raise LlmlabError(f"{cfg.data}: the {name} split has {len(shards)} tokens, fewer than seq_len+1="
+                              f"{cfg.seq_len + 1}{'' if given else ' (seq_len unset: model.max_seq_len)'}; lower "
+                              "seq_len or add data")
+
+
 def _fim_spec(cfg: PretrainConfig, manifest: dict) -> FimSpec | None:
-    for name in ("fim_rate", "fim_spm_rate"):
-        if not 0.0 <= getattr(cfg, name) <= 1.0:
-            raise LlmlabError(f"{name}={getattr(cfg, name)}: expected a probability in [0, 1]")
     if cfg.fim_rate == 0:
         return None
     if not manifest.get("fim_ids") or manifest.get("eos_id") is None:

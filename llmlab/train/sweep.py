@@ -17,13 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import yaml
+
 from llmlab.common import LlmlabError, atomic_path, atomic_write_text, check_output, style
 from llmlab.config import save_config
 from llmlab.data.prepare import PrepareConfig, TokenizerTrainConfig, train_tokenizer
 from llmlab.data.prepare import run as prepare
+from llmlab.data.shards import TokenShards, prepared_dir, read_manifest
 from llmlab.models import LlamaConfig
+from llmlab.plan.commands import MAX_FLOPS
 from llmlab.plan.fit import NAMES, LawFit, fit_law
 from llmlab.plan.scaling import CHINCHILLA, CHINCHILLA_REFIT
+from llmlab.tokenizer.bpe import check_vocab_size
+from llmlab.train.loop import check_at_least, check_seed
 from llmlab.train.pretrain import PretrainConfig
 from llmlab.train.pretrain import run as pretrain
 
@@ -45,6 +51,30 @@ class ScalingFitConfig:
     bootstrap: int = 50  # resamples for the constants' standard errors
     seed: int = 0
 
+    def __post_init__(self):
+        if len(set(self.widths)) < 2 or len(set(self.tokens)) < 2:
+            raise ValueError("widths and tokens need at least two values each to tell the exponents apart")
+        if len(set(self.widths)) * len(set(self.tokens)) < 5 + self.hold_out:
+            raise ValueError(f"{len(set(self.widths))} widths x {len(set(self.tokens))} token counts give too few "
+                             f"runs to fit 5 constants{' with one held out' if self.hold_out else ''}")
+        if any(w < 16 or w % 16 for w in self.widths):
+            raise ValueError(f"widths must be multiples of 16 (heads of 16), got {self.widths}")
+        if not all(t >= 1 for t in self.tokens):
+            raise ValueError(f"tokens must each be >= 1, got {self.tokens}")
+        if len({_run_name(16, t) for t in self.tokens}) < len(set(self.tokens)):  # a run's folder names 3 digits
+            raise ValueError(f"tokens must differ in their first 3 significant digits, got {self.tokens}")
+        check_at_least(self, corpus_bytes=0, seq_len=1, batch_size=1, bootstrap=2)  # a spread needs 2 resamples
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.predict_flops <= MAX_FLOPS:  # the planner's bound: past it no extrapolation means anything
+            raise ValueError(f"predict_flops must be in (0, {MAX_FLOPS:g}], got {self.predict_flops:g}")
+        check_vocab_size(self.vocab_size)
+        check_seed(self.seed)
+
+
+def _run_name(width: int, tokens: float) -> str:
+    return f"w{width}-t{tokens:.3g}"
+
 
 def _model(width: int, vocab_size: int, seq_len: int) -> LlamaConfig:
     # one shape family: the SwiGLU width stays 8/3 of the model width (a multiple of 16, not of 256,
@@ -55,7 +85,7 @@ def _model(width: int, vocab_size: int, seq_len: int) -> LlamaConfig:
 
 def _prepare_data(cfg: ScalingFitConfig, out: Path) -> Path:
     if cfg.data:
-        return Path(cfg.data)
+        return prepared_dir(cfg.data)
     data = out / "data"
     if not (data / "manifest.json").is_file():
         tok = out / "tokenizer"
@@ -67,14 +97,22 @@ def _prepare_data(cfg: ScalingFitConfig, out: Path) -> Path:
     return data
 
 
+def _verify(data: Path) -> None:
+    """Check the shards once for the whole sweep (its runs skip the check)."""
+    for split in ("train", "val"):
+        if read_manifest(data)["splits"].get(split, {}).get("tokens"):
+            TokenShards(data, split).verify()
+
+
 def _run_one(cfg: ScalingFitConfig, data: Path, vocab: int, width: int, tokens: float, folder: Path) -> dict:
     result_file = folder / "result.json"
     if result_file.is_file():  # finished earlier: read, do not train again
         return json.loads(result_file.read_text())
     model = _model(width, vocab, cfg.seq_len)
     steps = max(1, math.ceil(tokens / (cfg.batch_size * cfg.seq_len)))
-    run_cfg = PretrainConfig(data=str(data), out_dir=str(folder / "train"), model=model, seq_len=cfg.seq_len,
-                             batch_size=cfg.batch_size, max_steps=steps, seed=cfg.seed, log_every=10**9)
+    run_cfg = PretrainConfig(data=str(data), verify_data=False, out_dir=str(folder / "train"), model=model,
+                             seq_len=cfg.seq_len, batch_size=cfg.batch_size, max_steps=steps, seed=cfg.seed,
+                             log_every=10**9)
     run_cfg.optim.lr = cfg.lr
     run_cfg.optim.warmup_steps = max(1, steps // 10)
     run_cfg.eval.every, run_cfg.eval.batches = steps, 16
@@ -92,33 +130,89 @@ def _run_one(cfg: ScalingFitConfig, data: Path, vocab: int, width: int, tokens: 
 
 # what a sweep writes in its out_dir; a folder holding only these is a sweep to continue
 SWEEP_FILES = ("config.yaml", "data", "tokenizer", "runs", "fit.json", "scaling.png")
+# the settings a finished run's result depends on: a sweep that changes one cannot reuse the results
+RESULT_SETTINGS = ("data", "corpus", "corpus_bytes", "vocab_size", "seq_len", "batch_size", "lr", "seed")
+DATA_SETTINGS = ("data", "corpus", "corpus_bytes", "vocab_size", "seed")  # of these, what data/ depends on
+
+
+def _changed_settings(cfg: ScalingFitConfig, out: Path) -> dict[str, str]:
+    """The settings in which the sweep recorded in `out`'s config.yaml differs from `cfg`, each with a
+    phrase for messages; {"config.yaml": ...} when results exist but no record of their settings does."""
+    file = out / "config.yaml"
+    if not any((out / name).exists() for name in ("runs", "data", "fit.json")):
+        return {}  # nothing made yet that depends on the settings
+    try:
+        earlier = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {"config.yaml": "no config.yaml records them"}
+    except (OSError, ValueError, RecursionError, yaml.YAMLError) as e:
+        raise LlmlabError(f"{file}: unreadable ({type(e).__name__}), so the settings of the sweep in {out} are "
+                          "unknown; pass --overwrite to start it over, or choose another out_dir") from None
+    earlier = earlier if isinstance(earlier, dict) else {}
+    embedded = not cfg.data and not earlier.get("data")  # corpus and vocabulary matter for embedded data only
+    changed = {}
+    for name in RESULT_SETTINGS:
+        if name in ("corpus", "corpus_bytes", "vocab_size") and not embedded:
+            continue
+        was, now = earlier.get(name), getattr(cfg, name)
+        if name == "data" and was and now:
+            same = prepared_dir(str(was)).resolve() == prepared_dir(now).resolve()
+        else:  # YAML may give back 3e-3 as the string "3e-3"
+            same = str(was) == str(now) or (_number(was) is not None and _number(was) == _number(now))
+        if not same:
+            changed[name] = f"{name}={was!r} there, {now!r} now"
+    return changed
+
+
+def _number(value) -> float | None:
+    try:
+        return float(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _remove_results(out: Path, data_too: bool) -> None:
+    """Remove what earlier sweeps wrote in `out` and that depends on their settings."""
+    for name in ("runs", "fit.json", "scaling.png", *(("data", "tokenizer") if data_too else ())):
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 def run(cfg: ScalingFitConfig, *, overwrite: bool = False) -> dict:
     """Train (or read) the sweep, fit the law; returns the fit, the held-out error and the prediction.
-    An out_dir holding an earlier sweep continues it; one holding anything else needs `overwrite`."""
-    if len(set(cfg.widths)) < 2 or len(set(cfg.tokens)) < 2:
-        raise LlmlabError("widths and tokens need at least two values each to tell the exponents apart")
-    if len(cfg.widths) * len(cfg.tokens) < 5 + cfg.hold_out:
-        raise LlmlabError(f"{len(cfg.widths)} widths x {len(cfg.tokens)} token counts give too few runs to fit "
-                          f"5 constants{' with one held out' if cfg.hold_out else ''}")
-    if any(w < 16 or w % 16 for w in cfg.widths):
-        raise LlmlabError(f"widths must be multiples of 16 (heads of 16), got {cfg.widths}")
-    out = check_output(cfg.out_dir, label="out_dir", inputs=[cfg.data], overwrite=True)
+    An out_dir holding an earlier sweep with the same settings (`RESULT_SETTINGS`) continues it; one
+    holding a sweep with other settings, or anything else, needs `overwrite`, which starts the sweep
+    over: the earlier runs' results are removed (and the prepared data when its settings changed)."""
+    out = check_output(cfg.out_dir, label="out_dir", inputs=[prepared_dir(cfg.data) if cfg.data else None],
+                       overwrite=True)
     foreign = sorted(p.name for p in out.iterdir() if p.name not in SWEEP_FILES and not p.name.startswith(".")) \
         if out.is_dir() else []
     if foreign and not overwrite:
         raise LlmlabError(f"out_dir {out}: already exists and holds files that are not a sweep's "
                           f"({', '.join(foreign[:5])}); pass --overwrite to write the sweep there anyway (llmlab "
                           "replaces only the files it writes) or choose another out_dir")
+    changed = _changed_settings(cfg, out)
+    if changed and not overwrite:
+        raise LlmlabError(f"out_dir {out}: holds a sweep made with other settings ({next(iter(changed.values()))}), "
+                          "whose results would be mixed with this one's; pass --overwrite to start the sweep over "
+                          "there, or choose another out_dir")
+    if cfg.data:
+        _verify(prepared_dir(cfg.data))  # before anything is written
+    if overwrite:
+        _remove_results(out, data_too="config.yaml" in changed or bool(changed.keys() & set(DATA_SETTINGS)))
     save_config(cfg, out / "config.yaml")
     data = _prepare_data(cfg, out)
-    vocab = json.loads((data / "manifest.json").read_text())["vocab_size"]
+    if not cfg.data:
+        _verify(data)
+    vocab = read_manifest(data)["vocab_size"]
 
     runs = []
-    grid = [(w, t) for w in sorted(cfg.widths) for t in sorted(cfg.tokens)]
+    grid = [(w, t) for w in sorted(set(cfg.widths)) for t in sorted(set(cfg.tokens))]
     for i, (width, tokens) in enumerate(grid, 1):
-        folder = out / "runs" / f"w{width}-t{tokens:.3g}"
+        folder = out / "runs" / _run_name(width, tokens)
         print(style(f"[{i}/{len(grid)}] width {width}, {tokens:.3g} tokens", "1"))
         runs.append(_run_one(cfg, data, vocab, width, tokens, folder))
 

@@ -129,7 +129,8 @@ def _write(path, lines):
 
 
 @pytest.mark.parametrize("lines, match", [
-    (['{"instruction": "Say hi", "output": "hi"}', '{"instruction": "x", "output": '], r"bad\.jsonl:2: malformed JSON"),
+    (['{"instruction": "Say hi", "output": "hi"}', '{"instruction": "x", "output": '],
+     r"bad\.jsonl:2: (malformed|invalid) JSON"),
     (['{"instruction": "Say hi", "input": ""}'], r"bad\.jsonl:1: an Alpaca record needs a string 'output'"),
     (['{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}'],
      r"bad\.jsonl:1: messages\[1\]: empty assistant turn"),
@@ -173,3 +174,58 @@ def test_preflight_refuses_a_run_that_cannot_fit(base, synth_dir, tmp_path, monk
     with pytest.raises(LlmlabError, match="preflight: fine-tuning needs about"):
         run(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_readme_example_runs_on_a_pretrain_run_without_seq_len(corpus_dir, synth_dir, tmp_path, monkeypatch):
+    from llmlab.cli import main
+    from llmlab.config import load_config
+    from llmlab.train.pretrain import PretrainConfig
+    from llmlab.train.pretrain import run as pretrain
+
+    # a pretraining run like the demo's: context 128, which the default seq_len once exceeded
+    pretrain(from_dict(PretrainConfig, {"data": str(corpus_dir), "out_dir": str(tmp_path / "demo"), "max_steps": 2,
+                                        "batch_size": 2, "model": {"dim": 32, "n_layers": 1, "max_seq_len": 128}}))
+    monkeypatch.chdir(tmp_path)
+    readme = ["finetune", "base=demo", f"data.train={synth_dir / 'train.jsonl'}",
+              f"data.val={synth_dir / 'val.jsonl'}", "peft=lora", "lora.r=16", "lora.targets=[all-linear]",
+              "eval.exact_match=200", "out_dir=ft"]
+    assert main(readme + ["max_steps=2", "batch_size=2", "eval.max_new_tokens=2", "eval.batches=1"]) == 0
+    saved = load_config(FinetuneConfig, tmp_path / "ft" / "config.yaml")
+    assert saved.seq_len == 128 and saved.base.endswith("step-00000002")
+
+
+def test_settings_that_cannot_hold_for_the_base_are_refused(base, corpus_dir, synth_dir, tmp_path):
+    with pytest.raises(LlmlabError, match=r"freeze pattern 'layers.0-9': the range 0-9 reaches past the model's "
+                                          r"2 layers \(layers.0-1\)"):
+        run(_cfg(base, synth_dir, tmp_path / "a", peft="none", freeze=["layers.0-9"]))
+    with pytest.raises(LlmlabError, match="freezes every parameter, which leaves nothing to train"):
+        run(_cfg(base, synth_dir, tmp_path / "b", peft="none", freeze=["*"]))
+    small = tmp_path / "small"
+    save_model(build_model(LlamaConfig(vocab_size=300, dim=32, n_layers=1, n_heads=4, max_seq_len=64)), small)
+    copy_tokenizer_files(corpus_dir.parent / "tok", small)
+    cfg = _cfg(small, synth_dir, tmp_path / "c", peft="none", **{"eval.exact_match": 0})
+    cfg.data.train, cfg.data.val = str(corpus_dir / "manifest.json"), ""
+    with pytest.raises(LlmlabError, match=r"its tokenizer has 320 ids, more than the base model's vocab_size of 300"):
+        run(cfg)
+    cfg = _cfg(base, synth_dir, tmp_path / "d", peft="none")
+    cfg.data.train = str(corpus_dir)
+    with pytest.raises(LlmlabError, match=r"data.val=.*val.jsonl: a prepared data.train brings its own val split"):
+        run(cfg)
+    from tests.data.test_shards import _prepared
+
+    short = _prepared(tmp_path / "short", list(range(50)))
+    cfg = _cfg(base, synth_dir, tmp_path / "e", peft="none")
+    cfg.data.train, cfg.data.val = str(short), ""
+    with pytest.raises(LlmlabError, match=r"the train split has 50 tokens, fewer than seq_len\+1=65"):
+        run(cfg)
+    for path in (tmp_path / "a", tmp_path / "b", tmp_path / "c", tmp_path / "d", tmp_path / "e"):
+        assert not path.exists()
+
+
+def test_resuming_on_another_base_is_refused(base, synth_dir, tmp_path):
+    run(_cfg(base, synth_dir, tmp_path / "run", max_steps=4))
+    other = tmp_path / "other-base"
+    shutil.copytree(base, other)
+    with pytest.raises(LlmlabError, match=r"base=.*other-base, but the checkpoint .* was trained with .*ckpt; set "
+                                          r"it back$"):
+        run(_cfg(other, synth_dir, tmp_path / "run", max_steps=8, **{"ckpt.resume": "auto"}))

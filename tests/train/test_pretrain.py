@@ -4,17 +4,19 @@ non-finite losses and early stopping."""
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from llmlab.common import LlmlabError
-from llmlab.config import from_dict, save_config, to_dict
+from llmlab.config import from_dict, load_config, save_config, to_dict
 from llmlab.train.checkpoint import list_checkpoints
 from llmlab.train.pretrain import PretrainConfig, run
 
@@ -93,7 +95,9 @@ def test_resume_after_sigkill_is_bit_identical(corpus_dir, tmp_path):
     resumed = run(from_dict(PretrainConfig, {**to_dict(cfg), "ckpt": {**to_dict(cfg)["ckpt"], "resume": "auto"}}))
     assert resumed["step"] == steps
     ref_lines, got_lines = _metrics(tmp_path / "ref"), _metrics(tmp_path / "killed")
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "time")} for r in rows]
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "time")} for r in rows]
+
     assert strip(got_lines) == strip(ref_lines)  # every loss, lr, grad norm and val loss, bit for bit
     final = f"step-{steps:08d}"
     a = load_file(tmp_path / "ref" / "checkpoints" / final / "model.safetensors")
@@ -131,8 +135,8 @@ def test_non_finite_loss_stops_or_skips(corpus_dir, tmp_path):
 
 
 def test_early_stopping_with_patience(corpus_dir, tmp_path):
-    # lr = 0 after warmup 0: the validation loss never improves on the first evaluation
-    result = run(_cfg(corpus_dir, tmp_path, max_steps=50, **{"optim.lr": 0.0, "optim.warmup_steps": 0,
+    # updates of 1e-12 are below the weights' float32 resolution: the validation loss never improves
+    result = run(_cfg(corpus_dir, tmp_path, max_steps=50, **{"optim.lr": 1e-12, "optim.warmup_steps": 0,
                                                               "eval.every": 2, "eval.patience": 2}))
     assert result["stopped"] == "early_stopping" and result["step"] == 6
 
@@ -164,7 +168,7 @@ def test_fill_in_the_middle_batches_are_reordered_and_training_runs(corpus_dir, 
 
 
 def test_fill_in_the_middle_needs_its_tokens_and_a_probability(corpus_dir, tmp_path):
-    with pytest.raises(LlmlabError, match=r"fim_rate=1.5: expected a probability in \[0, 1\]"):
+    with pytest.raises(LlmlabError, match=r"fim_rate must be a probability in \[0, 1\], got 1.5"):
         run(_cfg(corpus_dir, tmp_path / "a", fim_rate=1.5))
     data = tmp_path / "old-data"
     data.mkdir()
@@ -199,3 +203,67 @@ def test_preflight_can_be_skipped(corpus_dir, tmp_path, monkeypatch):
     with pytest.raises(LlmlabError, match="preflight"):
         run(_cfg(corpus_dir, tmp_path / "a", max_steps=1))
     assert run(_cfg(corpus_dir, tmp_path / "b", max_steps=1, **{"system.preflight": False}))["step"] == 1
+
+
+def _copy_data(corpus_dir, dest):
+    dest.mkdir()
+    for f in corpus_dir.iterdir():
+        (dest / f.name).write_bytes(f.read_bytes())
+    return dest
+
+
+def test_shards_are_verified_before_training_unless_told_not_to(corpus_dir, tmp_path):
+    data = _copy_data(corpus_dir, tmp_path / "data")
+    shard = data / "train_0000.bin"
+    ids = np.frombuffer(shard.read_bytes(), dtype="<u2").copy()
+    ids[100] = (ids[100] + 1) % 300  # another id of the vocabulary: only the checksum tells
+    shard.write_bytes(ids.tobytes())
+    with pytest.raises(LlmlabError, match=r"train_0000\.bin: sha256 .* does not match the manifest's"):
+        run(_cfg(data, tmp_path / "a", max_steps=1))
+    assert not (tmp_path / "a").exists()
+    assert run(_cfg(data, tmp_path / "b", max_steps=1, verify_data=False))["step"] == 1
+
+
+def test_ids_beyond_the_vocabulary_name_the_shard_even_unverified(corpus_dir, tmp_path):
+    import hashlib
+
+    data = _copy_data(corpus_dir, tmp_path / "data")
+    manifest = json.loads((data / "manifest.json").read_text())
+    for split in ("train", "val"):
+        shard = data / f"{split}_0000.bin"
+        shard.write_bytes(np.full(shard.stat().st_size // 2, 400, dtype="<u2").tobytes())  # vocab_size is 320
+        # a manifest that agrees with its shards: as written with a larger tokenizer's ids, say
+        manifest["splits"][split]["shards"][0]["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    for verify in (True, False):
+        with pytest.raises(LlmlabError, match=r"_0000\.bin: token id 400 at position \d+ is not below the "
+                                              r"manifest's vocab_size 320"):
+            run(_cfg(data, tmp_path / f"run-{verify}", max_steps=1, verify_data=verify))
+
+
+def test_unset_vocab_size_and_seq_len_come_from_the_data_and_the_model(corpus_dir, tmp_path):
+    cfg = from_dict(PretrainConfig, {"data": str(corpus_dir / "manifest.json"), "out_dir": str(tmp_path),
+                                     "max_steps": 1, "batch_size": 2, "model": {"dim": 32, "n_layers": 1,
+                                                                                "max_seq_len": 48}})
+    assert cfg.model.vocab_size is None and cfg.seq_len is None
+    assert run(cfg)["step"] == 1
+    saved = load_config(PretrainConfig, tmp_path / "config.yaml")
+    assert saved.model.vocab_size == 320 and saved.seq_len == 48
+    with pytest.raises(LlmlabError, match="seq_len=64 exceeds model.max_seq_len=48; .*model.max_seq_len=64"):
+        run(_cfg(corpus_dir, tmp_path / "long", seq_len=64, **{"model.max_seq_len": 48}))
+
+
+@pytest.mark.parametrize("loss, norm, message", [
+    (2.5, math.inf, r"non-finite gradient norm inf at step 4 \(loss 2\.5\)"),
+    (math.nan, 1.0, r"non-finite loss nan at step 4 \(gradient norm 1\)"),
+    (math.inf, math.nan, r"non-finite loss inf and gradient norm nan at step 4;"),
+])
+def test_a_non_finite_step_says_which_value_was_not_finite(loss, norm, message):
+    from llmlab.train.loop import finite_step
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert finite_step(torch.tensor(2.5), torch.tensor(1.0), optimizer, "stop", 3)
+    with pytest.raises(LlmlabError, match=message):
+        finite_step(torch.tensor(loss), torch.tensor(norm), optimizer, "stop", 3)
+    assert not finite_step(torch.tensor(loss), torch.tensor(norm), optimizer, "skip", 3)

@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 from llmlab.common import LlmlabError, choose_device, style
-from llmlab.generate.sampling import SamplingParams
+from llmlab.generate.engine import check_prompts
+from llmlab.generate.sampling import GenerationError, SamplingParams
 from llmlab.generate.text import ChatSession, TextGenerator
 
 
@@ -22,7 +23,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_sampling_arguments(p: argparse.ArgumentParser, default_max_new_tokens: int) -> None:
     g = p.add_argument_group("decoding")
-    g.add_argument("--max-new-tokens", type=int, default=default_max_new_tokens, help="tokens per completion")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"tokens per completion, at most the context window (default: {default_max_new_tokens}, "
+                        "or the context window when smaller)")
+    p.set_defaults(default_max_new_tokens=default_max_new_tokens)
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
@@ -37,22 +41,44 @@ def add_sampling_arguments(p: argparse.ArgumentParser, default_max_new_tokens: i
                         "compilation of tens of seconds")
 
 
-def sampling_params(ns: argparse.Namespace, **extra) -> SamplingParams:
-    return SamplingParams(max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_k=ns.top_k,
-                          top_p=ns.top_p, min_p=ns.min_p, repetition_penalty=ns.repetition_penalty,
-                          frequency_penalty=ns.frequency_penalty, presence_penalty=ns.presence_penalty,
-                          seed=ns.seed, **extra)
+def sampling_params(ns: argparse.Namespace, context: int | None = None, **extra) -> SamplingParams:
+    """The decoding options as SamplingParams, checked (without a model: before it loads; with the
+    model's `context`: --max-new-tokens then defaults to what fits and may not exceed it).
+
+    Raises:
+        GenerationError: naming the first option out of range.
+    """
+    max_new = ns.max_new_tokens
+    if max_new is None:
+        max_new = ns.default_max_new_tokens if context is None else min(ns.default_max_new_tokens, context)
+    elif context is not None and max_new > context:
+        raise GenerationError(f"--max-new-tokens {max_new} is more than the model's context window of {context} "
+                              "tokens")
+    params = SamplingParams(max_new_tokens=max_new, temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p,
+                            min_p=ns.min_p, repetition_penalty=ns.repetition_penalty,
+                            frequency_penalty=ns.frequency_penalty, presence_penalty=ns.presence_penalty,
+                            seed=ns.seed, **extra)
+    params.validate()
+    if any(s == "" for s in ns.stop):
+        raise GenerationError("--stop: a stop string must not be empty")
+    return params
 
 
 def load_generator(ns: argparse.Namespace) -> TextGenerator:
+    from llmlab.data.ingest import check_input
     from llmlab.models.io import load_model
     from llmlab.tokenizer import load_tokenizer
 
+    device = choose_device(ns.device, label="--device")
+    checkpoint = Path(ns.checkpoint)
+    check_input(checkpoint, folders=True)
+    if not checkpoint.is_dir():
+        raise LlmlabError(f"{checkpoint}: is a file; a checkpoint is a folder (config.json and the weights)")
     source = Path(ns.tokenizer or ns.checkpoint)
     if ns.tokenizer is None and not (source / "tokenizer.json").is_file():
         raise LlmlabError(f"{source} has no tokenizer.json; pass --tokenizer PATH")
     tokenizer = load_tokenizer(source)
-    model = load_model(ns.checkpoint, choose_device(ns.device)).eval()
+    model = load_model(ns.checkpoint, device).eval()
     if tokenizer.vocab_size > model.config.vocab_size:
         raise LlmlabError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                           f"{model.config.vocab_size}; is --tokenizer the model's own?")
@@ -63,16 +89,24 @@ def run_generate(ns: argparse.Namespace) -> None:
     prompts = list(ns.prompt)
     if ns.prompt_file:
         try:
-            prompts += [line for line in Path(ns.prompt_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+            lines = [line for line in Path(ns.prompt_file).read_text(encoding="utf-8").splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as e:
             raise LlmlabError(f"--prompt-file {ns.prompt_file}: cannot read it as UTF-8 text: {e}") from None
+        if not lines:
+            raise LlmlabError(f"--prompt-file {ns.prompt_file}: holds no prompt (every line is blank)")
+        prompts += lines
     if not prompts:
         raise LlmlabError("give a prompt with --prompt TEXT or --prompt-file FILE")
     if any(p == "" for p in prompts):
-        raise LlmlabError("a prompt is empty; give some text")
-    params = sampling_params(ns, n=ns.n, num_beams=ns.num_beams, length_penalty=ns.length_penalty,
-                             logprobs=ns.logprobs)
+        raise LlmlabError("--prompt: a prompt is empty; give some text")
+    extra = dict(n=ns.n, num_beams=ns.num_beams, length_penalty=ns.length_penalty, logprobs=ns.logprobs)
+    sampling_params(ns, **extra)  # bad options fail before the model loads
     generator = load_generator(ns)
+    params = sampling_params(ns, generator.context, **extra)
+    engine = generator.engine
+    params.validate(engine.vocab_size)
+    check_prompts([generator.encode(p) for p in prompts], engine.vocab_size, engine.context, params.max_new_tokens,
+                  ns.truncate)  # before anything is printed
     t0 = time.perf_counter()
     if not ns.json and len(prompts) == 1 and ns.n == 1 and ns.num_beams == 1:
         print(style(prompts[0], "2"), end="", flush=True)
@@ -106,9 +140,11 @@ def run_generate(ns: argparse.Namespace) -> None:
 def run_chat(ns: argparse.Namespace) -> None:
     from llmlab.tokenizer.chat import load_chat_template
 
+    sampling_params(ns)  # bad options fail before the model loads
     generator = load_generator(ns)
     template = load_chat_template(ns.checkpoint, ns.template)
-    session = ChatSession(generator, template, sampling_params(ns), system=ns.system, stop=ns.stop)
+    session = ChatSession(generator, template, sampling_params(ns, generator.context), system=ns.system,
+                          stop=ns.stop)
     interactive = sys.stdin.isatty()
     if interactive:
         print(style(f"chat with {ns.checkpoint} ({template.name} template, context {generator.context} tokens); "
@@ -126,7 +162,11 @@ def run_chat(ns: argparse.Namespace) -> None:
             session.reset()
             print(style("(history cleared)", "2"))
             continue
+        reply = session.send(line)
+        first = next(reply, None)  # the template renders here: an error comes before the prompt marker
         print(style("assistant> ", "1"), end="", flush=True)
-        for delta in session.send(line):
+        if first is not None:
+            print(first.text, end="", flush=True)
+        for delta in reply:
             print(delta.text, end="", flush=True)
         print()

@@ -1,13 +1,14 @@
 """Decoding strategies as pure functions of a batch of next-token logits (B, V).
 
-Order of application (as in HF transformers and vLLM): penalties on the raw logits, then
-temperature, then the truncations top-k, top-p and min-p, then a draw (or argmax when the
+Order of application (as in HF transformers and vLLM): penalties and the logit bias on the raw
+logits, then temperature, then the truncations top-k, top-p and min-p, then a draw (or argmax when the
 temperature is 0). A truncation sets the logits it removes to -inf; it never removes the most
 likely token, so a row always keeps at least one candidate.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,10 +37,13 @@ class SamplingParams:
     logprobs: int | None = None  # None = off; 0 = log-probability of each chosen token; k = also the top k
     num_beams: int = 1  # beam search width; 1 = sample or greedy
     length_penalty: float = 1.0  # beam score = sum of log-probs / generated_len ** length_penalty
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) added to the logits
 
     def __post_init__(self):
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
         self.stop_sequences = tuple(tuple(int(t) for t in s) for s in self.stop_sequences)
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        self.logit_bias = tuple(sorted((int(t), float(b)) for t, b in bias))
 
     @property
     def greedy(self) -> bool:
@@ -58,9 +62,19 @@ class SamplingParams:
             ("num_beams", self.num_beams >= 1, "an integer >= 1"),
             ("logprobs", self.logprobs is None or self.logprobs >= 0, "None or an integer >= 0"),
         ]
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty",
+                     "length_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise GenerationError(f"{name} must be a finite number, got {getattr(self, name)!r}")
         for name, ok, expected in checks:
             if not ok:
                 raise GenerationError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+        for token, bias in self.logit_bias:
+            if not (math.isfinite(bias) and -100 <= bias <= 100):
+                raise GenerationError(f"logit_bias of token {token} must be in [-100, 100], got {bias!r}")
+        if self.logit_bias and self.num_beams > 1:
+            raise GenerationError("logit_bias does not apply to beam search, which scores the model's own "
+                                  "log-probabilities")
         if any(len(s) == 0 for s in self.stop_sequences):
             raise GenerationError("stop_sequences must not contain an empty sequence")
         if self.num_beams > 1 and self.n > self.num_beams:
@@ -70,6 +84,11 @@ class SamplingParams:
             for t in (*self.stop_token_ids, *(t for s in self.stop_sequences for t in s)):
                 if not 0 <= t < vocab_size:
                     raise GenerationError(f"stop token id {t} is outside the vocabulary [0, {vocab_size})")
+            for t, _ in self.logit_bias:
+                if not 0 <= t < vocab_size:
+                    raise GenerationError(f"logit_bias: token id {t} is outside the vocabulary [0, {vocab_size})")
+            if self.logprobs is not None and self.logprobs > vocab_size:
+                raise GenerationError(f"logprobs must be at most the vocabulary size {vocab_size}, got {self.logprobs}")
 
 
 def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor | None,
@@ -123,12 +142,23 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(logits < threshold, float("-inf"))
 
 
+def apply_logit_bias(logits: torch.Tensor, bias: tuple[tuple[int, float], ...]) -> torch.Tensor:
+    """OpenAI's logit_bias: add each (token id, bias) to that token's logit in every row of (B, V).
+    A bias of -100 all but bans a token, +100 all but forces it."""
+    if not bias:
+        return logits
+    ids = torch.tensor([t for t, _ in bias], device=logits.device)
+    values = torch.tensor([b for _, b in bias], dtype=logits.dtype, device=logits.device)
+    return logits.index_add(-1, ids, values.expand(logits.size(0), -1))
+
+
 def process_logits(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor | None = None,
                    seen: torch.Tensor | None = None) -> torch.Tensor:
     """All of `params`' transformations on float logits (B, V), in the documented order."""
     if counts is not None:
         logits = apply_penalties(logits, counts, seen, params.repetition_penalty, params.frequency_penalty,
                                  params.presence_penalty)
+    logits = apply_logit_bias(logits, params.logit_bias)
     if params.greedy:
         return logits
     if params.temperature != 1.0:

@@ -10,7 +10,9 @@ answered 429 with Retry-After.
 Security: the server binds 127.0.0.1 unless told otherwise; with an API key (`--api-key` or
 LLMLAB_API_KEY) every route but /health needs `Authorization: Bearer <key>`, compared in constant
 time; CORS is off unless origins are named; chat templates render in Jinja's immutable sandbox,
-over at most `Limits.max_messages` messages; every bad request gets a 4xx in OpenAI's error shape.
+over at most `Limits.max_messages` messages, a checkpoint's own in a child process under a time
+budget (a runaway template fails its request with a 400 while every other route keeps
+answering); every bad request gets a 4xx in OpenAI's error shape.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llmlab.generate.sampling import GenerationError
 from llmlab.generate.scheduler import Sequence
 from llmlab.generate.text import IncrementalText, _first_stop, split_stops
-from llmlab.serve.protocol import ApiError, Limits, bad, common_fields, completion_prompts, context_check
+from llmlab.serve.protocol import (CHAT_FIELDS, COMPLETION_FIELDS, ApiError, Limits, bad, check_depth, check_fields,
+                                   check_model, common_fields, completion_prompts, context_check)
 from llmlab.serve.worker import Failure, Overloaded, Worker
 from llmlab.tokenizer.chat import ChatTemplate, ChatTemplateError, check_messages
 
@@ -98,7 +101,8 @@ def create_app(served: ServedModel, worker: Worker, limits: Limits, *, api_key: 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await _json_body(request, limits)
-        _check_model(body, served)
+        check_fields(body, COMPLETION_FIELDS)
+        check_model(body, served.name)
         common = common_fields(body, limits, max_tokens_names=("max_tokens",), default_max_tokens=16,
                                min_max_tokens=0)
         echo = _flag(body, "echo")
@@ -120,14 +124,15 @@ def create_app(served: ServedModel, worker: Worker, limits: Limits, *, api_key: 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await _json_body(request, limits)
-        _check_model(body, served)
+        check_fields(body, CHAT_FIELDS)
+        check_model(body, served.name)
         common = common_fields(body, limits, max_tokens_names=("max_tokens", "max_completion_tokens"),
                                default_max_tokens=limits.max_tokens)
         messages = body.get("messages")
         if isinstance(messages, list) and len(messages) > limits.max_messages:
             raise bad(f"messages: at most {limits.max_messages} messages", "messages")
-        try:
-            text = served.template.render(check_messages(messages, "messages"), add_generation_prompt=True)
+        try:  # a template from a checkpoint renders in a child process, under a budget: off the event loop
+            text = await asyncio.to_thread(served.template.render, check_messages(messages, "messages"), True)
         except ChatTemplateError as e:
             raise bad(str(e), "messages") from None
         if _flag(body, "logprobs"):
@@ -318,18 +323,14 @@ async def _json_body(request: Request, limits: Limits) -> dict:
         raise ApiError(413, f"request body over {limits.max_body_bytes} bytes")
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # not UTF-8, not JSON, or an integer of more than 4,300 digits
         raise bad(f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise bad(f"request body nests lists and objects deeper than {limits.max_depth} levels") from None
     if not isinstance(body, dict):
         raise bad(f"request body must be a JSON object, got {type(body).__name__}")
+    check_depth(body, limits.max_depth)
     return body
-
-
-def _check_model(body: dict, served: ServedModel) -> None:
-    name = body.get("model")
-    if name is not None and name != served.name:
-        raise ApiError(404, f"The model '{name}' does not exist; this server has '{served.name}'",
-                       type="not_found_error", param="model", code="model_not_found")
 
 
 def _flag(body: dict, name: str) -> bool:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -35,13 +37,16 @@ def build(ns: argparse.Namespace):
     from llmlab.serve.worker import Worker
     from llmlab.tokenizer.chat import load_chat_template
 
+    for name in ("max_batch", "max_queue", "max_n"):
+        if getattr(ns, name) < 1:
+            raise LlmlabError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(ns, name)}")
+    if ns.max_tokens is not None and ns.max_tokens < 1:
+        raise LlmlabError(f"--max-tokens must be at least 1, got {ns.max_tokens}")
     generator = load_generator(ns)
     model, tokenizer = generator.engine.model, generator.tokenizer
     context = int(model.config.max_seq_len)
-    for name in ("max_batch", "max_queue", "max_n"):
-        if getattr(ns, name) < 1:
-            raise LlmlabError(f"--{name.replace('_', '-')} must be at least 1")
-    limits = Limits(context=context, max_tokens=min(ns.max_tokens or context, context), max_n=ns.max_n)
+    limits = Limits(context=context, max_tokens=min(ns.max_tokens or context, context), max_n=ns.max_n,
+                    vocab_size=int(model.config.vocab_size))
     template = load_chat_template(ns.tokenizer or ns.checkpoint, ns.template)
     served = ServedModel(ns.served_model_name or Path(ns.checkpoint).resolve().name, model, tokenizer, template,
                          int(time.time()), add_bos=generator.add_bos)
@@ -50,9 +55,29 @@ def build(ns: argparse.Namespace):
     return create_app(served, worker, limits, api_key=api_key, cors_origins=ns.cors_origin), worker
 
 
+def check_address(host: str, port: int) -> None:
+    """Refuse, before the model loads, a port out of range, a host that is not an address of this
+    machine, or an address another server holds."""
+    if not 1 <= port <= 65535:
+        raise LlmlabError(f"--port must be in [1, 65535], got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise LlmlabError(f"--host {host!r} is not an address or a name that resolves: {e}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise LlmlabError(f"cannot listen on {host}:{port}: {e.strerror or e}"
+                              f"{' (another server holds the port)' if e.errno == errno.EADDRINUSE else ''}") from None
+
+
 def run_serve(ns: argparse.Namespace) -> None:
     import uvicorn
 
+    check_address(ns.host, ns.port)
     app, worker = build(ns)
     worker.start()
     print(f"serving {ns.checkpoint} on http://{ns.host}:{ns.port}/v1 (Ctrl-C stops)", flush=True)

@@ -2,12 +2,15 @@
 field and what was expected, answered with a 4xx in OpenAI's error shape, never a 500.
 
 Bounds follow the OpenAI API reference: temperature in [0, 2], penalties in [-2, 2], at most 4
-stop strings, completions `logprobs` up to 5, chat `top_logprobs` up to 20; the server's own
-limits (`Limits`) cap `n`, `max_tokens` and the prompt length.
+stop strings, completions `logprobs` up to 5, chat `top_logprobs` up to 20, `logit_bias` values in
+[-100, 100]; the server's own limits (`Limits`) cap `n`, `max_tokens`, the prompt length and how
+deeply a body nests. A field llmlab does not implement is refused by name, never ignored: `best_of`,
+`suffix`, tools and `response_format` are accepted only at the value that asks for nothing.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from llmlab.generate.sampling import SamplingParams
@@ -34,10 +37,84 @@ class Limits:
     max_stop_chars: int = 200  # characters in one stop string
     max_messages: int = 512  # messages in one chat request
     max_body_bytes: int = 4 << 20  # request body size
+    max_depth: int = 512  # how deeply lists and objects may nest in a body
+    vocab_size: int | None = None  # token ids (prompts, logit_bias) must be below this
+
+
+# what each route reads; beside them, `user` and OpenAI's bookkeeping fields are accepted and change nothing
+SAMPLING_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop",
+                             "presence_penalty", "frequency_penalty", "seed", "logit_bias", "logprobs",
+                             "top_k", "min_p", "repetition_penalty"})  # the last three are vLLM's extensions
+COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt", "echo"}
+CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
+BOOKKEEPING = frozenset({"user", "store", "metadata", "service_tier", "parallel_tool_calls"})
+# not implemented: accepted only at the values that ask for nothing
+UNUSED = {"best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "functions": (None, []),
+          "tool_choice": (None, "none"), "function_call": (None, "none"), "response_format": (None, {"type": "text"})}
+MAX_LOGIT_BIAS = 1024  # entries in one logit_bias
 
 
 def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, param=param, code=code)
+
+
+def check_depth(value, limit: int) -> None:
+    """Refuse a body whose lists and objects nest deeper than `limit` (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    raise bad(f"request body nests lists and objects deeper than {limit} levels")
+                stack.append((child, depth + 1))
+
+
+def check_fields(body: dict, allowed: frozenset[str]) -> None:
+    """Refuse a field this route does not read, naming it; see UNUSED and BOOKKEEPING."""
+    for name, value in body.items():
+        if name in allowed or name in BOOKKEEPING:
+            continue
+        if name in UNUSED:
+            if any(value == v and type(value) is type(v) for v in UNUSED[name]):
+                continue
+            raise bad(f"{name}: not supported by llmlab's server (leave it out, or send {UNUSED[name][1]!r})", name)
+        raise bad(f"Unrecognized request argument supplied: {name}", name)
+
+
+def check_model(body: dict, served_name: str) -> None:
+    name = body.get("model")
+    if name is None:
+        return
+    if not isinstance(name, str):
+        raise bad(f"model: expected a string, got {type(name).__name__}", "model")
+    if name != served_name:
+        raise ApiError(404, f"The model '{name[:200]}' does not exist; this server has '{served_name}'",
+                       type="not_found_error", param="model", code="model_not_found")
+
+
+def logit_bias(body: dict, vocab_size: int | None) -> dict[int, float]:
+    """`logit_bias`: {"token id": bias in [-100, 100]}, added to the logits before sampling."""
+    value = body.get("logit_bias")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise bad("logit_bias: expected an object mapping token ids to biases in [-100, 100]", "logit_bias")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise bad(f"logit_bias: at most {MAX_LOGIT_BIAS} tokens, got {len(value)}", "logit_bias")
+    out = {}
+    for key, bias in value.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 18):
+            raise bad(f"logit_bias: keys are token ids (non-negative integers), got {key[:50]!r}", "logit_bias")
+        token = int(key)
+        if vocab_size is not None and token >= vocab_size:
+            raise bad(f"logit_bias: token id {token} is outside the vocabulary [0, {vocab_size})", "logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias) \
+                or not -100 <= bias <= 100:
+            raise bad(f"logit_bias[{key!r}]: expected a number in [-100, 100], got {bias!r}", "logit_bias")
+        out[token] = float(bias)
+    return out
 
 
 def _number(body: dict, name: str, default, lo: float, hi: float, *, integer: bool = False):
@@ -113,13 +190,20 @@ def common_fields(body: dict, limits: Limits, *, max_tokens_names: tuple[str, ..
     if options is not None and (not isinstance(options, dict) or not stream):
         raise bad("stream_options: expected an object, and only with stream=true", "stream_options")
     include_usage = bool(options and options.get("include_usage"))
+    if options and not isinstance(options.get("include_usage", False), bool):
+        raise bad(f"stream_options: include_usage must be true or false, got {options['include_usage']!r}",
+                  "stream_options")
+    if options and set(options) - {"include_usage"}:
+        name = sorted(set(options) - {"include_usage"})[0]
+        raise bad(f"stream_options: unknown option {name[:50]!r}; llmlab reads include_usage", "stream_options")
     params = SamplingParams(
         max_new_tokens=max(1, max_tokens), temperature=temperature, top_p=top_p,
         top_k=_number(body, "top_k", 0, 0, 1 << 20, integer=True),
         min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.01, 10.0))
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.01, 10.0),
+        logit_bias=logit_bias(body, limits.vocab_size))
     return Common(params, n, stop_strings(body, limits), seed, stream, include_usage, None, max_tokens, user)
 
 

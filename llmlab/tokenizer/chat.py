@@ -2,8 +2,10 @@
 
 Templates are Jinja, as in HF `tokenizer_config.json` files, and render in an immutable sandbox
 (no attribute access to Python internals, no mutation of the arguments), so a template shipped
-with a downloaded checkpoint cannot run code. Built-in templates cover llmlab's own special
-tokens and the common published formats; a checkpoint's own `chat_template` wins when present.
+with a downloaded checkpoint cannot run code; such a template also renders in a child process
+under a time, memory and length budget (`sandbox.py`), so it cannot hang or exhaust the process
+that uses it. Built-in templates cover llmlab's own special tokens and the common published
+formats, and render in-process; a checkpoint's own `chat_template` wins when present.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llmlab.common import LlmlabError
+from llmlab.tokenizer.sandbox import RenderError, Sandbox
 
 ROLES = ("system", "user", "assistant")
 
@@ -67,32 +70,54 @@ def _raise(message: str):
     raise ChatTemplateError(f"chat template: {message}")
 
 
+SANDBOX = Sandbox()  # where templates from files and checkpoints render; its child starts on first use
+
+
 @dataclass
 class ChatTemplate:
     source: str  # Jinja text
     stop: str  # text that ends an assistant turn: a stop string (or special token) for generation
     bos_token: str = ""
     eos_token: str = ""
-    name: str = "custom"
+    name: str = "custom"  # a built-in's name or the file the template came from, for messages
+    trusted: bool = False  # llmlab's own: renders in-process; otherwise in the sandbox's child
 
     def __post_init__(self):
+        if not self.source.strip():
+            raise ChatTemplateError(f"chat template {self.name}: the template is empty")
         env = ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False, keep_trailing_newline=True)
         env.globals["raise_exception"] = _raise
-        try:
-            self._template = env.from_string(self.source)
+        try:  # parsing is linear in the source; compiling folds constants (`'x' * 10**10`): the sandbox's job
+            self._template = env.from_string(self.source) if self.trusted else env.parse(self.source)
         except TemplateError as e:
-            raise ChatTemplateError(f"chat template {self.name!r} does not parse: {e}") from None
+            raise ChatTemplateError(f"chat template {self.name} does not parse: {e}") from None
+        except RecursionError:
+            raise ChatTemplateError(f"chat template {self.name} does not parse: it nests too deeply") from None
 
     def render(self, messages: list, add_generation_prompt: bool = True) -> str:
         """The prompt text for `messages`, ending with the assistant's header when asked."""
-        messages = check_messages(messages)
+        return self.render_many([(messages, add_generation_prompt)])[0]
+
+    def render_many(self, conversations: list[tuple[list, bool]]) -> list[str]:
+        """`render` for each (messages, add_generation_prompt): one trip to the sandbox for all.
+
+        Raises:
+            ChatTemplateError: bad messages, or a template that fails, raises, or runs over the
+                sandbox's budget of time, memory or length.
+        """
+        renders = [{"messages": check_messages(m), "add_generation_prompt": g, "bos_token": self.bos_token,
+                    "eos_token": self.eos_token} for m, g in conversations]
+        if not self.trusted:
+            try:
+                return SANDBOX.render(self.source, renders)
+            except RenderError as e:
+                raise ChatTemplateError(f"chat template {self.name}: {e}") from None
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=self.bos_token, eos_token=self.eos_token)
+            return [self._template.render(**r) for r in renders]
         except ChatTemplateError:
             raise
         except Exception as e:  # SecurityError, UndefinedError, TypeError from the template's own code
-            raise ChatTemplateError(f"chat template {self.name!r} failed to render: {e}") from None
+            raise ChatTemplateError(f"chat template {self.name} failed to render: {e}") from None
 
 
 def encode_chat(template: ChatTemplate, tokenizer, messages: list, *, add_eos: bool = True,
@@ -122,8 +147,9 @@ def encode_chat(template: ChatTemplate, tokenizer, messages: list, *, add_eos: b
             raise ChatTemplateError(f"{source}[0]: the conversation opens with an assistant turn; it needs a prompt")
         if not messages[i]["content"].strip():
             raise ChatTemplateError(f"{source}[{i}]: empty assistant turn")
-        prompt = template.render(messages[:i], add_generation_prompt=True)
-        full = template.render(messages[:i + 1], add_generation_prompt=False)
+    texts = iter(template.render_many([(messages[:i + end], end == 0) for i in turns for end in (0, 1)]))
+    for i in turns:
+        prompt, full = next(texts), next(texts)
         if not prompt.startswith(done) or not full.startswith(prompt):
             raise ChatTemplateError(f"chat template {template.name!r} renders {source}[:{i + 1}] as text that does "
                                     "not extend the rendering of the earlier turns; cannot tell the assistant's "
@@ -148,7 +174,7 @@ def builtin_template(name: str, bos_token: str = "", eos_token: str = "") -> Cha
     if name not in TEMPLATES:
         raise ChatTemplateError(f"unknown chat template {name!r}; built in: {', '.join(TEMPLATES)}")
     source, stop = TEMPLATES[name]
-    return ChatTemplate(source, stop, bos_token, eos_token, name)
+    return ChatTemplate(source, stop, bos_token, eos_token, name, trusted=True)
 
 
 def load_chat_template(folder: str | os.PathLike | None, name: str | None = None) -> ChatTemplate:
@@ -163,26 +189,37 @@ def load_chat_template(folder: str | os.PathLike | None, name: str | None = None
     if file is not None and file.is_file():
         try:
             config = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ChatTemplateError(f"{file}: not a readable JSON file: {e}") from None
+        except (OSError, ValueError, RecursionError) as e:
+            raise ChatTemplateError(f"{file}: not a readable JSON file: {e or 'nested too deeply'}") from None
+        if not isinstance(config, dict):
+            raise ChatTemplateError(f"{file}: expected a JSON object, got {type(config).__name__}")
     bos, eos = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
     if name is not None:
         if name in TEMPLATES:
             return builtin_template(name, bos, eos)
         path = Path(name)
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise ChatTemplateError(f"chat template {name!r} is neither a built-in ({', '.join(TEMPLATES)}) "
                                     "nor a file")
-        return ChatTemplate(path.read_text(encoding="utf-8"), eos or "<|end|>", bos, eos, path.name)
-    source = config.get("chat_template")
+        return ChatTemplate(_read_text(path), eos or "<|end|>", bos, eos, str(path))
+    source, origin = config.get("chat_template"), file
     jinja_file = Path(folder) / "chat_template.jinja" if folder is not None else None
     if jinja_file is not None and jinja_file.is_file():
-        source = jinja_file.read_text(encoding="utf-8")
+        source, origin = _read_text(jinja_file), jinja_file
     if isinstance(source, list):  # a list of named templates: take the default one
-        source = next((t.get("template") for t in source if t.get("name") == "default"), None)
+        source = next((t.get("template") for t in source if isinstance(t, dict) and t.get("name") == "default"), None)
     if isinstance(source, str) and source:
-        return ChatTemplate(source, eos or "<|end|>", bos, eos, f"{file}")
+        return ChatTemplate(source, eos or "<|end|>", bos, eos, str(origin))
     return builtin_template("llmlab", bos, eos)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ChatTemplateError(f"chat template {path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ChatTemplateError(f"chat template {path}: cannot read it: {e.strerror or e}") from None
 
 
 def _token_text(token) -> str:

@@ -117,3 +117,35 @@ def test_process_logits_applies_penalties_before_temperature():
     counts = torch.tensor([[1, 0]])
     out = process_logits(logits, SamplingParams(temperature=2.0, repetition_penalty=4.0), counts)
     assert out.tolist() == [[0.25, 0.5]]
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty",
+                                   "presence_penalty", "length_penalty"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_parameters_are_named(field, value):
+    with pytest.raises(GenerationError, match=f"{field} must be a finite number"):
+        SamplingParams(**{field: value}).validate()
+
+
+def test_logit_bias_adds_to_each_row_before_temperature_and_greedy_follows_it():
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 2.0]])
+    params = SamplingParams(temperature=2.0, logit_bias={2: 3.0, 0: -1.0})
+    assert params.logit_bias == ((0, -1.0), (2, 3.0))  # a dict becomes hashable pairs, sorted
+    assert process_logits(logits, params).tolist() == [[0.5, 0.5, 1.5], [-0.5, 0.5, 2.5]]
+    banned = SamplingParams(temperature=0.0, logit_bias={0: -100})
+    assert sample(process_logits(LOGITS, banned), True).tolist() == [1]
+    forced = SamplingParams(temperature=1.0, logit_bias={3: 100})
+    assert set(sample(process_logits(LOGITS.expand(64, -1), forced), False).tolist()) == {3}
+
+
+@pytest.mark.parametrize("bias, vocab, message", [
+    ({1: 101}, None, r"logit_bias of token 1 must be in \[-100, 100\]"),
+    ({1: float("nan")}, None, "logit_bias of token 1"),
+    ({7: 1}, 5, "logit_bias: token id 7 is outside the vocabulary"),
+    ({-1: 1}, 5, "logit_bias: token id -1 is outside the vocabulary"),
+])
+def test_bad_logit_bias_is_named(bias, vocab, message):
+    with pytest.raises(GenerationError, match=message):
+        SamplingParams(logit_bias=bias).validate(vocab)
+    with pytest.raises(GenerationError, match="beam search"):
+        SamplingParams(logit_bias={1: 1}, num_beams=2).validate()

@@ -124,6 +124,34 @@ def test_completions_prompt_forms_n_seed_echo_logprobs(server):
     assert len(gen.choices[0].logprobs.token_logprobs) == gen.usage.completion_tokens
 
 
+def test_logit_bias_steers_sampling_and_unimplemented_fields_are_refused_by_name(server):
+    from llmlab.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(server.ns.checkpoint)
+    client = server.client()
+    first = _engine_text(server, [5, 6, 7], 1)[0]
+    forced = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=4, temperature=1.0, seed=1,
+                                       logit_bias={"300": 100})
+    assert forced.choices[0].text == tok.decode([300] * 4)
+    second = Engine(server.worker.scheduler.model).generate(
+        [[5, 6, 7]], SamplingParams(temperature=0.0, max_new_tokens=1, logit_bias={first: -100}))[0].token_ids[0]
+    assert second != first
+    banned = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=1, temperature=0,
+                                       logit_bias={str(first): -100})
+    assert banned.choices[0].text == tok.decode([second])
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                          logit_bias={"301": 100}, user="someone", temperature=0)
+    assert chat.choices[0].message.content == tok.decode([301] * 3)
+    for field, value in [("best_of", 2), ("suffix", "end"), ("tools", [{"type": "function"}]),
+                         ("response_format", {"type": "json_object"}), ("frobnicate", 1)]:
+        r = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                       json={"messages": [{"role": "user", "content": "Hi"}], field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    ok = httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                    json={"prompt": "Hi", "max_tokens": 1, "best_of": 1, "suffix": None, "store": False})
+    assert ok.status_code == 200, ok.text
+
+
 def test_stop_strings_cut_the_text(server):
     client = server.client()
     full = client.completions.create(model="tiny", prompt="Hello there", max_tokens=20, temperature=0).choices[0].text

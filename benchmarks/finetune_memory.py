@@ -34,7 +34,8 @@ import json, resource, sys, time
 import torch
 from llmlab.models.io import load_model
 from llmlab.peft import LoraConfig, apply_lora, trainable_parameters
-from llmlab.train.optim import OptimConfig, build_optimizer
+from llmlab.train.config import OptimConfig
+from llmlab.train.optim import build_optimizer
 
 method, base, device, steps, batch, seq_len, checkpointing = json.loads(sys.argv[1])
 device = torch.device(device)

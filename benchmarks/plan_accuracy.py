@@ -37,7 +37,8 @@ import json, resource, statistics, sys, time
 from pathlib import Path
 import torch
 from llmlab.models import LlamaConfig, build_model
-from llmlab.train.optim import OptimConfig, build_optimizer
+from llmlab.train.config import OptimConfig
+from llmlab.train.optim import build_optimizer
 
 def rss():
     for line in Path("/proc/self/status").read_text().splitlines():

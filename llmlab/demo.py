@@ -31,7 +31,8 @@ from llmlab.models import LlamaConfig
 from llmlab.models.io import load_model
 from llmlab.tokenizer import load_tokenizer
 from llmlab.tokenizer.bpe import check_vocab_size
-from llmlab.train.loop import available_memory, check_at_least, check_seed
+from llmlab.train.config import check_at_least, check_seed
+from llmlab.train.loop import available_memory
 from llmlab.train.pretrain import PretrainConfig, estimate_training_memory
 from llmlab.train.pretrain import run as pretrain
 

@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,7 @@ from llmlab.models.convert import config_from_hf, config_to_hf, hf_to_llmlab_sta
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+DCP_DIR = "dcp"  # a sharded training checkpoint's model and optimizer, written by every rank (DCP)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
 
@@ -86,12 +88,89 @@ def read_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False) -> d
         if missing:
             raise CheckpointError(f"{index_file}: tensors listed but absent from the shards: {missing[:10]}")
         return state
+    if (path / DCP_DIR).is_dir() and not (path / WEIGHTS).exists():
+        return read_sharded_weights(path / DCP_DIR)
     for name in (WEIGHTS, PICKLE_WEIGHTS[0]):
         if (path / name).is_file():
             return _read_file(path / name, allow_pickle)
         if (path / name).exists():  # a folder, a FIFO (reading would block), a device
             raise CheckpointError(f"{path / name}: not a regular file")
     raise CheckpointError(f"{path}: no weights found (expected {WEIGHTS} or {INDEX})")
+
+
+# --------------------------------------------------------------------------- sharded checkpoints (DCP)
+
+
+# what a DCP .metadata file may name: its own record types, torch's sizes, dtypes and layouts, a path
+_DCP_GLOBALS = {("torch.distributed.checkpoint.metadata", n) for n in (
+    "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+    "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _DCP_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                              torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+def sharded_io(folder: Path):
+    """(storage reader, load planner) for `torch.distributed.checkpoint.load` that unpickle nothing
+    but data: DCP writes its index with pickle and loads non-tensor items with weights_only=False;
+    here the index may name only DCP's own record types, and items load with weights_only=True."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            with open(Path(self.path) / ".metadata", "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                from torch.distributed.checkpoint.metadata import StorageMeta
+
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            item = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                from torch.distributed.checkpoint._nested_dict import set_element
+
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], item)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = item
+
+    return Reader(str(folder)), Planner()
+
+
+def read_sharded_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The model's tensors of a sharded checkpoint (`DCP_DIR`), gathered whole in this process, on the CPU.
+
+    Raises:
+        CheckpointError: the index is missing, damaged or names what a checkpoint does not hold.
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader, planner = sharded_io(folder)
+    try:
+        metadata = reader.read_metadata()
+        state = {name.removeprefix("model."): torch.empty(md.size, dtype=md.properties.dtype)
+                 for name, md in metadata.state_dict_metadata.items()
+                 if name.startswith("model.") and isinstance(md, TensorStorageMetadata)}
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({"model": state}, storage_reader=reader, planner=planner, no_dist=not dist.is_initialized())
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{folder}: not a readable sharded checkpoint ({type(e).__name__}: {e})") from None
+    if not state:
+        raise CheckpointError(f"{folder}: the sharded checkpoint holds no model tensors")
+    return state
 
 
 def read_shard_index(index_file: Path) -> dict[str, str]:
@@ -273,7 +352,12 @@ def save_model(model: nn.Module, path: str | os.PathLike) -> None:
     state = _weights(model)
     state = {k: v for k, v in state.items() if not (k == "lm_head.weight" and model.config.tie_embeddings)}
     save_safetensors(state, path / WEIGHTS)
-    atomic_write_text(path / "config.json", json.dumps({"llmlab": configlib.to_dict(model.config)}, indent=2))
+    write_model_config(model.config, path)
+
+
+def write_model_config(config: ModelConfig, path: str | os.PathLike) -> None:
+    """config.json of an llmlab checkpoint folder (atomically)."""
+    atomic_write_text(Path(path) / "config.json", json.dumps({"llmlab": configlib.to_dict(config)}, indent=2))
 
 
 def save_hf(model: nn.Module, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30) -> None:

@@ -12,7 +12,6 @@ for LoRA runs `adapter/`, which `peft` loads on the HF export of the base.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
@@ -29,6 +28,7 @@ from llmlab.config import save_config
 from llmlab.data.sft import Batches, Example, build_examples
 from llmlab.data.shards import TokenShards, is_prepared, prepared_dir
 from llmlab.data.synth import exact_match
+from llmlab.data.windows import sample_batch
 from llmlab.generate import SamplingParams
 from llmlab.generate.text import TextGenerator
 from llmlab.models.io import copy_tokenizer_files, load_model, read_config, save_model
@@ -37,12 +37,13 @@ from llmlab.peft.io import load_adapter_weights
 from llmlab.plan.estimate import TrainingMemory, shape_of, training_memory
 from llmlab.tokenizer import load_tokenizer
 from llmlab.tokenizer.chat import load_chat_template
-from llmlab.train.checkpoint import latest_checkpoint, newest_intact_checkpoint, save_checkpoint
-from llmlab.train.loop import (available_memory, check_at_least, check_run_dir, check_seed, finite_step, print_line,
-                               report, resume_run, run_outputs, run_settings, step_seed, stop_reason,
+from llmlab.train.checkpoint import (latest_checkpoint, newest_intact_checkpoint, save_checkpoint,
+                                     save_sharded_checkpoint)
+from llmlab.train.config import CheckpointConfig, OptimConfig, SystemConfig, check_at_least, check_seed
+from llmlab.train.core import Counters, accumulate, clip_gradients, gather_model, open_run, wrap_model
+from llmlab.train.loop import (available_memory, check_run_dir, print_line, resume_run, run_settings,
                                truncate_metrics, write_metrics)
-from llmlab.train.optim import OptimConfig, build_optimizer, lr_at
-from llmlab.train.pretrain import CheckpointConfig, SystemConfig, sample_batch
+from llmlab.train.optim import build_optimizer
 
 
 @dataclass
@@ -121,6 +122,9 @@ def run(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict:
     # ---- setup
     device = choose_device(cfg.system.device, "system.device")
     rank, world = init_distributed(device)
+    if cfg.peft == "qlora" and cfg.system.parallel == "fsdp" and world > 1:
+        raise LlmlabError("system.parallel=fsdp shards full-precision weights; QLoRA's 4-bit base cannot be "
+                          "sharded: use system.parallel=ddp with peft=qlora")
     if cfg.peft != "none" and cfg.freeze:
         raise LlmlabError(f"freeze applies to full fine-tuning (peft=none); with peft={cfg.peft} only the "
                           "adapters train already")
@@ -157,107 +161,78 @@ def run(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict:
         raise LlmlabError(f"freeze={cfg.freeze} freezes every parameter, which leaves nothing to train")
     print(f"training {trained:,} of {total:,} parameters ({100 * trained / total:.2f}%)")
     model.gradient_checkpointing = cfg.system.gradient_checkpointing
+    trainee = wrap_model(model, cfg.system, world)
     optimizer = build_optimizer(model, cfg.optim, device)
     save_weights = (lambda m, path: save_adapter(m, path, cfg.lora, base=cfg.base)) if lora else save_model
     load_weights = load_adapter_weights if lora else None
     # the adapters or weights of a checkpoint belong to the base they were trained from
     settings = run_settings(cfg, world, base=str(Path(cfg.base).resolve()))
-    start, tokens, skipped, best, bad_evals = resume_run(cfg, ckpt_dir, rank, model, optimizer, settings,
-                                                         load_weights)
+    counters = Counters(*resume_run(cfg, ckpt_dir, rank, model, optimizer, settings, load_weights))
     if rank == 0:
         save_config(cfg, out / "config.yaml")
-        truncate_metrics(out / "metrics.jsonl", start)
-    train_model = torch.compile(model) if cfg.system.compile else model
-    if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(train_model)
+        truncate_metrics(out / "metrics.jsonl", counters.step)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.system.autocast == "bf16")
-    t_start, stopped, val_loss, accuracy, done = time.time(), None, None, None, start
+    accuracy = None
+
+    def answering_model():  # generation runs in inference mode, which FSDP2's gathered parameters cannot
+        return gather_model(trainee, lambda: _adapted_base(cfg, device), everywhere=True)
+
+    def target_loss(batch):  # the mean loss over the batch's target tokens (the assistant's, for chats)
+        return trainee.forward(**batch), (batch["targets"] != -100).sum()
+
+    def evaluation() -> dict:
+        nonlocal accuracy
+        val_loss = _evaluate_loss(model, val_data, cfg, device)
+        line = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+        if cfg.eval.exact_match and val_examples:
+            accuracy = _evaluate_answers(answering_model(), tokenizer, template, val_examples, cfg)
+            line.update(_flat_accuracy(accuracy))
+        line["text"] = (f"val_loss {val_loss:.4f}  ppl {line['val_ppl']:.2f}"
+                        + (f"  exact match {accuracy['accuracy']:.1%}" if "exact_match" in line else ""))
+        return line
+
+    def save(state: dict) -> None:
+        if trainee.sharded:  # every rank writes its shards of the whole model (adapters and base)
+            save_sharded_checkpoint(ckpt_dir, counters.step, model, optimizer, {**state, "settings": settings},
+                                    cfg.ckpt.keep_last, cfg.base)
+        elif rank == 0:
+            save_checkpoint(ckpt_dir, counters.step, model, optimizer, {**state, "settings": settings},
+                            cfg.ckpt.keep_last, cfg.base, save_weights)
 
     # ---- the loop
-    with run_outputs(out, start, cfg.max_steps, rank) as (signals, metrics, progress):
-        if start == 0 and cfg.eval.exact_match and val_examples:
-            accuracy = _evaluate_answers(model, tokenizer, template, val_examples, cfg)
-            write_metrics(metrics, {"step": 0, **_flat_accuracy(accuracy)})
-            print_line(progress, f"step 0: exact match {accuracy['accuracy']:.1%} (before fine-tuning)")
+    with open_run(cfg, counters, out, rank, world, device) as run:
+        if counters.step == 0 and cfg.eval.exact_match and val_examples:
+            accuracy = _evaluate_answers(answering_model(), tokenizer, template, val_examples, cfg)
+            write_metrics(run.metrics, {"step": 0, **_flat_accuracy(accuracy)})
+            print_line(run.progress, f"step 0: exact match {accuracy['accuracy']:.1%} (before fine-tuning)")
         model.train()
-        for step in range(start, cfg.max_steps):
+        for step in range(counters.step, cfg.max_steps):
             t0 = time.time()
-            lr = lr_at(step, cfg.max_steps, cfg.optim)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            torch.manual_seed(step_seed(cfg.seed, step, rank))  # dropout: a function of (seed, step, rank)
+            lr = run.begin_step(step, optimizer)
             # this rank's micro-batches: k-th of the step's grad_accum x world batches
             batches = [train_data.batch(step * cfg.grad_accum * world + rank * cfg.grad_accum + micro, device)
                        for micro in range(cfg.grad_accum)]
-            counts = torch.tensor([float((b["targets"] != -100).sum()) for b in batches], device=device)
-            total_targets = counts.sum()
-            if world > 1:
-                torch.distributed.all_reduce(total_targets)
-            loss_sum = torch.zeros((), device=device)
-            for micro, batch in enumerate(batches):
-                sync = world == 1 or micro == cfg.grad_accum - 1
-                with autocast, (contextlib.nullcontext() if sync else train_model.no_sync()):
-                    loss = train_model(**batch)  # mean over this micro-batch's targets
-                    # weighted by its share of all targets of the step (x world: DDP averages gradients)
-                    (loss * counts[micro] * world / total_targets).backward()
-                loss_sum += loss.detach() * counts[micro]
-            loss = loss_sum / counts.sum()
-            if world > 1:
-                torch.distributed.all_reduce(loss)
-                loss /= world
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                       cfg.optim.grad_clip or math.inf)
-            if not finite_step(loss, grad_norm, optimizer, cfg.nonfinite, step):
-                skipped += 1
-                done = step + 1
-                write_metrics(metrics, {"step": done, "skipped_nonfinite": skipped, "lr": lr})
-                continue
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            step_tokens = int(total_targets)
-            tokens += step_tokens
-            dt = time.time() - t0
-            epoch = train_data.epoch_of(done * cfg.grad_accum * world - 1)
-            record = {"step": done, "loss": loss.item(), "lr": lr, "tokens": tokens, "tokens_per_s": step_tokens / dt,
-                      "grad_norm": grad_norm.item(), "epoch": round(epoch, 4), "time": time.time() - t_start}
-            write_metrics(metrics, record)
-            if rank == 0:
-                report(progress, record, cfg, done - start)
-
-            stopped = stop_reason(signals, cfg.max_minutes and time.time() - t_start > 60 * cfg.max_minutes,
-                                  world, device)
-            last = done == cfg.max_steps or stopped is not None
-            if val_data is not None and (done % cfg.eval.every == 0 or last):
-                val_loss = _evaluate_loss(model, val_data, cfg, device)
-                line = {"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
-                if cfg.eval.exact_match and val_examples:
-                    accuracy = _evaluate_answers(model, tokenizer, template, val_examples, cfg)
-                    line.update(_flat_accuracy(accuracy))
-                write_metrics(metrics, line)
-                if rank == 0:
-                    print_line(progress, f"step {done}: val_loss {val_loss:.4f}  ppl {line['val_ppl']:.2f}"
-                               + (f"  exact match {accuracy['accuracy']:.1%}" if "exact_match" in line else ""))
-                best, bad_evals = (val_loss, 0) if val_loss < best else (best, bad_evals + 1)
-                if cfg.eval.patience and bad_evals >= cfg.eval.patience and stopped is None:
-                    stopped, last = "early_stopping", True
-            if rank == 0 and (done % cfg.ckpt.every == 0 or last):
-                save_checkpoint(ckpt_dir, done, model, optimizer,
-                                {"tokens": tokens, "skipped": skipped, "best_val_loss": best, "bad_evals": bad_evals,
-                                 "settings": settings}, cfg.ckpt.keep_last, cfg.base, save_weights)
-            if stopped is not None:
+            loss, targets = accumulate(trainee, batches, target_loss, autocast)
+            grad_norm = clip_gradients(trainee, cfg.optim.grad_clip)
+            record = None
+            if run.optimizer_step(step, loss, grad_norm, optimizer):
+                counters.tokens += int(targets)
+                epoch = train_data.epoch_of((step + 1) * cfg.grad_accum * world - 1)
+                record = {"loss": loss.item(), "lr": lr, "tokens_per_s": int(targets) / (time.time() - t0),
+                          "grad_norm": grad_norm.item(), "epoch": round(epoch, 4)}
+            if run.after_step(step + 1, record, evaluate=evaluation if val_data is not None else None, save=save):
                 break
-    stopped = stopped or "max_steps"
+    stopped = run.stopped or "max_steps"
     final = adapter = None
+    whole = gather_model(trainee, lambda: _adapted_base(cfg, torch.device("cpu")))  # every rank takes part
     if rank == 0:
-        final, adapter = _export(cfg, model, template)
-        print(f"stopped after step {done} ({stopped}); {tokens:,} target tokens; model {final}"
+        final, adapter = _export(cfg, whole, template)
+        print(f"stopped after step {counters.step} ({stopped}); {counters.tokens:,} target tokens; model {final}"
               + (f"; adapter {adapter}" if adapter else ""))
     latest = latest_checkpoint(ckpt_dir, clean=False)
-    return {"step": done, "tokens": tokens, "val_loss": val_loss, "stopped": stopped, "skipped": skipped,
-            "exact_match": accuracy["accuracy"] if accuracy else None, "final": final, "adapter": adapter,
-            "checkpoint": str(latest) if latest else None,
-            "exit_code": 128 + signals.received if signals.received is not None else 0}
+    return {"step": counters.step, "tokens": counters.tokens, "val_loss": run.val_loss, "stopped": stopped,
+            "skipped": counters.skipped, "exact_match": accuracy["accuracy"] if accuracy else None, "final": final,
+            "adapter": adapter, "checkpoint": str(latest) if latest else None, "exit_code": run.exit_code}
 
 
 # --------------------------------------------------------------------------- setup
@@ -278,6 +253,14 @@ def _base_checkpoint(base: str) -> Path:
     if not path.exists():
         raise LlmlabError(f"base={base}: no such checkpoint or run directory")
     return path
+
+
+def _adapted_base(cfg: FinetuneConfig, device: torch.device) -> torch.nn.Module:
+    """The base as this run trains it, with its adapters (or freezing) applied, untrained."""
+    model = _load_base(cfg, device)
+    if cfg.peft != "none":
+        apply_lora(model, cfg.lora)
+    return model
 
 
 def _load_base(cfg: FinetuneConfig, device: torch.device) -> torch.nn.Module:

@@ -21,29 +21,7 @@ from llmlab.common import LlmlabError, atomic_write_text, check_output
 from llmlab.models.io import CheckpointError
 from llmlab.train.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint,
                                      newest_intact_checkpoint, verify_checkpoint)
-
-
-# --------------------------------------------------------------------------- config checks
-
-
-def check_at_least(cfg, **bounds) -> None:
-    """ValueError naming the first field of `cfg` below its bound (fields that are None are not set yet)."""
-    for name, low in bounds.items():
-        value = getattr(cfg, name)
-        if value is not None and value < low:
-            raise ValueError(f"{name} must be >= {low}, got {value}")
-
-
-def check_probability(cfg, *names: str) -> None:
-    """ValueError naming the first of the fields `names` of `cfg` that is not in [0, 1]."""
-    for name in names:
-        if not 0.0 <= getattr(cfg, name) <= 1.0:
-            raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(cfg, name)}")
-
-
-def check_seed(seed: int) -> None:
-    if not 0 <= seed < 2**64:  # what NumPy's seed sequences and torch.manual_seed take
-        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+from llmlab.train.config import TrainConfig
 
 
 # --------------------------------------------------------------------------- the run
@@ -98,18 +76,19 @@ def check_run_dir(out: Path, *, resume: str, inputs: list, overwrite: bool, rank
         latest_checkpoint(out / "checkpoints", clean=True)  # and the debris of interrupted writes
 
 
-BATCH_SHAPE = ("batch_size", "seq_len", "grad_accum", "world_size")
+BATCH_SHAPE = ("batch_size", "seq_len", "micro_batches")
 
 
-def run_settings(cfg, world: int, **more) -> dict:
+def run_settings(cfg: TrainConfig, world: int, **more) -> dict:
     """What a resume must keep from the run that saved the checkpoint: the batches each step sees
     (`BATCH_SHAPE`, changeable with ckpt.allow_batch_change), the optimizer (only its own kind reads
-    its saved state) and whatever `more` names."""
-    return {"batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "grad_accum": cfg.grad_accum, "world_size": world,
+    its saved state) and whatever `more` names. A step's batches are its grad_accum x processes
+    micro-batches, numbered rank by rank, so 2 processes x 1 resume as 1 process x 2 and back."""
+    return {"batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "micro_batches": cfg.grad_accum * world,
             "optim.name": cfg.optim.name, **more}
 
 
-def resume_from(cfg, ckpt_dir: Path, rank: int) -> tuple[Path | None, dict | None]:
+def resume_from(cfg: TrainConfig, ckpt_dir: Path, rank: int) -> tuple[Path | None, dict | None]:
     """The checkpoint to resume from and its state, checked whole (`verify_checkpoint`); (None, None)
     for a fresh start.
 
@@ -150,7 +129,7 @@ def resume_from(cfg, ckpt_dir: Path, rank: int) -> tuple[Path | None, dict | Non
     return path, state
 
 
-def resume_run(cfg, ckpt_dir: Path, rank: int, model, optimizer, settings: dict,
+def resume_run(cfg: TrainConfig, ckpt_dir: Path, rank: int, model, optimizer, settings: dict,
                load_weights=None) -> tuple[int, int, int, float, int]:
     """(start step, tokens, skipped steps, best validation loss, evaluations without improvement):
     restored from the checkpoint `ckpt.resume` names (`load_checkpoint` restores the weights, the
@@ -163,7 +142,8 @@ def resume_run(cfg, ckpt_dir: Path, rank: int, model, optimizer, settings: dict,
     for name, value in settings.items():
         if name not in saved or saved[name] == value or (name in BATCH_SHAPE and cfg.ckpt.allow_batch_change):
             continue
-        what = f"{value} processes" if name == "world_size" else f"{name}={value}"
+        what = f"{value} micro-batches per step (grad_accum x processes)" if name == "micro_batches" \
+            else f"{name}={value}"
         hint = ", or pass ckpt.allow_batch_change=true to resume with other batches" if name in BATCH_SHAPE else ""
         raise LlmlabError(f"{what}, but the checkpoint {path} was trained with {saved[name]}; set it back{hint}")
     load_checkpoint(path, model, optimizer, load_weights, state)
@@ -281,7 +261,7 @@ def print_line(progress, text: str) -> None:
         print(text, flush=True)
 
 
-def report(progress, record: dict, cfg, steps_this_run: int) -> None:
+def report(progress, record: dict, cfg: TrainConfig, steps_this_run: int) -> None:
     if progress is not None:
         progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                              tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)

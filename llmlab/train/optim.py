@@ -7,33 +7,11 @@ weights (linear layers, embeddings) and not to biases or norm gains, as in GPT-2
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
-
-@dataclass
-class OptimConfig:
-    name: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw"  # 8-bit states (bitsandbytes) save 75%
-    lr: float = 3e-4  # peak learning rate
-    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
-    warmup_steps: int = 100  # linear warmup from 0
-    weight_decay: float = 0.1  # applied to matrices only
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-
-    def __post_init__(self):
-        bounds = {"lr": (self.lr > 0, "> 0"), "min_lr_ratio": (0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
-                  "warmup_steps": (self.warmup_steps >= 0, ">= 0"), "weight_decay": (self.weight_decay >= 0, ">= 0"),
-                  "eps": (self.eps > 0, "> 0"), "grad_clip": (self.grad_clip >= 0, ">= 0 (0 disables clipping)"),
-                  # decay rates of the moment averages: 1 would never forget the first gradient
-                  "betas": (all(0 <= b < 1 for b in self.betas), "each in [0, 1)")}
-        for name, (ok, expected) in bounds.items():
-            if not ok:
-                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)}")
+from llmlab.train.config import OptimConfig
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:

@@ -9,61 +9,28 @@ bit for bit on CPU.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 
 from llmlab.common import LlmlabError, choose_device, init_distributed, seed_everything
 from llmlab.config import save_config
-from llmlab.data.fim import FimSpec, fim_permute
+from llmlab.data.fim import FimSpec
 from llmlab.data.shards import TokenShards, prepared_dir
+from llmlab.data.windows import sample_batch
 from llmlab.models import GPTConfig, LlamaConfig, build_model
 from llmlab.models.layers import LOSS_BLOCK_ELEMENTS_CPU, LOSS_BLOCK_ELEMENTS_GPU
 from llmlab.plan.estimate import TrainingMemory, cpu_runtime_bytes, shape_of, training_memory
-from llmlab.train.checkpoint import latest_checkpoint, save_checkpoint
-from llmlab.train.loop import (available_memory, check_at_least, check_probability, check_run_dir,
-                               check_seed, finite_step, print_line, report, resume_run, run_outputs, run_settings,
-                               step_seed, stop_reason, truncate_metrics, write_metrics)
-from llmlab.train.optim import OptimConfig, build_optimizer, lr_at
-
-
-@dataclass
-class EvalConfig:
-    every: int = 100  # evaluate every N optimizer steps (and after the last)
-    batches: int = 20  # validation micro-batches per evaluation
-    patience: int = 0  # stop after N evaluations without a new best val loss; 0 = never
-
-    def __post_init__(self):
-        check_at_least(self, every=1, batches=1, patience=0)
-
-
-@dataclass
-class CheckpointConfig:
-    every: int = 200  # save every N steps (and at the end, and on SIGINT/SIGTERM)
-    keep_last: int = 3  # complete checkpoints kept on disk
-    resume: str = "none"  # "none", "auto" (the newest intact checkpoint) or a checkpoint folder
-    # on request only, since each step then sees other batches than in the run that saved the checkpoint:
-    allow_batch_change: bool = False  # resume with another batch_size, seq_len, grad_accum or number of processes
-
-    def __post_init__(self):
-        check_at_least(self, every=1, keep_last=1)
-        if not self.resume:
-            raise ValueError('resume must be "none", "auto" or a checkpoint folder, got ""')
-
-
-@dataclass
-class SystemConfig:
-    device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
-    autocast: Literal["none", "bf16"] = "none"  # bf16 autocast (GPUs); CPUs here are fastest in fp32
-    compile: bool = False  # torch.compile the model (GPUs)
-    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
-    preflight: bool = True  # estimate peak memory first and refuse a run that cannot fit the device
+from llmlab.train.checkpoint import latest_checkpoint, save_checkpoint, save_sharded_checkpoint
+from llmlab.train.config import (CheckpointConfig, EvalConfig, OptimConfig, SystemConfig, check_at_least,
+                                 check_probability, check_seed)
+from llmlab.train.core import Counters, accumulate, clip_gradients, open_run, wrap_model
+from llmlab.train.loop import available_memory, check_run_dir, resume_run, run_settings, truncate_metrics
+from llmlab.train.optim import build_optimizer
 
 
 @dataclass
@@ -94,20 +61,6 @@ class PretrainConfig:
         if not self.data:
             raise ValueError("data is empty: name the folder `llmlab data prepare` wrote")
         check_seed(self.seed)
-
-
-def sample_batch(shards: TokenShards, batch_size: int, seq_len: int, seed: tuple[int, ...],
-                 device: torch.device, fim: FimSpec | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows of seq_len + 1 tokens -> (inputs, targets), each (B, T). `seed` fixes them,
-    and the fill-in-the-middle reordering too when `fim` is given."""
-    rng = np.random.default_rng(seed)
-    starts = rng.integers(0, len(shards) - seq_len - 1, size=batch_size)
-    rows = [shards.get(int(s), seq_len + 1) for s in starts]  # int64 already
-    if fim is not None:
-        rows = [fim_permute(row, fim, rng) for row in rows]
-    rows = torch.from_numpy(np.stack(rows))
-    rows = rows.to(device, non_blocking=True)
-    return rows[:, :-1], rows[:, 1:]
 
 
 @torch.no_grad()
@@ -147,89 +100,60 @@ def run(cfg: PretrainConfig, *, overwrite: bool = False) -> dict:
     seed_everything(cfg.seed)
     model = build_model(cfg.model).to(device)
     model.gradient_checkpointing = cfg.system.gradient_checkpointing
+    trainee = wrap_model(model, cfg.system, world)
     optimizer = build_optimizer(model, cfg.optim, device)
     settings = run_settings(cfg, world)
-    start, tokens, skipped, best, bad_evals = resume_run(cfg, ckpt_dir, rank, model, optimizer, settings)
+    counters = Counters(*resume_run(cfg, ckpt_dir, rank, model, optimizer, settings))
     if rank == 0:
         save_config(cfg, out / "config.yaml")
-        truncate_metrics(out / "metrics.jsonl", start)
-    train_model = model
-    if cfg.system.compile:
-        train_model = torch.compile(model)
-    if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(train_model)
+        truncate_metrics(out / "metrics.jsonl", counters.step)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.system.autocast == "bf16")
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
     bytes_per_token = _bytes_per_token(manifest, "val")
-    t_start, stopped, val_loss, done = time.time(), None, None, start
+
+    def next_token_loss(batch):  # the mean loss over the batch's B x T predicted tokens
+        x, y = batch
+        return trainee.forward(x, targets=y), y.numel()
+
+    def evaluation() -> dict:
+        val_loss = evaluate(model, val_data, cfg, device)
+        ppl = math.exp(min(val_loss, 50))
+        return {"val_loss": val_loss, "val_ppl": ppl, "val_bpb": val_loss / math.log(2) / bytes_per_token,
+                "text": f"val_loss {val_loss:.4f}  ppl {ppl:.2f}"}
+
+    def save(state: dict) -> None:
+        if trainee.sharded:  # every rank writes its shards
+            save_sharded_checkpoint(ckpt_dir, counters.step, model, optimizer, {**state, "settings": settings},
+                                    cfg.ckpt.keep_last, tokenizer_dir)
+        elif rank == 0:
+            save_checkpoint(ckpt_dir, counters.step, model, optimizer, {**state, "settings": settings},
+                            cfg.ckpt.keep_last, tokenizer_dir)
 
     # ---- the loop
-    with run_outputs(out, start, cfg.max_steps, rank) as (signals, metrics, progress):
+    with open_run(cfg, counters, out, rank, world, device) as run:
         model.train()
-        for step in range(start, cfg.max_steps):
+        for step in range(counters.step, cfg.max_steps):
             t0 = time.time()
-            lr = lr_at(step, cfg.max_steps, cfg.optim)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            torch.manual_seed(step_seed(cfg.seed, step, rank))  # dropout: a function of (seed, step, rank)
-            for micro in range(cfg.grad_accum):
-                # batch k of the step's grad_accum x world; so 2 ranks x 1 equals 1 process x 2 micro-batches
-                k = rank * cfg.grad_accum + micro
-                x, y = sample_batch(train_data, cfg.batch_size, cfg.seq_len, (cfg.seed, 0, step, k), device, fim)
-                sync = world == 1 or micro == cfg.grad_accum - 1
-                with autocast, (contextlib.nullcontext() if sync else train_model.no_sync()):
-                    loss = train_model(x, targets=y)
-                    # mean over micro-batches, so accumulation matches one batch of grad_accum x the size
-                    (loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach()
-            loss = loss_sum / cfg.grad_accum
-            if world > 1:  # SUM then divide: Gloo (CPU) has no AVG
-                torch.distributed.all_reduce(loss)
-                loss /= world
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
-            if not finite_step(loss, grad_norm, optimizer, cfg.nonfinite, step):
-                skipped += 1
-                done = step + 1
-                write_metrics(metrics, {"step": done, "skipped_nonfinite": skipped, "lr": lr})
-                continue
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            tokens += tokens_per_step
-            dt = time.time() - t0
-            record = {"step": done, "loss": loss.item(), "lr": lr, "tokens": tokens,
-                      "tokens_per_s": tokens_per_step / dt, "grad_norm": grad_norm.item(),
-                      "time": time.time() - t_start}
-            write_metrics(metrics, record)
-            if rank == 0:
-                report(progress, record, cfg, done - start)
-
-            stopped = stop_reason(signals, cfg.max_minutes and time.time() - t_start > 60 * cfg.max_minutes,
-                                   world, device)
-            last = done == cfg.max_steps or stopped is not None
-            if val_data is not None and (done % cfg.eval.every == 0 or last):
-                val_loss = evaluate(model, val_data, cfg, device)
-                write_metrics(metrics, {"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
-                                 "val_bpb": val_loss / math.log(2) / bytes_per_token})
-                if rank == 0:
-                    print_line(progress, f"step {done}: val_loss {val_loss:.4f}  ppl {math.exp(min(val_loss, 50)):.2f}")
-                best, bad_evals = (val_loss, 0) if val_loss < best else (best, bad_evals + 1)
-                if cfg.eval.patience and bad_evals >= cfg.eval.patience and stopped is None:
-                    stopped, last = "early_stopping", True
-            if rank == 0 and (done % cfg.ckpt.every == 0 or last):
-                save_checkpoint(ckpt_dir, done, model, optimizer,
-                                {"tokens": tokens, "skipped": skipped, "best_val_loss": best, "bad_evals": bad_evals,
-                                 "settings": settings}, cfg.ckpt.keep_last, tokenizer_dir)
-            if stopped is not None:
+            lr = run.begin_step(step, optimizer)
+            # batch k of the step's grad_accum x world; so 2 ranks x 1 equals 1 process x 2 micro-batches
+            batches = [sample_batch(train_data, cfg.batch_size, cfg.seq_len,
+                                    (cfg.seed, 0, step, rank * cfg.grad_accum + micro), device, fim)
+                       for micro in range(cfg.grad_accum)]
+            loss, _ = accumulate(trainee, batches, next_token_loss, autocast)
+            grad_norm = clip_gradients(trainee, cfg.optim.grad_clip)
+            record = None
+            if run.optimizer_step(step, loss, grad_norm, optimizer):
+                counters.tokens += tokens_per_step
+                record = {"loss": loss.item(), "lr": lr, "tokens_per_s": tokens_per_step / (time.time() - t0),
+                          "grad_norm": grad_norm.item()}
+            if run.after_step(step + 1, record, evaluate=evaluation if val_data is not None else None, save=save):
                 break
-    stopped = stopped or "max_steps"
+    stopped = run.stopped or "max_steps"
     latest = latest_checkpoint(ckpt_dir, clean=False)
-    exit_code = 128 + signals.received if signals.received is not None else 0
     if rank == 0:
-        print(f"stopped after step {done} ({stopped}); {tokens:,} tokens; checkpoint {latest}")
-    return {"step": done, "tokens": tokens, "val_loss": val_loss, "stopped": stopped,
-            "checkpoint": str(latest) if latest else None, "exit_code": exit_code, "skipped": skipped}
+        print(f"stopped after step {counters.step} ({stopped}); {counters.tokens:,} tokens; checkpoint {latest}")
+    return {"step": counters.step, "tokens": counters.tokens, "val_loss": run.val_loss, "stopped": stopped,
+            "checkpoint": str(latest) if latest else None, "exit_code": run.exit_code, "skipped": counters.skipped}
 
 
 # --------------------------------------------------------------------------- helpers

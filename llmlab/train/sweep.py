@@ -29,7 +29,7 @@ from llmlab.plan.commands import MAX_FLOPS
 from llmlab.plan.fit import NAMES, LawFit, fit_law
 from llmlab.plan.scaling import CHINCHILLA, CHINCHILLA_REFIT
 from llmlab.tokenizer.bpe import check_vocab_size
-from llmlab.train.loop import check_at_least, check_seed
+from llmlab.train.config import check_at_least, check_seed
 from llmlab.train.pretrain import PretrainConfig
 from llmlab.train.pretrain import run as pretrain
 

@@ -17,7 +17,8 @@ import torch
 from llmlab.models import LlamaConfig, build_model
 from llmlab.train.checkpoint import (CheckpointWriteError, latest_checkpoint, list_checkpoints, load_checkpoint,
                                      save_checkpoint)
-from llmlab.train.optim import OptimConfig, build_optimizer, lr_at
+from llmlab.train.config import OptimConfig
+from llmlab.train.optim import build_optimizer, lr_at
 
 CFG = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_seq_len=32)
 
@@ -96,7 +97,8 @@ WRITER = textwrap.dedent("""
     import sys, torch
     from llmlab.models import LlamaConfig, build_model
     from llmlab.train.checkpoint import save_checkpoint
-    from llmlab.train.optim import OptimConfig, build_optimizer
+    from llmlab.train.config import OptimConfig
+    from llmlab.train.optim import build_optimizer
     torch.manual_seed(0)
     model = build_model(LlamaConfig(vocab_size=4096, dim=256, n_layers=4, n_heads=4))  # ~10 MB of weights
     opt = build_optimizer(model, OptimConfig(), torch.device("cpu"))

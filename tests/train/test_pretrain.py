@@ -155,7 +155,7 @@ def test_bad_inputs(corpus_dir, tmp_path):
 def test_fill_in_the_middle_batches_are_reordered_and_training_runs(corpus_dir, tmp_path):
     from llmlab.data.fim import FimSpec
     from llmlab.data.shards import TokenShards, read_manifest
-    from llmlab.train.pretrain import sample_batch
+    from llmlab.data.windows import sample_batch
 
     manifest = read_manifest(corpus_dir)
     prefix, middle, suffix = manifest["fim_ids"]

@@ -104,7 +104,8 @@ def test_checkpoints_without_checksums_are_checked_by_opening_their_files(finish
 @pytest.mark.parametrize("change, message", [
     ({"batch_size": 8}, "batch_size=8, but the checkpoint .* was trained with 4"),
     ({"seq_len": 16}, "seq_len=16, but the checkpoint .* was trained with 32"),
-    ({"grad_accum": 2}, "grad_accum=2, but the checkpoint .* was trained with 1"),
+    ({"grad_accum": 2}, r"2 micro-batches per step \(grad_accum x processes\), but the checkpoint .* was trained "
+                        "with 1"),
 ])
 def test_a_changed_batch_shape_needs_a_flag(corpus_dir, finished, tmp_path, change, message):
     out, _ = _copy(finished, tmp_path)
@@ -134,8 +135,7 @@ def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(corpus_dir, fin
 def test_every_checkpoint_records_its_settings_and_checksums(finished):
     last = list_checkpoints(finished / "checkpoints")[-1]
     state = json.loads((last / "state.json").read_text())
-    assert state["settings"] == {"batch_size": 4, "seq_len": 32, "grad_accum": 1, "world_size": 1,
-                                 "optim.name": "adamw"}
+    assert state["settings"] == {"batch_size": 4, "seq_len": 32, "micro_batches": 1, "optim.name": "adamw"}
     assert set(state["files"]) >= {"model.safetensors", "optimizer.safetensors", "rng.safetensors", "config.json"}
 
 
@@ -147,12 +147,12 @@ def test_another_optimizer_cannot_read_the_saved_state(corpus_dir, finished, tmp
                                                   "ckpt.allow_batch_change": True}))
 
 
-def test_another_number_of_processes_is_named(corpus_dir, finished):
+def test_another_number_of_micro_batches_is_named(corpus_dir, finished):
     from llmlab.train.loop import resume_run, run_settings
 
     cfg = _cfg(corpus_dir, finished, **{"ckpt.resume": "auto"})
-    with pytest.raises(LlmlabError, match=r"^2 processes, but the checkpoint .* was trained with 1; set it back, or "
-                                          r"pass ckpt.allow_batch_change=true"):
+    with pytest.raises(LlmlabError, match=r"^2 micro-batches per step \(grad_accum x processes\), but the checkpoint "
+                                          r".* was trained with 1; set it back, or pass ckpt.allow_batch_change=true"):
         resume_run(cfg, finished / "checkpoints", 0, None, None, run_settings(cfg, 2))
 
 

@@ -83,21 +83,8 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Module, op
         for i, s in opt["state"].items():
             _flatten(s, f"state.{i}.", tensors, scalars)
         save_safetensors(tensors, tmp / "optimizer.safetensors")
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        save_safetensors(rng, tmp / "rng.safetensors")
-        py_version, py_state, py_gauss = random.getstate()
-        np_state = np.random.get_state()
-        full = {**state, "step": step, "param_groups": opt["param_groups"], "optimizer_scalars": scalars,
-                "python_rng": [py_version, list(py_state), py_gauss],
-                "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-                "files": {str(f.relative_to(tmp)): _sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()}}
-        full["sha256"] = _state_digest(full)
-        atomic_write_text(tmp / "state.json", json.dumps(full))
-        fsync_dir(tmp)
-        os.rename(tmp, final)
-        fsync_dir(ckpt_dir)
+        _commit(tmp, final, {**state, "step": step, "param_groups": opt["param_groups"],
+                             "optimizer_scalars": scalars})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -146,18 +133,7 @@ def save_sharded_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Mo
             write_model_config(model.config, tmp)
             if tokenizer_dir is not None:
                 copy_tokenizer_files(tokenizer_dir, tmp)
-            save_safetensors({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
-            py_version, py_state, py_gauss = random.getstate()
-            np_state = np.random.get_state()
-            full = {**state, "step": step, "format": "sharded", "world_size": world,
-                    "python_rng": [py_version, list(py_state), py_gauss],
-                    "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-                    "files": {str(f.relative_to(tmp)): _sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()}}
-            full["sha256"] = _state_digest(full)
-            atomic_write_text(tmp / "state.json", json.dumps(full))
-            fsync_dir(tmp)
-            os.rename(tmp, final)
-            fsync_dir(ckpt_dir)
+            _commit(tmp, final, {**state, "step": step, "format": "sharded", "world_size": world})
             for old in list_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
         except Exception:
@@ -167,6 +143,25 @@ def save_sharded_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Mo
     if failed.item():
         raise CheckpointWriteError(f"step {step}: rank 0 could not finish the checkpoint in {ckpt_dir}")
     return final
+
+
+def _commit(tmp: Path, final: Path, state: dict) -> None:
+    """Finish checkpoint folder `tmp`: this process's RNG states, then state.json (`state`, the RNGs, the
+    checksum of every file and its own), written last, and the rename that makes it `final`."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_safetensors(rng, tmp / "rng.safetensors")
+    py_version, py_state, py_gauss = random.getstate()
+    np_state = np.random.get_state()
+    full = {**state, "python_rng": [py_version, list(py_state), py_gauss],
+            "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "files": {str(f.relative_to(tmp)): _sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()}}
+    full["sha256"] = _state_digest(full)
+    atomic_write_text(tmp / "state.json", json.dumps(full))
+    fsync_dir(tmp)
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:

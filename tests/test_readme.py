@@ -143,11 +143,12 @@ def _newest(folder: Path) -> str:
 
 
 def _resolve(argv: list[str], root: Path) -> list[str]:
-    """The README's placeholders made real: /tmp/... inside `root`, step-<N> the newest checkpoint,
-    CKPT the README's own pretraining run's newest checkpoint, $KEY a key."""
+    """The README's placeholders made real: /tmp/... inside `root`, configs/ the repository's,
+    step-<N> the newest checkpoint, CKPT the README's own pretraining run's newest checkpoint, $KEY a key."""
     out = []
     for arg in argv:
         arg = re.sub(r"(^|=)/tmp/", r"\g<1>tmp/", arg)
+        arg = re.sub(r"^configs/", lambda m: f"{ROOT / 'configs'}/", arg)  # the configs this clone ships
         if "step-<N>" in arg:
             arg = _newest(root / arg.split("step-<N>")[0])
         arg = re.sub(r"(^|=)CKPT$", lambda m: m.group(1) + _newest(root / CKPT_RUN / "checkpoints"), arg)
@@ -237,7 +238,7 @@ def test_command_line_examples_run(tmp_path, monkeypatch, capsys):
     read what earlier ones wrote. Each must exit 0 with no traceback and no internal error."""
     pytest.importorskip("openai")
     commands = _readme_commands()
-    assert len(commands) == 29, [" ".join(c) for c in commands]
+    assert len(commands) == 30, [" ".join(c) for c in commands]
     monkeypatch.chdir(tmp_path)
     _make_inputs(tmp_path)
     log, failures = [], []

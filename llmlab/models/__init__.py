@@ -1,7 +1,16 @@
 """The model zoo: one family per file, each an `XConfig` dataclass and an `X(nn.Module)`.
 
-Every decoder takes `forward(input_ids, *, kv_cache=None, attention_mask=None)` and returns
-logits (B, T, V), and reports `num_params()` and `flops_per_token(seq_len)` from its config.
+The contract every family keeps, which the training core, the generation engine and the planner
+rely on instead of asking for a family by name:
+- the config says whether the model is `causal` (each position sees only those before it), and
+  reports `num_params()` (total, non-embedding and active: what one token uses),
+  `flops_per_token(seq_len)` (training, forward plus backward) and `attention_shape()` (heads,
+  key/value heads, head width, gated MLP);
+- the module takes `forward(input_ids, *, targets=None, attention_mask=None, ...)` and returns the
+  logits (B, T, V), or with `targets` the mean loss over the targets that are not -100; decoders
+  also take `kv_cache` and `logits_to_keep`. A family whose forward adds an auxiliary loss (a
+  router's load balancing) includes it in the returned loss.
+- `ModelConfig` is the union of the families' configs; `REGISTRY` maps `family` to (config, module).
 """
 
 from __future__ import annotations

@@ -17,19 +17,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llmlab.models.layers import (KVCache, Linear, ParamCount, RMSNorm, build_attention_mask, check_config_ranges,
-                                  lm_output, positions_from_mask, sdpa, training_flops_per_token)
+from llmlab.models.layers import (AttentionShape, KVCache, Linear, ParamCount, RMSNorm, build_attention_mask,
+                                  check_config_ranges, lm_output, positions_from_mask, sdpa,
+                                  training_flops_per_token)
 
 
 @dataclass
 class GPTConfig:
+    causal: ClassVar[bool] = True  # each position sees only those before it (a decoder)
     family: Literal["gpt"] = "gpt"
     vocab_size: int | None = 50257  # token ids; None only where a trainer sets it (pretrain: from the data)
     dim: int = 768  # residual stream width
@@ -66,7 +68,10 @@ class GPTConfig:
         embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         if self.position == "learned":
             embeddings += self.max_seq_len * d
-        return ParamCount(body + embeddings, body)
+        return ParamCount(body + embeddings, body, body + embeddings)
+
+    def attention_shape(self) -> AttentionShape:
+        return AttentionShape(self.n_heads, self.n_heads, self.dim // self.n_heads, gated_mlp=False)
 
     def flops_per_token(self, seq_len: int) -> int:
         return training_flops_per_token(self.num_params().non_embedding + self.vocab_size * self.dim,

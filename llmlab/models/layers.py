@@ -576,10 +576,24 @@ def check_config_ranges(cfg, counts: tuple[str, ...]) -> None:
 
 class ParamCount(NamedTuple):
     """Parameter counts. `non_embedding` excludes the vocabulary matrices (token embedding and an
-    untied output head) and learned position embeddings, as in Kaplan et al. 2020."""
+    untied output head) and learned position embeddings, as in Kaplan et al. 2020. `active` counts
+    what one token's forward pass uses: all of them in a dense model, the routed experts' share in
+    a mixture of experts."""
 
     total: int
     non_embedding: int
+    active: int
+
+
+class AttentionShape(NamedTuple):
+    """What the planner needs of a family's blocks, so that no code outside `models/` asks for a family
+    by name: heads, key/value heads (fewer with grouped-query attention), the width of one head, and
+    whether the MLP is gated (three matrices, SwiGLU) rather than two."""
+
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    gated_mlp: bool
 
 
 def training_flops_per_token(matmul_params: int, n_layers: int, attn_dim: int, seq_len: int) -> int:

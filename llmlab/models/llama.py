@@ -13,19 +13,20 @@ Rotary embeddings use the half-split layout of HF checkpoints, so their weights 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llmlab.models.layers import (KVCache, Linear, ParamCount, RMSNorm, RopeScaling, RotaryEmbedding, SwiGLU,
-                                  apply_rotary, build_attention_mask, check_config_ranges, lm_output,
-                                  positions_from_mask, sdpa, stacked_linear, training_flops_per_token)
+from llmlab.models.layers import (AttentionShape, KVCache, Linear, ParamCount, RMSNorm, RopeScaling,
+                                  RotaryEmbedding, SwiGLU, apply_rotary, build_attention_mask, check_config_ranges,
+                                  lm_output, positions_from_mask, sdpa, stacked_linear, training_flops_per_token)
 
 
 @dataclass
 class LlamaConfig:
+    causal: ClassVar[bool] = True  # each position sees only those before it (a decoder)
     family: Literal["llama"] = "llama"
     vocab_size: int | None = 32000  # token ids; None only where a trainer sets it (pretrain: from the data)
     dim: int = 4096  # residual stream width
@@ -74,7 +75,10 @@ class LlamaConfig:
         per_layer = attn + 3 * d * self.hidden_dim + norms
         vocab = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         body = self.n_layers * per_layer + d
-        return ParamCount(body + vocab, body)
+        return ParamCount(body + vocab, body, body + vocab)
+
+    def attention_shape(self) -> AttentionShape:
+        return AttentionShape(self.n_heads, self.n_kv_heads, self.head_dim, gated_mlp=True)
 
     def flops_per_token(self, seq_len: int) -> int:
         return training_flops_per_token(self.num_params().non_embedding + self.vocab_size * self.dim,

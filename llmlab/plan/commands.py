@@ -46,7 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3), help="ZeRO stage (3 = FSDP)")
     g = p.add_argument_group("hardware and cost")
     g.add_argument("--hardware", default="h100-80gb", help=f"one of {', '.join([*CATALOG, 'this-cpu'])}")
-    g.add_argument("--devices", type=int, default=1)
+    g.add_argument("--devices", "--gpus", type=int, default=1, dest="devices",
+                   help="devices training together (torchrun processes)")
     g.add_argument("--mfu", type=float, help="model FLOPs utilisation assumed (default: the hardware's, 0.4 "
                    "for accelerators, 0.6 for this-cpu)")
     g.add_argument("--peak-tflops", type=float, help="override the device's peak")
@@ -215,9 +216,30 @@ def plan(ns: argparse.Namespace) -> dict:
         "hardware": asdict(hw),
         "run": {**asdict(cost), "days": cost.hours / 24, "devices": ns.devices, "mfu": hw.mfu},
     }
+    if ns.devices > 1:
+        result["parallel"] = _parallel_choice(shape, ns, seq_len, hw)
     if optimal:
         result["compute_optimal"] = {"budget_flops": ns.budget_flops, "law": law, **optimal}
     return result
+
+
+def _parallel_choice(shape, ns: argparse.Namespace, seq_len: int, hw) -> dict:
+    """Which of llmlab's two ways of training on several devices fits: DDP (a whole copy of the
+    training state on each) or FSDP2 (parameters, gradients and optimizer states sharded over them,
+    ZeRO stage 3), with the setting that picks it; DDP when both fit, being the simpler and faster."""
+    per_device = {}
+    for name, stage in (("ddp", 0), ("fsdp", 3)):
+        memory = est.training_memory(shape, batch=ns.batch, seq_len=seq_len, precision=ns.precision,
+                                     optimizer=ns.optimizer, checkpointing=ns.checkpointing, lora_rank=ns.lora_rank,
+                                     qlora=ns.qlora, zero_stage=stage, devices=ns.devices,
+                                     cpu=hw.name == "this-cpu")
+        per_device[name] = memory.total
+    fits = [name for name in ("ddp", "fsdp") if per_device[name] <= hw.memory_bytes]
+    if ns.qlora:  # a 4-bit base cannot be sharded: QLoRA trains under DDP only
+        fits = [name for name in fits if name == "ddp"]
+    choice = fits[0] if fits else None
+    return {"ddp_bytes": per_device["ddp"], "fsdp_bytes": per_device["fsdp"], "choice": choice,
+            "setting": f"system.parallel={choice}" if choice else None}
 
 
 def _size(n: float) -> str:
@@ -268,6 +290,12 @@ def run_plan(ns: argparse.Namespace) -> None:
                       ("weights", "master_weights", "gradients", "optimizer", "activations", "runtime") if mem[k])
     verdict = "fits" if mem["fits"] else "DOES NOT FIT"
     print(f"memory     {_gb(mem['total'])} per device ({parts}); {verdict} in {_gb(mem['device_memory'])}")
+    if "parallel" in result:
+        par = result["parallel"]
+        advice = (f"use {par['setting']} (torchrun --nproc_per_node {run['devices']})" if par["choice"] else
+                  "neither fits: more devices, a smaller --batch, --checkpointing (in training: "
+                  "system.gradient_checkpointing=true) or --lora-rank")
+        print(f"parallel   DDP needs {_gb(par['ddp_bytes'])} per device, FSDP2 {_gb(par['fsdp_bytes'])}; {advice}")
     print(f"time       {run['days']:,.1f} days on {run['devices']} x {hw['name']} at {run['mfu']:.0%} MFU "
           f"({run['device_hours']:,.0f} device-hours)")
     print(f"cost       ${run['cost']:,.0f} at ${hw['price_per_hour']:.2f}/device-hour; energy "

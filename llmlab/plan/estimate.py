@@ -51,12 +51,10 @@ class Shape(NamedTuple):
 
 
 def shape_of(cfg) -> Shape:
-    """The Shape of a GPTConfig or LlamaConfig."""
-    count = cfg.num_params()
-    llama = cfg.family == "llama"
-    head_dim = cfg.head_dim if llama else cfg.dim // cfg.n_heads
-    return Shape(count.total, count.non_embedding, cfg.dim, cfg.n_layers, cfg.n_heads,
-                 cfg.n_kv_heads if llama else cfg.n_heads, head_dim, cfg.hidden_dim, cfg.vocab_size, llama)
+    """The Shape of any model config (`llmlab.models.ModelConfig`)."""
+    count, attention = cfg.num_params(), cfg.attention_shape()
+    return Shape(count.total, count.non_embedding, cfg.dim, cfg.n_layers, attention.n_heads, attention.n_kv_heads,
+                 attention.head_dim, cfg.hidden_dim, cfg.vocab_size, attention.gated_mlp)
 
 
 def _show(value: float) -> str:

@@ -111,6 +111,19 @@ def test_num_params_equals_counted_parameters(name):
                      if n.startswith(("embed_tokens", "embed_positions", "lm_head")))
     assert model.num_params().total == counted
     assert model.num_params().non_embedding == counted - vocab_like
+    assert model.num_params().active == counted  # dense: every token uses every parameter
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_the_attention_shape_a_config_reports_is_the_built_models(name):
+    """What the planner reads instead of asking for the family by name."""
+    cfg, model = TINY[name], _model(name)
+    shape = cfg.attention_shape()
+    attn = model.layers[0].attn
+    assert cfg.causal is True
+    assert attn.q_proj.weight.shape[0] == shape.n_heads * shape.head_dim
+    assert attn.k_proj.weight.shape[0] == shape.n_kv_heads * shape.head_dim
+    assert shape.gated_mlp == any(n.endswith("gate_proj.weight") for n, _ in model.named_parameters())
 
 
 def test_flops_per_token_by_hand():

@@ -259,3 +259,18 @@ def test_hardware_overrides_and_this_cpu(capsys):
                       for hw in ("this-cpu", "a100-80gb"))
     assert on_gpu["runtime"] == 0 and on_cpu["total"] == pytest.approx(on_gpu["total"] + on_cpu["runtime"])
     assert on_cpu["runtime"] > 0.65 * on_cpu["activations"]
+
+
+@pytest.mark.parametrize("args, choice", [
+    (["--params", "1e8"], "ddp"),  # both fit: the simpler one
+    (["--params", "7e9", "--checkpointing"], "fsdp"),  # 119 GB a copy, 22 GB a shard
+    (["--params", "7e10"], None),  # 1.6 TB a copy, 631 GB a shard
+])
+def test_the_plan_for_several_devices_says_which_parallelism_fits(capsys, args, choice):
+    assert main(["plan", *args, "--hardware", "a100-80gb", "--gpus", "8", "--json"]) == 0
+    par = json.loads(capsys.readouterr().out)["parallel"]
+    assert par["choice"] == choice and par["fsdp_bytes"] < par["ddp_bytes"]
+    assert par["setting"] == (f"system.parallel={choice}" if choice else None)
+    assert main(["plan", *args, "--hardware", "a100-80gb", "--gpus", "8"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("parallel"))
+    assert (f"use system.parallel={choice}" in line) if choice else ("neither fits" in line)

@@ -6,7 +6,7 @@ BLAS reads a single row's weights far below the memory bandwidth. Compiled with 
 `StaticKVCache` of a fixed number of slots, the position passed as data, the single query's
 attention as plain products that fuse), the step becomes generated C++: Inductor's C++ wrapper
 calls the kernels, the weights are frozen into the graph (the q, k, v projections and the MLP's
-gate and up projections each stacked into one matrix, `models.layers.stacked_linear`), and each
+gate and up projections each stacked into one matrix, `models.kernels.stacked_linear`), and each
 matrix product is autotuned between the BLAS and Inductor's own kernels. One size is dynamic: the
 window of slots a step attends over, the tokens so far, so that attention does not read the
 slots not yet written.
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from llmlab.generate.sampling import GenerationError
-from llmlab.models.layers import StaticKVCache
+from llmlab.models.kernels import StaticKVCache
 
 # Inductor settings for the step; they are read while compiling
 INDUCTOR_OPTIONS = {"cpp_wrapper": True, "freezing": True, "max_autotune": True,

@@ -20,7 +20,7 @@ from torch import nn
 
 from llmlab.generate.compiled import CompiledDecoder
 from llmlab.generate.sampling import GenerationError, SamplingParams, process_logits, sample
-from llmlab.models.layers import StaticKVCache
+from llmlab.models.kernels import StaticKVCache
 
 # stop_check(row, token_ids_so_far) -> True to finish that row now (used for stop strings)
 StopCheck = Callable[[int, list[int]], bool]

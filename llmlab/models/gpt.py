@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llmlab.models.layers import (AttentionShape, KVCache, Linear, ParamCount, RMSNorm, build_attention_mask,
-                                  check_config_ranges, lm_output, positions_from_mask, sdpa,
-                                  training_flops_per_token)
+from llmlab.models.kernels import Linear
+from llmlab.models.layers import (AttentionShape, KVCache, ParamCount, RMSNorm, build_attention_mask,
+                                  check_config_ranges, lm_output, positions_from_mask, sdpa, training_flops_per_token)
 
 
 @dataclass

@@ -19,9 +19,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llmlab.models.layers import (AttentionShape, KVCache, Linear, ParamCount, RMSNorm, RopeScaling,
-                                  RotaryEmbedding, SwiGLU, apply_rotary, build_attention_mask, check_config_ranges,
-                                  lm_output, positions_from_mask, sdpa, stacked_linear, training_flops_per_token)
+from llmlab.models.kernels import Linear, stacked_linear
+from llmlab.models.layers import (AttentionShape, KVCache, ParamCount, RMSNorm, RopeScaling, RotaryEmbedding, SwiGLU,
+                                  apply_rotary, build_attention_mask, check_config_ranges, lm_output,
+                                  positions_from_mask, sdpa, training_flops_per_token)
 
 
 @dataclass

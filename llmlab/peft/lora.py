@@ -113,7 +113,7 @@ class LoRALinear(nn.Module):
 
     def merged_linear(self) -> nn.Linear:
         """A plain linear layer holding W + s B A (the base dequantized first when it is 4-bit)."""
-        from llmlab.models.layers import Linear
+        from llmlab.models.kernels import Linear
 
         weight = _weight(self.base)
         weight = self.base.dequantize() if weight is None else weight.detach()

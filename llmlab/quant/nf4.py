@@ -193,7 +193,7 @@ def quantize_model(model: nn.Module, *, skip: Sequence[str] = ("lm_head",), bloc
 def dequantize_model(model: nn.Module) -> nn.Module:
     """Replace every NF4Linear by a full-precision linear layer holding its dequantized weight, in
     place (to save or export a QLoRA model as an ordinary checkpoint); returns the model."""
-    from llmlab.models.layers import Linear
+    from llmlab.models.kernels import Linear
 
     for name, module in list(model.named_modules()):
         if isinstance(module, NF4Linear):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from llmlab.models import build_model
-from llmlab.models.layers import linear_cross_entropy
+from llmlab.models.kernels import linear_cross_entropy
 from tests.models.zoo import TINY, V
 
 

@@ -229,7 +229,7 @@ def test_a_model_without_a_vocabulary_size_is_not_built():
 
 @pytest.mark.parametrize("shape", [(1, 1), (4,), (2, 8), (17,)])
 def test_linear_split_product_equals_f_linear(shape):
-    from llmlab.models.layers import Linear
+    from llmlab.models.kernels import Linear
 
     torch.manual_seed(0)
     lin = Linear(96, 1024, bias=True)  # 98k weights: over the split threshold
@@ -242,7 +242,7 @@ def test_linear_split_product_equals_f_linear(shape):
 
 @pytest.mark.parametrize("bias, wrapped, stacked", [(False, False, True), (True, False, True), (False, True, False)])
 def test_stacked_linear_makes_one_product_in_a_compiled_graph_and_equals_separate_calls(bias, wrapped, stacked):
-    from llmlab.models.layers import Linear, stacked_linear
+    from llmlab.models.kernels import Linear, stacked_linear
 
     class Wrapped(torch.nn.Module):  # stands for an adapter around a layer: never stacked
         def __init__(self, layer):

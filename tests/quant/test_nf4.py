@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from llmlab.models import GPTConfig, LlamaConfig, build_model
 from llmlab.models.io import CheckpointError, load_model, save_hf, save_model
-from llmlab.models.layers import Linear
+from llmlab.models.kernels import Linear
 from llmlab.quant import NF4_CODE, NF4Linear, dequantize_model, load_quantized, nf4_error_bound, quantize_model
 
 LLAMA = LlamaConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, max_seq_len=32)

@@ -12,7 +12,6 @@ from llmlab.train.finetune import FinetuneConfig
 from llmlab.train.finetune import run as finetune
 from llmlab.train.pretrain import PretrainConfig, estimate_training_memory
 from llmlab.train.pretrain import run as pretrain
-from tests.train.test_finetune import base, synth_dir  # noqa: F401 (fixtures)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 VERBS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}
@@ -40,7 +39,7 @@ def test_the_1b_config_has_about_1b_parameters():
 
 
 @pytest.mark.slow
-def test_the_cpu_configs_train(corpus_dir, base, synth_dir, tmp_path):  # noqa: F811
+def test_the_cpu_configs_train(corpus_dir, base, synth_dir, tmp_path):
     ran = 0
     for path in _configs():
         if "cpu" not in path.stem:

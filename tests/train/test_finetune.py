@@ -12,30 +12,10 @@ from safetensors.torch import load_file
 
 from llmlab.common import LlmlabError
 from llmlab.config import from_dict
-from llmlab.data.synth import SynthConfig
-from llmlab.data.synth import run as synth
 from llmlab.models import LlamaConfig, build_model
 from llmlab.models.io import copy_tokenizer_files, load_model, save_model
 from llmlab.train.checkpoint import list_checkpoints
 from llmlab.train.finetune import FinetuneConfig, run
-
-
-@pytest.fixture(scope="module")
-def base(corpus_dir, tmp_path_factory):
-    """A tiny random LLaMA checkpoint with the corpus tokenizer."""
-    root = tmp_path_factory.mktemp("base")
-    torch.manual_seed(0)
-    model = build_model(LlamaConfig(vocab_size=320, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_seq_len=128))
-    save_model(model, root / "ckpt")
-    copy_tokenizer_files(corpus_dir.parent / "tok", root / "ckpt")
-    return root / "ckpt"
-
-
-@pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    synth(SynthConfig(out_dir=str(out), tasks=["reverse", "add"], train=120, val=16, test=0))
-    return out
 
 
 def _cfg(base, data, out_dir, **overrides) -> FinetuneConfig:

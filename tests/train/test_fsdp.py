@@ -6,6 +6,7 @@ leaves the previous checkpoint to resume from."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -21,7 +22,6 @@ from llmlab.config import save_config
 from llmlab.models.io import load_model
 from llmlab.train.checkpoint import list_checkpoints, verify_checkpoint
 from llmlab.train.pretrain import run
-from tests.train.test_finetune import base, synth_dir  # noqa: F401 (fixtures)
 from tests.train.test_pretrain import _cfg, _metrics
 
 COMMON = {"max_steps": 6, "model.dropout": 0.0, "eval.every": 3, "ckpt.every": 3}
@@ -140,3 +140,20 @@ def test_lora_finetuning_on_two_ranks_equals_one_process(base, synth_dir, tmp_pa
     for name, tensor in whole.items():
         torch.testing.assert_close(merged[name], tensor, rtol=1e-4, atol=1e-6)
     assert (tmp_path / parallel / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_fsdp2_on_gpus_with_nccl_bf16_and_compile(corpus_dir, tmp_path):
+    """The GPU path: NCCL, FSDP2's bf16 parameters with fp32 gradient reduction, compiled blocks.
+    Two GPUs shard the model; the run finishes, its losses are finite and fall, and its sharded
+    checkpoint loads whole."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    cfg = _cfg(corpus_dir, tmp_path / "gpu", **{**COMMON, "max_steps": 20, "ckpt.every": 10, "eval.every": 10,
+                                                 "system.parallel": "fsdp", "system.device": "cuda",
+                                                 "system.autocast": "bf16", "system.compile": True})
+    _torchrun(cfg, tmp_path, "gpu")
+    losses = [m["loss"] for m in _metrics(tmp_path / "gpu") if "loss" in m]
+    assert len(losses) == 20 and all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+    assert load_model(tmp_path / "gpu" / "checkpoints" / "step-00000020").config.n_layers == 2

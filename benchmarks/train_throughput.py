@@ -6,7 +6,8 @@ its fastest way: llmlab's blockwise loss, F.cross_entropy on HF's logits) with t
 AdamW and clipping, on the same random token batches; steps alternate
 between the two so that noise on a shared machine hits both alike. Prints tokens/s for both,
 the ratio, and the achieved model GFLOP/s (6N + 12 L d T per token) against the fp32 matmul
-ceiling: the best 2048^3 matmul rate measured in the same run, before and after each config
+ceiling: the best 2048^3 matmul rate in the dtype trained in (fp32, or bf16 with --dtype bf16), measured
+in the same run, before and after each config
 (or `--ceiling`). On a GPU it reports model FLOPs utilisation against the bf16 peak instead.
 
 The bounds: llmlab's step has its matrix products (forward and backward, at their exact shapes and
@@ -223,8 +224,9 @@ def main() -> None:
             ceiling = matmul_ceiling(device, torch.bfloat16, n=8192)
             ceiling_label = "measured bf16 matmul"
     else:  # shared machines drift: the best rate seen before or after any config counts
-        ceiling = matmul_ceiling(device, torch.float32)
-        ceiling_label = "best fp32 2048^3 matmul seen in this run"
+        run_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32  # the ceiling of the dtype trained in
+        ceiling = matmul_ceiling(device, run_dtype)
+        ceiling_label = f"best {args.dtype} 2048^3 matmul seen in this run"
     if args.ceiling:
         ceiling, ceiling_label = args.ceiling, "given"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, {args.dtype}"
@@ -235,7 +237,7 @@ def main() -> None:
     for name in args.configs.split(","):
         r = bench(name.strip(), args)
         if not (gpu or args.ceiling):
-            ceiling = max(ceiling, matmul_ceiling(device, torch.float32))
+            ceiling = max(ceiling, matmul_ceiling(device, run_dtype))
         print(f"{r['config']:>10} {r['params'] / 1e6:>7.1f}M {r['llmlab']['tokens_per_s']:>13,.0f} "
               f"{r['hf']['tokens_per_s']:>10,.0f} {r['ratio']:>5.2f}x {r['llmlab']['flops_per_s'] / 1e9:>8,.1f} "
               f"{ceiling / 1e9:>8,.0f} {r['llmlab']['flops_per_s'] / ceiling:>10.1%} | {'':>15} "

@@ -80,7 +80,9 @@ class CheckpointConfig:
 @dataclass
 class SystemConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
-    autocast: Literal["none", "bf16"] = "none"  # bf16 autocast (GPUs); CPUs here are fastest in fp32
+    # bf16 autocast with fp32 master weights; auto = bf16 where a probe at start finds bf16 matrix products
+    # at least 1.5x as fast as fp32 on the device (GPUs, CPUs with AMX or AVX512-BF16), else none (recorded)
+    autocast: Literal["auto", "none", "bf16"] = "auto"
     compile: bool = False  # torch.compile the model (GPUs)
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     preflight: bool = True  # estimate peak memory first and refuse a run that cannot fit the device

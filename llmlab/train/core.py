@@ -5,10 +5,10 @@ the step (metrics, evaluation, early stopping, signals, checkpoints).
 A loop file keeps its own visible `for step in ...` loop and calls, per step:
 
     lr = run.begin_step(step, optimizer)
-    loss, weight = accumulate(trainee, batches, loss_fn, autocast)
+    loss = accumulate(trainee, batches, loss_fn, autocast)
     grad_norm = clip_gradients(trainee, cfg.optim.grad_clip)
-    if run.optimizer_step(step, loss, grad_norm, optimizer):
-        record = {"loss": loss.item(), "lr": lr, ...}
+    if run.optimizer_step(step, loss.loss, grad_norm, optimizer):
+        record = {"loss": loss.loss.item(), "lr": lr, ..., **run.auxiliary(loss)}
     if run.after_step(step + 1, record, evaluate=..., save=...):
         break
 
@@ -25,6 +25,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -108,6 +109,57 @@ def gather_model(trainee: Trainee, build: Callable[[], nn.Module], *, everywhere
     return model
 
 
+# --------------------------------------------------------------------------- precision
+
+
+# bf16 products at least this much faster than fp32: autocast pays for its rounding. Devices fall in two
+# groups: with native bf16 (GPUs; CPUs with AMX, ~5x; with AVX512-BF16, 2.2-2.6x measured) or without
+# (emulated, below 1x); 1.5 parts them with room for a noisy probe on either side.
+BF16_SPEEDUP = 1.5
+
+
+def matmul_speedup(device: torch.device, n: int | None = None, repeats: int = 3) -> float:
+    """How many times faster an n x n x n matrix product runs in bf16 than in fp32 on `device`, timed
+    on the spot (best of `repeats` after a warm-up; a few tens of milliseconds). n is 512 on a CPU and
+    4096 on a GPU, where a smaller product measures the launch rather than the arithmetic. 0 where
+    bf16 is not supported at all."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return 0.0
+    n = n or (4096 if device.type == "cuda" else 512)
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(n, n, device=device).to(dtype)
+        best = math.inf
+        for i in range(repeats + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            torch.mm(a, a)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:  # the first call warms up
+                best = min(best, time.perf_counter() - t0)
+        times[dtype] = best
+    return times[torch.float32] / times[torch.bfloat16]
+
+
+def resolve_autocast(system: SystemConfig, device: torch.device, rank: int, world: int) -> str:
+    """Settle `system.autocast=auto` into "bf16" or "none" for this run, by `matmul_speedup` on rank 0
+    (the other ranks follow it), and say which; an explicit setting is kept as it is."""
+    if system.autocast != "auto":
+        return system.autocast
+    speedup = matmul_speedup(device) if rank == 0 else 0.0
+    if world > 1:
+        shared = torch.tensor(speedup, device=device)
+        torch.distributed.broadcast(shared, 0)
+        speedup = float(shared)
+    choice = "bf16" if speedup >= BF16_SPEEDUP else "none"
+    if rank == 0:
+        print(f"precision: {'bf16 autocast' if choice == 'bf16' else 'fp32'} (system.autocast=auto: bf16 matrix "
+              f"products run {speedup:.2g}x as fast as fp32 on {device})")
+    return choice
+
+
 # --------------------------------------------------------------------------- one optimizer step
 
 
@@ -119,35 +171,47 @@ def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> flo
     return lr
 
 
+class StepLoss(NamedTuple):
+    """One optimizer step's loss over all ranks: its mean over the step's units, the units, and the part
+    of the mean that a model's auxiliary loss makes up (None for a model that reports none)."""
+
+    loss: torch.Tensor
+    units: torch.Tensor
+    aux: torch.Tensor | None
+
+
 def accumulate(trainee: Trainee, batches: list, loss_fn: LossFn,
-               autocast: contextlib.AbstractContextManager) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward and backward this rank's micro-batches of one optimizer step; returns (the step's loss,
-    averaged over all ranks' units, the number of units) with gradients ready for the optimizer.
+               autocast: contextlib.AbstractContextManager) -> StepLoss:
+    """Forward and backward this rank's micro-batches of one optimizer step; returns the step's loss
+    over all ranks (`StepLoss`) with gradients ready for the optimizer.
 
     Each micro-batch's loss is a mean over its `weight` units, so it enters the gradient as loss x
     weight, and once every micro-batch of every rank is in, the gradients are divided by the step's
     units: the gradient of the mean loss over all units of the step, as one big batch gives it.
     (DistributedDataParallel and FSDP2 average the ranks' sums, hence the factor world.)
+    A model with an auxiliary loss (a router's load balancing) includes it in the loss it returns and
+    leaves it in `model.aux_loss`; it is averaged the same way and reported apart.
     """
     device = next(trainee.model.parameters()).device
-    loss_sum = torch.zeros((), device=device)
-    units = torch.zeros((), device=device)
+    sums = torch.zeros(3, device=device)  # loss x weight, weight, aux x weight
+    reported = False
     for micro, batch in enumerate(batches):
         with autocast, trainee.sync_gradients(micro == len(batches) - 1):
+            trainee.model.aux_loss = None
             loss, weight = loss_fn(batch)
             weight = torch.as_tensor(weight, dtype=torch.float32, device=device)
             (loss * weight).backward()
-        loss_sum += loss.detach().float() * weight
-        units += weight
+        aux = trainee.model.aux_loss
+        reported |= aux is not None
+        sums += torch.stack([loss.detach().float(), torch.ones((), device=device),
+                             torch.zeros((), device=device) if aux is None else aux.detach().float()]) * weight
     if trainee.world > 1:  # SUM: Gloo (CPU) has no AVG
-        totals = torch.stack([loss_sum, units])
-        torch.distributed.all_reduce(totals)
-        loss_sum, units = totals[0], totals[1]
-    scale = trainee.world / units
+        torch.distributed.all_reduce(sums)
+    scale = trainee.world / sums[1]
     for p in trainee.model.parameters():
         if p.grad is not None:
             p.grad.mul_(scale)
-    return loss_sum / units, units
+    return StepLoss(sums[0] / sums[1], sums[1], sums[2] / sums[1] if reported else None)
 
 
 def clip_gradients(trainee: Trainee, max_norm: float) -> torch.Tensor:
@@ -210,6 +274,11 @@ class Run:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return True
+
+    @staticmethod
+    def auxiliary(loss: StepLoss) -> dict:
+        """The metrics of a step's auxiliary loss: {"aux_loss": ...}, or nothing for a model without one."""
+        return {} if loss.aux is None else {"aux_loss": loss.aux.item()}
 
     def after_step(self, done: int, record: dict | None, *, evaluate: Callable[[], dict] | None,
                    save: Callable[[dict], None]) -> bool:

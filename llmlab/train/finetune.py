@@ -40,7 +40,8 @@ from llmlab.tokenizer.chat import load_chat_template
 from llmlab.train.checkpoint import (latest_checkpoint, newest_intact_checkpoint, save_checkpoint,
                                      save_sharded_checkpoint)
 from llmlab.train.config import CheckpointConfig, OptimConfig, SystemConfig, check_at_least, check_seed
-from llmlab.train.core import Counters, accumulate, clip_gradients, gather_model, open_run, wrap_model
+from llmlab.train.core import (Counters, accumulate, clip_gradients, gather_model, open_run, resolve_autocast,
+                               wrap_model)
 from llmlab.train.loop import (available_memory, check_run_dir, print_line, resume_run, run_settings,
                                truncate_metrics, write_metrics)
 from llmlab.train.optim import build_optimizer
@@ -122,6 +123,7 @@ def run(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict:
     # ---- setup
     device = choose_device(cfg.system.device, "system.device")
     rank, world = init_distributed(device)
+    cfg.system.autocast = resolve_autocast(cfg.system, device, rank, world)  # config.yaml records it
     if cfg.peft == "qlora" and cfg.system.parallel == "fsdp" and world > 1:
         raise LlmlabError("system.parallel=fsdp shards full-precision weights; QLoRA's 4-bit base cannot be "
                           "sharded: use system.parallel=ddp with peft=qlora")
@@ -212,14 +214,15 @@ def run(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict:
             # this rank's micro-batches: k-th of the step's grad_accum x world batches
             batches = [train_data.batch(step * cfg.grad_accum * world + rank * cfg.grad_accum + micro, device)
                        for micro in range(cfg.grad_accum)]
-            loss, targets = accumulate(trainee, batches, target_loss, autocast)
+            loss = accumulate(trainee, batches, target_loss, autocast)
             grad_norm = clip_gradients(trainee, cfg.optim.grad_clip)
             record = None
-            if run.optimizer_step(step, loss, grad_norm, optimizer):
-                counters.tokens += int(targets)
+            if run.optimizer_step(step, loss.loss, grad_norm, optimizer):
+                targets = int(loss.units)
+                counters.tokens += targets
                 epoch = train_data.epoch_of((step + 1) * cfg.grad_accum * world - 1)
-                record = {"loss": loss.item(), "lr": lr, "tokens_per_s": int(targets) / (time.time() - t0),
-                          "grad_norm": grad_norm.item(), "epoch": round(epoch, 4)}
+                record = {"loss": loss.loss.item(), "lr": lr, "tokens_per_s": targets / (time.time() - t0),
+                          "grad_norm": grad_norm.item(), "epoch": round(epoch, 4), **run.auxiliary(loss)}
             if run.after_step(step + 1, record, evaluate=evaluation if val_data is not None else None, save=save):
                 break
     stopped = run.stopped or "max_steps"

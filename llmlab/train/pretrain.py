@@ -22,13 +22,13 @@ from llmlab.config import save_config
 from llmlab.data.fim import FimSpec
 from llmlab.data.shards import TokenShards, prepared_dir
 from llmlab.data.windows import sample_batch
-from llmlab.models import GPTConfig, LlamaConfig, build_model
+from llmlab.models import LlamaConfig, ModelConfig, build_model
 from llmlab.models.kernels import LOSS_BLOCK_ELEMENTS_CPU, LOSS_BLOCK_ELEMENTS_GPU
 from llmlab.plan.estimate import TrainingMemory, cpu_runtime_bytes, shape_of, training_memory
 from llmlab.train.checkpoint import latest_checkpoint, save_checkpoint, save_sharded_checkpoint
 from llmlab.train.config import (CheckpointConfig, EvalConfig, OptimConfig, SystemConfig, check_at_least,
                                  check_probability, check_seed)
-from llmlab.train.core import Counters, accumulate, clip_gradients, open_run, wrap_model
+from llmlab.train.core import Counters, accumulate, clip_gradients, open_run, resolve_autocast, wrap_model
 from llmlab.train.loop import available_memory, check_run_dir, resume_run, run_settings, truncate_metrics
 from llmlab.train.optim import build_optimizer
 
@@ -38,7 +38,7 @@ class PretrainConfig:
     data: str = "runs/data"  # folder written by `llmlab data prepare`
     verify_data: bool = True  # check the shards' SHA-256 and token ids first (~1 s per GB); false for huge corpora
     out_dir: str = "runs/pretrain"  # run directory: config.yaml, metrics.jsonl, checkpoints/
-    model: GPTConfig | LlamaConfig = field(default_factory=lambda: LlamaConfig(  # vocab_size null = the data's
+    model: ModelConfig = field(default_factory=lambda: LlamaConfig(  # any family; vocab_size null = the data's
         vocab_size=None, dim=128, n_layers=4, n_heads=4, max_seq_len=256))
     optim: OptimConfig = field(default_factory=OptimConfig)
     seq_len: int | None = None  # tokens per training sequence; null = model.max_seq_len, the context it is built for
@@ -81,6 +81,7 @@ def run(cfg: PretrainConfig, *, overwrite: bool = False) -> dict:
     # ---- setup
     device = choose_device(cfg.system.device, "system.device")
     rank, world = init_distributed(device)
+    cfg.system.autocast = resolve_autocast(cfg.system, device, rank, world)  # config.yaml records it
     check_run_dir(Path(cfg.out_dir), resume=cfg.ckpt.resume, inputs=[prepared_dir(cfg.data)], overwrite=overwrite,
                   rank=rank)
     train_data = TokenShards(cfg.data, "train")
@@ -139,13 +140,13 @@ def run(cfg: PretrainConfig, *, overwrite: bool = False) -> dict:
             batches = [sample_batch(train_data, cfg.batch_size, cfg.seq_len,
                                     (cfg.seed, 0, step, rank * cfg.grad_accum + micro), device, fim)
                        for micro in range(cfg.grad_accum)]
-            loss, _ = accumulate(trainee, batches, next_token_loss, autocast)
+            loss = accumulate(trainee, batches, next_token_loss, autocast)
             grad_norm = clip_gradients(trainee, cfg.optim.grad_clip)
             record = None
-            if run.optimizer_step(step, loss, grad_norm, optimizer):
+            if run.optimizer_step(step, loss.loss, grad_norm, optimizer):
                 counters.tokens += tokens_per_step
-                record = {"loss": loss.item(), "lr": lr, "tokens_per_s": tokens_per_step / (time.time() - t0),
-                          "grad_norm": grad_norm.item()}
+                record = {"loss": loss.loss.item(), "lr": lr, "tokens_per_s": tokens_per_step / (time.time() - t0),
+                          "grad_norm": grad_norm.item(), **run.auxiliary(loss)}
             if run.after_step(step + 1, record, evaluate=evaluation if val_data is not None else None, save=save):
                 break
     stopped = run.stopped or "max_steps"

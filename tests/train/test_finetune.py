@@ -24,7 +24,8 @@ def _cfg(base, data, out_dir, **overrides) -> FinetuneConfig:
            "seq_len": 64, "batch_size": 4, "max_steps": 8, "optim": {"lr": 1e-2, "warmup_steps": 2},
            "lora": {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"], "dropout": 0.1},
            "eval": {"every": 4, "batches": 2, "exact_match": 4, "max_new_tokens": 6},
-           "ckpt": {"every": 4, "keep_last": 5}}
+           "ckpt": {"every": 4, "keep_last": 5},
+           "system": {"autocast": "none"}}  # fp32 on every machine: exact comparisons across runs
     for key, value in overrides.items():
         node = cfg
         *parents, leaf = key.split(".")

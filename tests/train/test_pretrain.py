@@ -26,7 +26,8 @@ def _cfg(corpus_dir, out_dir, **overrides) -> PretrainConfig:
             "model": {"family": "llama", "vocab_size": 320, "dim": 32, "n_layers": 2, "n_heads": 4,
                       "hidden_dim": 64, "max_seq_len": 64, "dropout": 0.1},
             "optim": {"lr": 3e-3, "warmup_steps": 3}, "eval": {"every": 4, "batches": 2},
-            "ckpt": {"every": 4, "keep_last": 10}}
+            "ckpt": {"every": 4, "keep_last": 10},
+            "system": {"autocast": "none"}}  # fp32 on every machine: exact comparisons across runs
     for key, value in overrides.items():
         node = base
         *parents, leaf = key.split(".")
@@ -267,3 +268,45 @@ def test_a_non_finite_step_says_which_value_was_not_finite(loss, norm, message):
     with pytest.raises(LlmlabError, match=message):
         finite_step(torch.tensor(loss), torch.tensor(norm), optimizer, "stop", 3)
     assert not finite_step(torch.tensor(loss), torch.tensor(norm), optimizer, "skip", 3)
+
+
+@pytest.mark.parametrize("speedup, chosen", [(3.0, "bf16"), (1.2, "none")])
+def test_autocast_auto_follows_the_measured_bf16_speedup_and_records_it(corpus_dir, tmp_path, monkeypatch, capsys,
+                                                                        speedup, chosen):
+    from llmlab.train import core
+
+    monkeypatch.setattr(core, "matmul_speedup", lambda device: speedup)
+    result = run(_cfg(corpus_dir, tmp_path / "run", max_steps=2, **{"system.autocast": "auto"}))
+    assert result["step"] == 2
+    assert f"autocast: {chosen}" in (tmp_path / "run" / "config.yaml").read_text()
+    assert f"bf16 matrix products run {speedup:.2g}x as fast as fp32" in capsys.readouterr().out
+
+
+def test_the_bf16_probe_measures_something():
+    from llmlab.train.core import matmul_speedup
+
+    assert 0.0 < matmul_speedup(torch.device("cpu"), n=128, repeats=1) < 100.0
+
+
+def test_an_auxiliary_loss_is_trained_and_reported_apart(corpus_dir, tmp_path, monkeypatch):
+    """The model contract: a forward that adds an auxiliary loss (a router's, say) returns the sum and
+    leaves the auxiliary part in `aux_loss`; the run trains on the sum and logs the part as aux_loss."""
+    from llmlab.models.llama import Llama
+
+    plain = run(_cfg(corpus_dir, tmp_path / "plain", max_steps=2))
+    forward = Llama.forward
+
+    def with_aux(self, *args, targets=None, **kwargs):
+        out = forward(self, *args, targets=targets, **kwargs)
+        if targets is None:
+            return out
+        self.aux_loss = 0.25 * (self.embed_tokens.weight ** 2).mean()  # depends on weights: has a gradient
+        return out + self.aux_loss
+
+    monkeypatch.setattr(Llama, "forward", with_aux)
+    aux = run(_cfg(corpus_dir, tmp_path / "aux", max_steps=2))
+    assert plain["step"] == aux["step"] == 2
+    a, b = _metrics(tmp_path / "plain"), _metrics(tmp_path / "aux")
+    first_a, first_b = next(m for m in a if "loss" in m), next(m for m in b if "loss" in m)
+    assert "aux_loss" not in first_a and 0 < first_b["aux_loss"] < 0.01
+    assert first_b["loss"] == pytest.approx(first_a["loss"] + first_b["aux_loss"], rel=1e-6)

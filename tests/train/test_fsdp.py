@@ -157,3 +157,28 @@ def test_fsdp2_on_gpus_with_nccl_bf16_and_compile(corpus_dir, tmp_path):
     losses = [m["loss"] for m in _metrics(tmp_path / "gpu") if "loss" in m]
     assert len(losses) == 20 and all(map(math.isfinite, losses)) and losses[-1] < losses[0]
     assert load_model(tmp_path / "gpu" / "checkpoints" / "step-00000020").config.n_layers == 2
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_whose_index_would_run_code_is_refused(runs, tmp_path):
+    """DCP writes its index with pickle: a checkpoint from elsewhere could carry code in it. The index is
+    read with an unpickler that knows only DCP's own record types, so such a file is an error and its
+    code never runs."""
+    import pickle
+    import shutil
+
+    from llmlab.models.io import CheckpointError
+
+    tmp, _ = runs
+    copy = tmp_path / "ckpt"
+    shutil.copytree(tmp / "fsdp" / "checkpoints" / "step-00000006", copy)
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (copy / "dcp" / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(CheckpointError, match="not a readable sharded checkpoint.*posix.system|os.system"):
+        load_model(copy)
+    assert not marker.exists()

@@ -55,14 +55,7 @@ def read_config(path: str | os.PathLike) -> tuple[ModelConfig, str]:
     if not file.is_file():
         raise CheckpointError(f"{file}: {'not a file' if file.exists() else 'missing'} (a checkpoint folder needs "
                               "config.json)")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except ValueError as e:  # not UTF-8, not JSON, an integer of more than 4,300 digits
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise CheckpointError(f"{file}: nested too deeply to be a model config") from None
-    except OSError as e:
-        raise CheckpointError(f"{file}: cannot be read ({e.strerror})") from None
+    data = _read_json(file, "not a valid model config")
     if not isinstance(data, dict):
         raise CheckpointError(f"{file}: expected a JSON object")
     if "llmlab" in data:
@@ -173,6 +166,19 @@ def read_sharded_weights(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _read_json(file: Path, invalid: str) -> object:
+    """The JSON document in `file`; a CheckpointError "FILE: `invalid` (why)" when it cannot be read, is
+    not UTF-8 JSON (or holds an integer of more than 4,300 digits) or nests past the recursion limit."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CheckpointError(f"{file}: {invalid} (not valid JSON: {e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{file}: {invalid} (nested too deeply)") from None
+    except OSError as e:
+        raise CheckpointError(f"{file}: {invalid} (cannot be read: {e.strerror or e})") from None
+
+
 def read_shard_index(index_file: Path) -> dict[str, str]:
     """The `weight_map` of a shard index: tensor name -> shard file name, a plain name in the index's folder.
 
@@ -180,12 +186,7 @@ def read_shard_index(index_file: Path) -> dict[str, str]:
         CheckpointError: the file is not JSON, has no weight_map of names to names, or names a shard
             elsewhere than its own folder.
     """
-    try:
-        data = json.loads(index_file.read_text(encoding="utf-8"))
-    except ValueError as e:  # not UTF-8, not JSON, an integer of more than 4,300 digits
-        raise CheckpointError(f"{index_file}: not a valid shard index (not JSON: {e})") from None
-    except RecursionError:
-        raise CheckpointError(f"{index_file}: not a valid shard index (nested too deeply)") from None
+    data = _read_json(index_file, "not a valid shard index")
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                    for k, v in weight_map.items()):

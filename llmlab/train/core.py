@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from llmlab.train.config import SystemConfig, TrainConfig
-from llmlab.train.loop import finite_step, print_line, report, step_seed, stop_reason, write_metrics
+from llmlab.train.loop import (Counters, finite_step, print_line, report, run_outputs, step_seed, stop_reason,
+                               write_metrics)
 from llmlab.train.optim import lr_at
 
 LossFn = Callable[[object], tuple[torch.Tensor, torch.Tensor | float]]
@@ -225,21 +226,6 @@ def clip_gradients(trainee: Trainee, max_norm: float) -> torch.Tensor:
 # --------------------------------------------------------------------------- after the step
 
 
-@dataclass
-class Counters:
-    """What a run carries from step to step, and its checkpoints carry across a resume."""
-
-    step: int = 0
-    tokens: int = 0  # units trained on so far: tokens, target tokens, pairs...
-    skipped: int = 0  # steps whose loss or gradient was not finite (nonfinite=skip)
-    best_val_loss: float = math.inf
-    bad_evals: int = 0  # evaluations since the last new best
-
-    def state(self) -> dict:
-        return {"tokens": self.tokens, "skipped": self.skipped, "best_val_loss": self.best_val_loss,
-                "bad_evals": self.bad_evals}
-
-
 class Run:
     """A run's life after each step: it logs the step, asks every rank whether to stop (a signal, the
     clock, early stopping, the last step), evaluates on the cadence, and checkpoints.
@@ -331,8 +317,6 @@ class Run:
 def open_run(cfg: TrainConfig, counters: Counters, out, rank: int, world: int,
              device: torch.device) -> Iterator[Run]:
     """A `Run` with the outputs it writes held open for the loop; all given back however it ends."""
-    from llmlab.train.loop import run_outputs
-
     with run_outputs(out, counters.step, cfg.max_steps, rank) as (signals, metrics, progress):
         yield Run(cfg, counters, rank, world, device, signals, metrics, progress)
 

@@ -40,7 +40,7 @@ from llmlab.tokenizer.chat import load_chat_template
 from llmlab.train.checkpoint import (latest_checkpoint, newest_intact_checkpoint, save_checkpoint,
                                      save_sharded_checkpoint)
 from llmlab.train.config import CheckpointConfig, OptimConfig, SystemConfig, check_at_least, check_seed
-from llmlab.train.core import (Counters, accumulate, clip_gradients, gather_model, open_run, resolve_autocast,
+from llmlab.train.core import (accumulate, clip_gradients, gather_model, open_run, resolve_autocast,
                                wrap_model)
 from llmlab.train.loop import (available_memory, check_run_dir, print_line, resume_run, run_settings,
                                truncate_metrics, write_metrics)
@@ -169,7 +169,7 @@ def run(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict:
     load_weights = load_adapter_weights if lora else None
     # the adapters or weights of a checkpoint belong to the base they were trained from
     settings = run_settings(cfg, world, base=str(Path(cfg.base).resolve()))
-    counters = Counters(*resume_run(cfg, ckpt_dir, rank, model, optimizer, settings, load_weights))
+    counters = resume_run(cfg, ckpt_dir, rank, model, optimizer, settings, load_weights)
     if rank == 0:
         save_config(cfg, out / "config.yaml")
         truncate_metrics(out / "metrics.jsonl", counters.step)

@@ -12,6 +12,7 @@ import shutil
 import signal
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -129,15 +130,29 @@ def resume_from(cfg: TrainConfig, ckpt_dir: Path, rank: int) -> tuple[Path | Non
     return path, state
 
 
+@dataclass
+class Counters:
+    """What a run carries from step to step, and its checkpoints carry across a resume."""
+
+    step: int = 0
+    tokens: int = 0  # units trained on so far: tokens, target tokens, pairs...
+    skipped: int = 0  # steps whose loss or gradient was not finite (nonfinite=skip)
+    best_val_loss: float = math.inf
+    bad_evals: int = 0  # evaluations since the last new best
+
+    def state(self) -> dict:
+        return {"tokens": self.tokens, "skipped": self.skipped, "best_val_loss": self.best_val_loss,
+                "bad_evals": self.bad_evals}
+
+
 def resume_run(cfg: TrainConfig, ckpt_dir: Path, rank: int, model, optimizer, settings: dict,
-               load_weights=None) -> tuple[int, int, int, float, int]:
-    """(start step, tokens, skipped steps, best validation loss, evaluations without improvement):
-    restored from the checkpoint `ckpt.resume` names (`load_checkpoint` restores the weights, the
-    optimizer and the RNGs), or a fresh start's. `settings` (`run_settings`) must equal those the
+               load_weights=None) -> Counters:
+    """The counters restored from the checkpoint `ckpt.resume` names (`load_checkpoint` restores the
+    weights, the optimizer and the RNGs), or a fresh start's. `settings` (`run_settings`) must equal those the
     checkpoint recorded, the batch shape excepted with ckpt.allow_batch_change."""
     path, state = resume_from(cfg, ckpt_dir, rank)
     if path is None:
-        return 0, 0, 0, math.inf, 0
+        return Counters()
     saved = state.get("settings") if isinstance(state.get("settings"), dict) else {}  # older: none recorded
     for name, value in settings.items():
         if name not in saved or saved[name] == value or (name in BATCH_SHAPE and cfg.ckpt.allow_batch_change):
@@ -148,12 +163,13 @@ def resume_run(cfg: TrainConfig, ckpt_dir: Path, rank: int, model, optimizer, se
         raise LlmlabError(f"{what}, but the checkpoint {path} was trained with {saved[name]}; set it back{hint}")
     load_checkpoint(path, model, optimizer, load_weights, state)
     try:
-        counters = state["tokens"], state["skipped"], state["best_val_loss"], state["bad_evals"]
+        counters = Counters(state["step"], state["tokens"], state["skipped"], state["best_val_loss"],
+                            state["bad_evals"])
     except KeyError as e:
         raise CheckpointError(f"{path / 'state.json'}: not a checkpoint of this loop (no {e})") from None
     if rank == 0:
         print(f"resumed from {path} at step {state['step']}")
-    return (state["step"], *counters)
+    return counters
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from llmlab.plan.estimate import TrainingMemory, cpu_runtime_bytes, shape_of, tr
 from llmlab.train.checkpoint import latest_checkpoint, save_checkpoint, save_sharded_checkpoint
 from llmlab.train.config import (CheckpointConfig, EvalConfig, OptimConfig, SystemConfig, check_at_least,
                                  check_probability, check_seed)
-from llmlab.train.core import Counters, accumulate, clip_gradients, open_run, resolve_autocast, wrap_model
+from llmlab.train.core import accumulate, clip_gradients, open_run, resolve_autocast, wrap_model
 from llmlab.train.loop import available_memory, check_run_dir, resume_run, run_settings, truncate_metrics
 from llmlab.train.optim import build_optimizer
 
@@ -104,7 +104,7 @@ def run(cfg: PretrainConfig, *, overwrite: bool = False) -> dict:
     trainee = wrap_model(model, cfg.system, world)
     optimizer = build_optimizer(model, cfg.optim, device)
     settings = run_settings(cfg, world)
-    counters = Counters(*resume_run(cfg, ckpt_dir, rank, model, optimizer, settings))
+    counters = resume_run(cfg, ckpt_dir, rank, model, optimizer, settings)
     if rank == 0:
         save_config(cfg, out / "config.yaml")
         truncate_metrics(out / "metrics.jsonl", counters.step)

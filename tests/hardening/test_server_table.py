@@ -5,7 +5,6 @@ the server, which SIGINT then stops."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.hardening.workspace import busy_port
+from tests.serve.test_server import Server as ServeServer
 
 uvicorn = pytest.importorskip("uvicorn")
 try:
@@ -69,42 +69,27 @@ class ErrorLog(logging.Handler):
         self.records.append(record)
 
 
-class Server:
-    """`llmlab serve` in this process: uvicorn in a thread, as `tests/serve/test_server.py` runs it."""
+class Server(ServeServer):
+    """`llmlab serve` in this process as `tests/serve/test_server.py` runs it (uvicorn in a thread), with
+    the server's error log collected for the cases to check."""
 
     def __init__(self, checkpoint: str, **overrides):
-        from llmlab.serve.commands import build
-
-        port = _free_port()
-        args = dict(checkpoint=checkpoint, tokenizer=None, device="cpu", bos=False, host="127.0.0.1", port=port,
-                    api_key=KEY, served_model_name="tiny", template=None, max_batch=4, max_queue=16,
-                    max_tokens=None, max_n=4, cors_origin=[])
-        args.update(overrides)
-        self.app, self.worker = build(argparse.Namespace(**args))
-        self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="error"))
+        super().__init__(checkpoint, **{"api_key": KEY, "max_batch": 4, "max_queue": 16, **overrides})
         self.log = ErrorLog()
 
     def __enter__(self):
-        self.worker.start()
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        for _ in range(500):
-            if self.server.started:
-                break
-            time.sleep(0.02)
-        else:
-            raise RuntimeError("server did not start")
-        for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access", "fastapi"):
+        super().__enter__()
+        for name in LOGGERS:
             logging.getLogger(name).addHandler(self.log)
         return self
 
     def __exit__(self, *exc):
-        for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access", "fastapi"):
+        for name in LOGGERS:
             logging.getLogger(name).removeHandler(self.log)
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.worker.stop()
+        super().__exit__(*exc)
+
+
+LOGGERS = ("", "uvicorn", "uvicorn.error", "uvicorn.access", "fastapi")
 
 
 def _free_port() -> int:

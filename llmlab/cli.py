@@ -122,6 +122,21 @@ def build_parser(argv: list[str] = ()) -> argparse.ArgumentParser:
                    "Jinja file (default: the checkpoint's own, else llmlab)")
     commands.add_sampling_arguments(p, default_max_new_tokens=256)
 
+    p = verbs.add_parser("eval", help="evaluate models on tasks: built-in, or lm-evaluation-harness task YAMLs",
+                         description="Score one or more models (llmlab checkpoints, run directories, HF folders, or "
+                         "OpenAI-compatible servers) on tasks: built-in names, lm-evaluation-harness task YAMLs for "
+                         "local data, or folders of them. Writes results.json, samples.jsonl and a table.",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog=_config_help("llmlab.eval.run", "EvalConfig") if argv[:1] == ["eval"] else None)
+    p.add_argument("args", nargs="*", metavar="MODEL ... [key=value ...]",
+                   help="checkpoint folders or run directories, then dotted overrides such as tasks=[pydoc-ppl]")
+    p.add_argument("--server", action="append", default=[], metavar="URL",
+                   help="an OpenAI-compatible server to evaluate, such as http://127.0.0.1:8000/v1 (repeatable)")
+    p.add_argument("--server-model", metavar="NAME",
+                   help="the model name to ask the servers for (default: their first)")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+
     from llmlab.serve import commands as serve_commands
 
     p = verbs.add_parser("serve", help="serve a checkpoint behind an OpenAI-compatible HTTP API",
@@ -195,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
     ns, extra = parser.parse_known_args(argv)
-    if extra and getattr(ns, "config_verb", None) and not any(a.startswith("-") for a in extra):
+    if extra and (getattr(ns, "config_verb", None) or ns.verb == "eval") and not any(a.startswith("-") for a in extra):
         ns.args += extra  # overrides after a flag: `pretrain cfg.yaml --overwrite max_steps=5`
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -204,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
             return _run_config_verb(ns.config_verb, ns.args, ns.overwrite)
         if ns.verb == "convert":
             _convert(ns)
+        elif ns.verb == "eval":
+            from llmlab.eval import run as eval_run
+
+            return eval_run.main(ns.args, ns.server, server_model=ns.server_model, as_json=ns.json,
+                                 overwrite=ns.overwrite)
         elif ns.verb == "plan":
             from llmlab.plan import commands as plan_commands
 

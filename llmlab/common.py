@@ -7,6 +7,7 @@ Nothing here imports another llmlab module.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -291,6 +292,21 @@ def check_output(path: str | os.PathLike, *, label: str, inputs: Sequence[str | 
 
 
 # --------------------------------------------------------------------------- terminal
+
+
+def read_json_object(file: str | os.PathLike, error: type[Exception] = LlmlabError) -> dict:
+    """The JSON object in `file`; `error("FILE: unreadable: why")` when it cannot be read, is not UTF-8
+    JSON (or holds an integer of more than 4,300 digits), nests past the recursion limit, or is not an
+    object."""
+    try:
+        data = json.loads(Path(file).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise error(f"{file}: unreadable: {e}") from None
+    except RecursionError:
+        raise error(f"{file}: unreadable: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise error(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def use_color(stream=sys.stdout) -> bool:

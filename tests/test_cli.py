@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,12 +35,18 @@ def test_help_lists_the_verbs_that_exist():
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys):
     # the real demo, shrunk: same corpus and stages, a tiny budget
-    args = ["demo", f"out_dir={tmp_path / 'run'}", "minutes=0.1", "vocab_size=512", "dim=48", "seq_len=64"]
+    args = ["demo", f"out_dir={tmp_path / 'run'}", "minutes=0.1", "vocab_size=512", "dim=48", "seq_len=64",
+            "code_bytes=300000"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "\033[" not in out  # captured output is not a TTY: no colour codes
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["val_ppl"] < 512  # better than the uniform guess after a few seconds
+    # the best checkpoint by validation loss, evaluated on the built-in tasks
+    assert Path(summary["best_checkpoint"]).parent == tmp_path / "run" / "pretrain" / "checkpoints"
+    results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
+    assert {r["task"] for r in results["rows"]} == {"pydoc-ppl", "pydoc-cloze", "bias"}
+    assert 1 < summary["eval"]["pydoc-ppl/token_perplexity"] < 512 and 0 <= summary["eval"]["pydoc-cloze/acc"] <= 1
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
     assert "minutes: 0.1" in (tmp_path / "run" / "config.yaml").read_text()
     assert "validation perplexity" in out and "> The for statement" in out

@@ -74,6 +74,8 @@ TINY = {
     "finetune": ["max_steps=2", "batch_size=2", "eval.batches=1", "eval.exact_match=4", "eval.max_new_tokens=8"],
     # the default 16-run sweep (12 minutes) -> 6 runs of a few steps, the fewest that fit 5 constants
     # with one held out; the code corpus 8 MB -> 100 KB; 50 bootstrap refits -> 5
+    # every document of every task -> 6 of each; 1000 bootstrap resamples -> 10
+    "eval": ["limit=6", "bootstrap_iters=10"],
     "scaling fit": ["widths=[16,32,48]", "tokens=[2e3,4e3]", "corpus_bytes=100000", "seq_len=32", "batch_size=4",
                     "bootstrap=5"],
 }
@@ -90,6 +92,19 @@ model: {vocab_size: 512, dim: 384, n_layers: 4, n_heads: 4, n_kv_heads: 4, head_
 optim: {warmup_steps: 1}
 eval: {every: 2, batches: 2}
 ckpt: {every: 2}
+"""
+# the reader's own lm-evaluation-harness task for `llmlab eval CKPT tasks=[my-tasks/]` (data_files relative
+# to the task file's folder)
+TASK_YAML = """\
+task: words
+dataset_path: json
+dataset_kwargs: {data_files: {train: words.jsonl, test: words.jsonl}}
+training_split: train
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Words: {{q}}. Next:"
+doc_to_choice: choices
+doc_to_target: label
 """
 WORDS = ("the model reads tokens and learns which one comes next while loops walk over lists of "
          "items that a class defines with methods and a function returns values to its caller").split()
@@ -117,6 +132,10 @@ def _make_inputs(root: Path) -> None:
              for i in range(20)]
     (root / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
     (root / "config.yaml").write_text(CONFIG_YAML)
+    (root / "my-tasks").mkdir()
+    rows = [{"q": " ".join(rng.sample(WORDS, 4)), "choices": rng.sample(WORDS, 3), "label": i % 3} for i in range(12)]
+    (root / "my-tasks" / "words.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "my-tasks" / "words.yaml").write_text(TASK_YAML)
 
 
 def _make_adapter(base: str, out: Path) -> None:
@@ -238,7 +257,7 @@ def test_command_line_examples_run(tmp_path, monkeypatch, capsys):
     read what earlier ones wrote. Each must exit 0 with no traceback and no internal error."""
     pytest.importorskip("openai")
     commands = _readme_commands()
-    assert len(commands) == 30, [" ".join(c) for c in commands]
+    assert len(commands) == 33, [" ".join(c) for c in commands]
     monkeypatch.chdir(tmp_path)
     _make_inputs(tmp_path)
     log, failures = [], []

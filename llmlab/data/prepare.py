@@ -66,7 +66,8 @@ SAMPLE_CHARS = 2**20  # text kept aside to report the trained tokenizer's bytes 
 @dataclass
 class PrepareConfig:
     inputs: list[str] = field(default_factory=list)  # .txt/.md/.jsonl files or directories; empty: the embedded default
-    default: Literal["docs", "python"] = "docs"  # with no inputs: the CPython docs, or the stdlib's .py files (code)
+    # with no inputs: the CPython docs, the stdlib's .py files (code), or the docs followed by the .py files
+    default: Literal["docs", "python", "docs+python"] = "docs"
     default_bytes: int = 0  # read at most this much of the .py corpus (0: all of its ~30 MB)
     out_dir: str = "runs/data"  # output directory; must not exist yet (or be empty)
     tokenizer: str = ""  # tokenizer.json or its folder (required; make one with `llmlab tokenizer train`)
@@ -101,7 +102,8 @@ class PrepareConfig:
 @dataclass
 class TokenizerTrainConfig:
     inputs: list[str] = field(default_factory=list)  # .txt/.md/.jsonl files or directories; empty: the embedded default
-    default: Literal["docs", "python"] = "docs"  # with no inputs: the CPython docs, or the stdlib's .py files (code)
+    # with no inputs: the CPython docs, the stdlib's .py files (code), or the docs followed by the .py files
+    default: Literal["docs", "python", "docs+python"] = "docs"
     default_bytes: int = 0  # read at most this much of the .py corpus (0: all of its ~30 MB)
     out_dir: str = "runs/tokenizer"  # output folder; must not exist yet (or be empty)
     vocab_size: int = 4096  # ids, special tokens included
@@ -322,6 +324,8 @@ def _documents(cfg: PrepareConfig | TokenizerTrainConfig, stats: Counter) -> Ite
     if not cfg.inputs:
         if cfg.default == "python":
             return python_sources(cfg.default_bytes or None, stats)
+        if cfg.default == "docs+python":
+            return itertools.chain(default_corpus(), python_sources(cfg.default_bytes or None, stats))
         return default_corpus()
     return iter_documents(cfg.inputs, text_field=cfg.text_field, encoding_errors=cfg.encoding_errors, stats=stats)
 

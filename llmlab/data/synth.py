@@ -206,42 +206,6 @@ def _check(tasks: Sequence[str], n: int, difficulty: int) -> None:
         raise LlmlabError(f"difficulty must be >= 1 and at most {MAX_DIFFICULTY}, got {difficulty}")
 
 
-# --------------------------------------------------------------------------- scoring
-
-
-def exact_match(prediction: str, reference: str) -> bool:
-    """Equal after stripping surrounding whitespace and collapsing each internal whitespace run to one space."""
-    return " ".join(prediction.split()) == " ".join(reference.split())
-
-
-def score(records: Sequence[dict], predictions: Sequence[str]) -> dict:
-    """Exact-match accuracy of `predictions` against the records' outputs, overall and per task.
-
-    Args:
-        records: Records with "output" and "task", as `generate` makes them.
-        predictions: One predicted answer per record, in the same order.
-
-    Returns:
-        {"accuracy": float, "correct": int, "total": int,
-         "tasks": {task: {"accuracy": float, "correct": int, "total": int}}}, tasks in first-seen order.
-
-    Raises:
-        LlmlabError: No records, or not one prediction per record.
-    """
-    if len(records) != len(predictions):
-        raise LlmlabError(f"got {len(predictions)} predictions for {len(records)} records; expected one per record")
-    if not records:
-        raise LlmlabError("no records to score")
-    correct: Counter = Counter()
-    total: Counter = Counter()
-    for record, prediction in zip(records, predictions):
-        total[record["task"]] += 1
-        correct[record["task"]] += exact_match(prediction, record["output"])
-    n_correct = sum(correct.values())
-    return {"accuracy": n_correct / len(records), "correct": n_correct, "total": len(records),
-            "tasks": {t: {"accuracy": correct[t] / total[t], "correct": correct[t], "total": total[t]} for t in total}}
-
-
 # --------------------------------------------------------------------------- splits on disk
 
 
@@ -291,16 +255,7 @@ def run(cfg: SynthConfig, *, overwrite: bool = False) -> dict:
     """
     out = check_output(cfg.out_dir, label="out_dir", overwrite=overwrite)
     tasks = list(cfg.tasks)
-    held_out: set[tuple[str, str]] = set()  # keys of the eval splits, which no later split may reuse
-    splits: dict[str, list[dict]] = {}
-    for split in ("val", "test", "train"):
-        n = getattr(cfg, split)
-        rng = random.Random(f"synth:{cfg.seed}:{split}")  # str seeds are hashed with SHA-512: stable across runs
-        splits[split] = _draw(tasks, n, rng, cfg.difficulty, paraphrase=cfg.paraphrase, exclude=held_out,
-                              unique=split != "train", split=split) if n else []
-        if split != "train":
-            held_out |= {(r["task"], r["input"]) for r in splits[split]}
-
+    splits = draw_splits(cfg)
     with atomic_dir(out, merge=overwrite) as tmp:
         for split in SPLITS:
             lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in splits[split])
@@ -309,6 +264,21 @@ def run(cfg: SynthConfig, *, overwrite: bool = False) -> dict:
     counts = {s: {t: sum(r["task"] == t for r in splits[s]) for t in dict.fromkeys(tasks)} for s in SPLITS}
     _report(out, cfg, counts)
     return {"out_dir": str(out), "counts": counts}
+
+
+def draw_splits(cfg: SynthConfig, *, train: bool = True) -> dict[str, list[dict]]:
+    """The records of each split, as `run` writes them: val, then test without val's keys, then
+    (with `train`) train without either's. The same config always gives the same records."""
+    held_out: set[tuple[str, str]] = set()  # keys of the eval splits, which no later split may reuse
+    splits: dict[str, list[dict]] = {}
+    for split in ("val", "test", "train") if train else ("val", "test"):
+        n = getattr(cfg, split)
+        rng = random.Random(f"synth:{cfg.seed}:{split}")  # str seeds are hashed with SHA-512: stable across runs
+        splits[split] = _draw(list(cfg.tasks), n, rng, cfg.difficulty, paraphrase=cfg.paraphrase, exclude=held_out,
+                              unique=split != "train", split=split) if n else []
+        if split != "train":
+            held_out |= {(r["task"], r["input"]) for r in splits[split]}
+    return splits
 
 
 def _report(out: Path, cfg: SynthConfig, counts: dict[str, dict[str, int]]) -> None:

@@ -18,7 +18,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint folder (llmlab or HF format)")
     p.add_argument("--tokenizer", help="tokenizer.json or its folder (default: the checkpoint's)")
     p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
-    p.add_argument("--bos", action="store_true", help="start every prompt with the BOS token")
+    p.add_argument("--bos", action="store_true",
+                   help="start every prompt with the BOS token (default: when the tokenizer's config says "
+                        "add_bos_token, as for a model trained with BOS before every document)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, default_max_new_tokens: int) -> None:
@@ -82,7 +84,7 @@ def load_generator(ns: argparse.Namespace) -> TextGenerator:
     if tokenizer.vocab_size > model.config.vocab_size:
         raise LlmlabError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                           f"{model.config.vocab_size}; is --tokenizer the model's own?")
-    return TextGenerator(model, tokenizer, add_bos=ns.bos, compile=getattr(ns, "compile", False))
+    return TextGenerator(model, tokenizer, add_bos=ns.bos or tokenizer.add_bos, compile=getattr(ns, "compile", False))
 
 
 def run_generate(ns: argparse.Namespace) -> None:

@@ -222,7 +222,6 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], params: Samplin
     return Engine(model).generate(prompts, params or SamplingParams(temperature=0.0), **kwargs)
 
 
-@torch.inference_mode()
 def sequence_logprobs(model: nn.Module, context: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[float]:
     """Sum of log p(continuation | context) under the model, for each continuation (one batch).
 
@@ -230,18 +229,74 @@ def sequence_logprobs(model: nn.Module, context: Sequence[int], continuations: S
     """
     if not context:
         raise GenerationError("context is empty; give at least one token")
-    rows = [list(context) + list(c) for c in continuations]
-    width = max(len(r) for r in rows)
-    if width > context_length(model):
-        raise GenerationError(f"context plus continuation is {width} tokens, more than the model's "
-                              f"{context_length(model)}")
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-    device = next(model.parameters()).device
-    logp = torch.log_softmax(model(ids.to(device)).float(), dim=-1)
-    scores = []
-    for i, c in enumerate(continuations):
-        pos = torch.arange(len(context) - 1, len(context) - 1 + len(c), device=device)
-        scores.append(float(logp[i, pos, torch.tensor(list(c), device=device)].sum()))
-    return scores
+    return [s.logprob for s in score_continuations(model, [(context, continuations)])[0]]
+
+
+@dataclass
+class Score:
+    """How a model scores one continuation of a context."""
+
+    logprob: float  # sum over the continuation's tokens of log p(token | everything before it)
+    greedy: bool  # every token is the model's most likely next token
+    token_logprobs: list[float] = field(default_factory=list)
+
+
+@torch.inference_mode()
+def score_continuations(model: nn.Module, groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]]
+                        ) -> list[list[Score]]:
+    """Score each group's continuations given the group's context, all groups in one batch.
+
+    A context is prefilled once (the groups left-padded into one batch) and its KV cache is copied
+    to one row per continuation, which then runs as one right-padded batch: k answers to a question
+    cost one pass over the question, not k. A continuation's first token is scored by the context's
+    last logits, so one-token answers need no second pass at all.
+
+    Every context must be non-empty and context + continuation at most `max_seq_len + 1` tokens
+    (the last token is only predicted, never fed); continuations must be non-empty.
+    """
+    if not groups:
+        return []
+    device, context = next(model.parameters()).device, context_length(model)
+    for ctx, conts in groups:
+        if not ctx:
+            raise GenerationError("context is empty; give at least one token")
+        for c in conts:
+            if not c:
+                raise GenerationError("a continuation is empty; give at least one token")
+            if len(ctx) + len(c) - 1 > context:
+                raise GenerationError(f"context plus continuation is {len(ctx) + len(c)} tokens, more than the "
+                                      f"model's {context} + 1")
+    width = max(len(ctx) for ctx, _ in groups)
+    tail = max(len(c) for _, conts in groups for c in conts) - 1  # continuation tokens that are fed
+    ids = torch.zeros(len(groups), width, dtype=torch.long)
+    mask = torch.zeros(len(groups), width + tail, dtype=torch.long)
+    for i, (ctx, _) in enumerate(groups):
+        ids[i, width - len(ctx):] = torch.tensor(list(ctx))
+        mask[i, width - len(ctx):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    ragged = bool((mask[:, :width] == 0).any())
+    cache = model.make_kv_cache(len(groups), width + tail)
+    first = model(ids, kv_cache=cache, attention_mask=mask[:, :width] if ragged else None,
+                  logits_to_keep=1)[:, -1].float().log_softmax(-1)  # (G, V)
+
+    owners = [g for g, (_, conts) in enumerate(groups) for _ in conts]
+    conts = [list(c) for _, cs in groups for c in cs]
+    rest = None
+    if tail > 0:
+        rows = torch.tensor(owners, device=device)
+        cache.select_rows(rows)
+        fed = torch.zeros(len(conts), tail, dtype=torch.long)
+        for r, c in enumerate(conts):
+            fed[r, :len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
+        row_mask = mask[rows]
+        row_mask[:, width:] = 1  # right padding after a continuation never reaches its real tokens
+        rest = model(fed.to(device), kv_cache=cache, attention_mask=row_mask if ragged else None
+                     ).float().log_softmax(-1)  # (R, tail, V)
+    out: list[list[Score]] = [[] for _ in groups]
+    for r, (g, c) in enumerate(zip(owners, conts)):
+        logp = first[g][None] if rest is None else torch.cat([first[g][None], rest[r, :len(c) - 1]])
+        target = torch.tensor(c, device=device)
+        token_logprobs = logp.gather(-1, target[:, None]).squeeze(-1)
+        greedy = bool((logp.argmax(-1) == target).all())
+        out[g].append(Score(float(token_logprobs.double().sum()), greedy, token_logprobs.tolist()))
+    return out

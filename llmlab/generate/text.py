@@ -1,14 +1,16 @@
 """Text in, text out: the engine plus a tokenizer, stop strings, streaming deltas and chat.
 
-Stop strings are matched on the decoded text of each completion; the returned text ends before
-the first match (the OpenAI API's convention) and a stop token is never part of the text. The
-stream holds back text that could still become a stop string or is an incomplete UTF-8
+Stop strings are matched on the decoded text of each completion, wherever they fall inside a
+token (a "." stop ends at a ")." token too); only a stop string that is a whole special token
+(<|end|>) is matched on its id, since no other token can hold its text. The returned text ends
+before the first match (the OpenAI API's convention) and a stop token is never part of the text;
+nor is any other special token (vLLM's `skip_special_tokens` default). The stream holds back text that could still become a stop string or is an incomplete UTF-8
 character, so what it has yielded is never taken back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from torch import nn
@@ -60,19 +62,37 @@ def _held_back(text: str, stop: Sequence[str]) -> int:
 def split_stops(tokenizer: Tokenizer, stop: Sequence[str], stop_token_ids: Sequence[int] = ()
                 ) -> tuple[tuple[int, ...], list[str]]:
     """(stop token ids, stop strings): EOS joins the stop tokens, and a stop string that is one special
-    token becomes a stop token (matched on ids, never split across tokens)."""
+    token becomes a stop token. Every other stop string is matched on the decoded text, even one that
+    is a single ordinary token ("."), since a longer token (").") may hold it."""
     stop_ids, stop_text = list(stop_token_ids), []
     for s in stop:
         if not s:
             raise GenerationError("a stop string must not be empty")
-        token = tokenizer.token_to_id(s)
-        if token is not None and tokenizer.encode(s) == [token]:
+        token = tokenizer.special_token_id(s)
+        if token is not None:
             stop_ids.append(token)
         else:
             stop_text.append(s)
     if tokenizer.eos_id is not None:
         stop_ids.append(tokenizer.eos_id)
     return tuple(dict.fromkeys(stop_ids)), stop_text
+
+
+def stop_string_check(tokenizer: Tokenizer, stop: Sequence[str]) -> Callable[[list[int]], bool] | None:
+    """check(generated token ids) -> True once the decoded text holds a stop string; None without any.
+
+    Only the newest tokens are decoded: a new match ends in the newest token, and 4 bytes per
+    character (plus a margin for a character split across tokens) cover the longest stop string.
+    """
+    if not stop:
+        return None
+    stop, decode = list(stop), tokenizer.decode
+    window = 4 * max(len(s) for s in stop) + 8
+
+    def check(tokens: list[int]) -> bool:
+        return _first_stop(decode(tokens[-window:], skip_special=True), stop) is not None
+
+    return check
 
 
 class IncrementalText:
@@ -91,7 +111,7 @@ class IncrementalText:
         self.tokens.append(token_id)
         finished = finish_reason is not None
         body = self.tokens[:-1] if finished and token_id in self.stop_token_ids else self.tokens
-        text = self.tokenizer.decode(body)
+        text = self.tokenizer.decode(body, skip_special=True)
         cut = _first_stop(text, self.stop)
         if cut is not None:
             text, finished = text[:cut], True
@@ -126,7 +146,7 @@ class TextGenerator:
     def _finish(self, c: Completion, params: SamplingParams, stop: list[str], prompt_tokens: int) -> TextCompletion:
         ids = c.token_ids
         body = ids[:-1] if c.finish_reason == "stop" and ids and ids[-1] in params.stop_token_ids else ids
-        text = self.tokenizer.decode(body)
+        text = self.tokenizer.decode(body, skip_special=True)
         cut = _first_stop(text, stop)
         top = None
         if c.top_logprobs is not None:
@@ -160,17 +180,8 @@ class TextGenerator:
                 return
 
     def _stop_check(self, stop: list[str]):
-        if not stop:
-            return None
-        decode = self.tokenizer.decode
-        longest = max(len(s) for s in stop)
-
-        def check(_row: int, tokens: list[int]) -> bool:
-            # a new match ends in the newest token: a window of 4 bytes per character is enough
-            text = decode(tokens[-(4 * longest + 8):])
-            return _first_stop(text, stop) is not None
-
-        return check
+        check = stop_string_check(self.tokenizer, stop)
+        return None if check is None else lambda _row, tokens: check(tokens)
 
 
 class ChatSession:

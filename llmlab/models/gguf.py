@@ -32,7 +32,6 @@ src/llama-vocab.cpp (the pre-tokenizer names and their regexes).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ import torch
 from gguf.quants import quant_shape_to_byte_shape, quantize
 from torch import nn
 
-from llmlab.common import LlmlabError, atomic_path
+from llmlab.common import LlmlabError, atomic_path, read_json_object
 from llmlab.models.layers import rope_inv_freq
 
 OUTTYPES = ("f32", "f16", "q8_0")
@@ -301,7 +300,8 @@ def _read_vocab(folder: Path, vocab_size: int) -> _Vocab:
     another added token USER_DEFINED, a vocabulary entry NORMAL, an id the tokenizer leaves unused
     (the model's table may be larger) an UNUSED `[PADi]`. The BOS/EOS/PAD ids come from the token
     names tokenizer_config.json gives (as in llama.cpp's `SpecialVocab`; null means none); a role it
-    does not name falls back to the names llmlab's Tokenizer tries.
+    does not name falls back to the names llmlab's Tokenizer tries, and so does a BOS named null
+    beside `add_bos_token: false` (llmlab's record of a model trained without BOS).
     """
     file = folder / "tokenizer.json"
     if not file.is_file():
@@ -379,7 +379,10 @@ def _kind(component: Any) -> str:
 
 def _special_id(config: dict, role: str, ids: dict[str, int]) -> int | None:
     key = f"{role}_token"
-    if key in config:
+    # llmlab writes bos_token null with add_bos_token false for a model that saw no BOS before its
+    # documents: the vocabulary's BOS is still the BOS, which llama.cpp adds only with add_bos
+    undeclared_bos = role == "bos" and config.get(key, "") is None and config.get("add_bos_token") is False
+    if key in config and not undeclared_bos:
         token = config[key]
         text = token.get("content") if isinstance(token, dict) else token  # HF may store an AddedToken dict
         return ids.get(text) if isinstance(text, str) else None
@@ -387,15 +390,7 @@ def _special_id(config: dict, role: str, ids: dict[str, int]) -> int | None:
 
 
 def _read_json(file: Path) -> dict:
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise GGUFExportError(f"{file}: unreadable: {e}") from None
-    except RecursionError:
-        raise GGUFExportError(f"{file}: unreadable: nested too deeply") from None
-    if not isinstance(data, dict):
-        raise GGUFExportError(f"{file}: expected a JSON object")
-    return data
+    return read_json_object(file, GGUFExportError)
 
 
 def _add_vocab(writer: gguf.GGUFWriter, vocab: _Vocab, add_bos: bool) -> None:

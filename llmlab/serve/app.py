@@ -1,9 +1,12 @@
 """`llmlab serve`: an OpenAI-compatible HTTP API over a checkpoint, with continuous batching.
 
 Routes: `GET /health` (always open), `GET /v1/models`, `POST /v1/completions`, `POST
-/v1/chat/completions`, streaming or not. Requests are checked field by field (`protocol.py`) and
-turned into scheduler sequences, one per completion; a generation worker thread steps the batch
-(`worker.py`), and each request reads its sequences' tokens as they come. A client that
+/v1/chat/completions`, streaming or not; and vLLM's tokenizer routes, at the root and under /v1
+(`GET /tokenizer_info`, `POST /tokenize`, `POST /detokenize`), through which lm-eval's
+`local-completions` uses the served tokenizer with nothing but the server's address. Requests are
+checked field by field (`protocol.py`) and turned into scheduler sequences, one per completion; a
+generation worker thread steps the batch (`worker.py`), and each request reads its sequences'
+tokens as they come. A client that
 disconnects cancels its sequences, freeing their rows at the next step; a full waiting room is
 answered 429 with Retry-After.
 
@@ -31,9 +34,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmlab.generate.sampling import GenerationError
 from llmlab.generate.scheduler import Sequence
-from llmlab.generate.text import IncrementalText, _first_stop, split_stops
+from llmlab.generate.text import IncrementalText, split_stops, stop_string_check
 from llmlab.serve.protocol import (CHAT_FIELDS, COMPLETION_FIELDS, ApiError, Limits, bad, check_depth, check_fields,
-                                   check_model, common_fields, completion_prompts, context_check)
+                                   check_model, common_fields, completion_prompts, context_check, detokenize_tokens,
+                                   tokenize_request)
 from llmlab.serve.worker import Failure, Overloaded, Worker
 from llmlab.tokenizer.chat import ChatTemplate, ChatTemplateError, check_messages
 
@@ -148,6 +152,38 @@ def create_app(served: ServedModel, worker: Worker, limits: Limits, *, api_key: 
         common.stop = [served.template.stop, *common.stop] if served.template.stop else common.stop
         return await _respond(request, "chat.completion", [ids], common)
 
+    # ------------------------------------------------------------------ the tokenizer (vLLM's routes)
+
+    @app.get("/tokenizer_info")
+    @app.get("/v1/tokenizer_info")
+    async def tokenizer_info():
+        return _tokenizer_info(served, limits)
+
+    @app.post("/tokenize")
+    @app.post("/v1/tokenize")
+    async def tokenize(request: Request):
+        body = await _json_body(request, limits)
+        req = tokenize_request(body, limits)
+        check_model(body, served.name)
+        text = req.prompt
+        if req.messages is not None:
+            try:  # as chat completions renders: off the event loop
+                text = await asyncio.to_thread(served.template.render, check_messages(req.messages, "messages"),
+                                               req.add_generation_prompt)
+            except ChatTemplateError as e:
+                raise bad(str(e), "messages") from None
+        ids = await asyncio.to_thread(tokenizer.encode, text, bos=req.add_special_tokens and served.add_bos)
+        strs = [tokenizer.backend.id_to_token(t) for t in ids] if req.return_token_strs else None
+        return {"count": len(ids), "max_model_len": limits.context, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize")
+    @app.post("/v1/detokenize")
+    async def detokenize(request: Request):
+        body = await _json_body(request, limits)
+        ids = detokenize_tokens(body, tokenizer.vocab_size)
+        check_model(body, served.name)
+        return {"prompt": await asyncio.to_thread(tokenizer.decode, ids)}
+
     # ------------------------------------------------------------------ running a request
 
     async def _respond(request: Request, kind: str, prompts: list[list[int]], common, *, echo: bool = False):
@@ -157,11 +193,12 @@ def create_app(served: ServedModel, worker: Worker, limits: Limits, *, api_key: 
         params = common.params
         params.stop_token_ids = stop_ids
         params.logprobs = common.logprobs
+        stop_check = stop_string_check(tokenizer, stop_text)
         sequences = []
         for i, ids in enumerate(prompts):
             for j in range(common.n):
                 sequences.append(Sequence(ids, params, seed=None if common.seed is None else common.seed + j,
-                                          stop_check=_stop_check(tokenizer, stop_text), index=i * common.n + j))
+                                          stop_check=stop_check, index=i * common.n + j))
         try:
             for seq in sequences:
                 worker.validate(seq)
@@ -302,15 +339,20 @@ class _ChoiceState:
         return [e for e in self.events if e.token_id is not None]
 
 
-def _stop_check(tokenizer, stop: list[str]):
-    if not stop:
-        return None
-    longest = max(len(s) for s in stop)
-
-    def check(tokens: list[int]) -> bool:
-        return _first_stop(tokenizer.decode(tokens[-(4 * longest + 8):]), stop) is not None
-
-    return check
+def _tokenizer_info(served: ServedModel, limits: Limits) -> dict:
+    """vLLM's /tokenizer_info: the special tokens and the template a client needs to frame text as the
+    server does. `bos_token` is null unless the model takes a BOS (the tokenizer declares one, or the
+    server adds one), so that lm-eval starts a document with EOS, as llmlab's data prepares it."""
+    tok = served.tokenizer
+    name = tok.backend.id_to_token
+    bos = tok.bos_token
+    if bos is None and served.add_bos:  # `--bos`: the server starts every prompt with it
+        bos = name(tok.bos_id)
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos,
+            "eos_token": None if tok.eos_id is None else name(tok.eos_id),
+            "pad_token": None if tok.pad_id is None else name(tok.pad_id),
+            "add_bos_token": served.add_bos, "add_eos_token": False, "chat_template": served.template.source,
+            "model_max_length": limits.context, "vocab_size": tok.vocab_size}
 
 
 def _model_card(served: ServedModel) -> dict:

@@ -47,6 +47,10 @@ SAMPLING_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "n",
                              "top_k", "min_p", "repetition_penalty"})  # the last three are vLLM's extensions
 COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt", "echo"}
 CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
+# vLLM's tokenizer routes, which lm-eval's remote tokenizer calls
+TOKENIZE_FIELDS = frozenset({"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
+                             "return_token_strs"})
+DETOKENIZE_FIELDS = frozenset({"model", "tokens"})
 BOOKKEEPING = frozenset({"user", "store", "metadata", "service_tier", "parallel_tool_calls"})
 # not implemented: accepted only at the values that ask for nothing
 UNUSED = {"best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "functions": (None, []),
@@ -245,3 +249,50 @@ def context_check(prompt_tokens: int, max_tokens: int, limits: Limits, param: st
                   f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the "
                   "completion). Please reduce the prompt or the completion length.",
                   param, "context_length_exceeded")
+
+
+@dataclass
+class TokenizeRequest:
+    """`POST /tokenize`: a text prompt, or chat messages to render with the served template first."""
+
+    prompt: str | None
+    messages: list | None
+    add_special_tokens: bool  # add what the server adds to a prompt (BOS when the model takes one)
+    add_generation_prompt: bool  # end rendered messages with the assistant's header
+    return_token_strs: bool  # also return each token's vocabulary entry
+
+
+def tokenize_request(body: dict, limits: Limits) -> TokenizeRequest:
+    """vLLM's tokenize request: {"prompt": str} or {"messages": [...]}, with `add_special_tokens`
+    (default true), `add_generation_prompt` (messages only, default true) and `return_token_strs`."""
+    check_fields(body, TOKENIZE_FIELDS)
+    prompt, messages = body.get("prompt"), body.get("messages")
+    if prompt is not None and messages is not None:
+        raise bad("prompt: give either prompt or messages, not both", "prompt")
+    if prompt is None and messages is None:
+        raise bad("prompt: required (a string), or messages (a list of chat messages)", "prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise bad(f"prompt: expected a string, got {type(prompt).__name__}", "prompt")
+    if messages is not None:
+        if not isinstance(messages, list):
+            raise bad(f"messages: expected a list of messages, got {type(messages).__name__}", "messages")
+        if len(messages) > limits.max_messages:
+            raise bad(f"messages: at most {limits.max_messages} messages", "messages")
+    elif body.get("add_generation_prompt") is not None:
+        raise bad("add_generation_prompt: applies to messages only", "add_generation_prompt")
+    return TokenizeRequest(prompt, messages, _bool(body, "add_special_tokens", True),
+                           _bool(body, "add_generation_prompt", True), _bool(body, "return_token_strs"))
+
+
+def detokenize_tokens(body: dict, vocab_size: int) -> list[int]:
+    """vLLM's detokenize request: {"tokens": [token ids]}, each in [0, vocab_size)."""
+    check_fields(body, DETOKENIZE_FIELDS)
+    tokens = body.get("tokens")
+    if tokens is None:
+        raise bad("tokens: required (a list of token ids)", "tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise bad("tokens: expected a list of token ids (integers)", "tokens")
+    out = [t for t in tokens if not 0 <= t < vocab_size]
+    if out:
+        raise bad(f"tokens: token id {out[0]} is outside the vocabulary [0, {vocab_size})", "tokens")
+    return tokens

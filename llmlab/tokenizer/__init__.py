@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from llmlab.tokenizer.bpe import (FIM_TOKENS, SPECIAL_TOKENS, Tokenizer, check_min_frequency, check_vocab_size,
-                                  load_tokenizer, train_bpe)
+                                  load_tokenizer, record_bos_convention, train_bpe)
 
 __all__ = ["FIM_TOKENS", "SPECIAL_TOKENS", "Tokenizer", "check_min_frequency", "check_vocab_size", "load_tokenizer",
-           "train_bpe"]
+           "record_bos_convention", "train_bpe"]

@@ -5,6 +5,13 @@ template: BOS/EOS are added only when `encode` is asked to, so `decode(encode(s)
 every string a byte-level tokenizer can see. Literal special-token text in the input ("<|eos|>")
 is matched as the special token, as HF does by default: the text still round-trips through
 `decode(..., skip_special=False)`, but its ids are the special id, not the bytes of the text.
+
+A tokenizer also carries its model's BOS convention: `add_bos` says whether the model saw BOS
+before every document (llmlab's `data prepare` puts none by default: EOS after each document is
+what precedes the next). `save` and `record_bos_convention` write it where outside clients read it
+(tokenizer_config.json's `add_bos_token` and `bos_token`, and the tokenizer.json post-processor
+that HF applies), so that HF `AutoTokenizer` and lm-eval start a document with the token the model
+learned: BOS when there is one to declare, else EOS (`document_start_id`).
 """
 
 from __future__ import annotations
@@ -16,9 +23,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from llmlab.common import LlmlabError, atomic_path, atomic_write_text
+from llmlab.common import LlmlabError, atomic_path, atomic_write_text, read_json_object
 
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>")  # fill-in-the-middle sentinels
 SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
@@ -39,10 +46,15 @@ class Tokenizer:
 
     Args:
         tok: the Rust tokenizer to wrap; it is used as is, never copied.
+        add_bos: whether the paired model saw BOS before every document (data prepared with
+            `bos=true`, or a folder whose tokenizer_config.json says `add_bos_token: true`).
+        bos_token: the BOS token a tokenizer_config.json declares; None when it declares none.
     """
 
-    def __init__(self, tok: tokenizers.Tokenizer):
+    def __init__(self, tok: tokenizers.Tokenizer, *, add_bos: bool = False, bos_token: str | None = None):
         self._tok = tok
+        self.add_bos = add_bos  # the model saw BOS before every document; `encode` still adds it only when asked
+        self._declared_bos = bos_token
 
     @property
     def backend(self) -> tokenizers.Tokenizer:
@@ -70,6 +82,22 @@ class Tokenizer:
         return self._first_id(_PAD_NAMES)
 
     @property
+    def bos_token(self) -> str | None:
+        """The BOS token the tokenizer declares: the one its tokenizer_config.json named, else, when
+        `add_bos`, the BOS that `bos_id` finds; None when it declares none (HF's `bos_token`)."""
+        if self._declared_bos is not None and self._tok.token_to_id(self._declared_bos) is not None:
+            return self._declared_bos
+        return self._first_token(_BOS_NAMES) if self.add_bos else None
+
+    @property
+    def document_start_id(self) -> int | None:
+        """The id that precedes a document: the declared BOS (`bos_token`), else EOS, which ends the
+        document before it in llmlab's shards. What HF's `bos_token_id or eos_token_id` gives for a
+        saved folder, and what lm-eval starts a rolling-perplexity window with."""
+        token = self.bos_token
+        return self._tok.token_to_id(token) if token is not None else self.eos_id
+
+    @property
     def fim_ids(self) -> tuple[int, int, int] | None:
         """Ids of <|fim_prefix|>, <|fim_middle|>, <|fim_suffix|> when the vocabulary has all three."""
         ids = tuple(self._tok.token_to_id(t) for t in FIM_TOKENS)
@@ -85,6 +113,14 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         """The id of `token`, or None if the vocabulary has no such token."""
         return self._tok.token_to_id(token)
+
+    def special_token_id(self, text: str) -> int | None:
+        """The id of `text` when it is one special token (an added token marked special, such as
+        <|end|>), else None. Merges never produce a special token from ordinary text, so a model
+        writes that text only as this id: matching the id is matching the text."""
+        token_id = self._tok.token_to_id(text)
+        added = self._tok.get_added_tokens_decoder().get(token_id) if token_id is not None else None
+        return token_id if added is not None and added.special and added.content == text else None
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
         """Token ids of `text`, optionally framed by BOS and EOS.
@@ -136,26 +172,130 @@ class Tokenizer:
         """Write `path/tokenizer.json` and `path/tokenizer_config.json`; returns the tokenizer.json path.
 
         The config names the special tokens so that HF `AutoTokenizer.from_pretrained(path)` loads
-        the folder as a fast tokenizer with the same ids. Both writes are atomic.
+        the folder as a fast tokenizer with the same ids, and records the BOS convention: with
+        `add_bos`, `add_bos_token: true`, the BOS as `bos_token`, and a tokenizer.json post-processor
+        that puts it before the text HF encodes (as LLaMA's does); without, `add_bos_token: false`
+        and `bos_token: null`, so that HF's `bos_token_id` is None and harnesses start a document
+        with EOS, as llmlab's shards do. Both writes are atomic.
 
         Args:
             path: the folder to write into (created if missing).
             model_max_length: longest sequence the paired model accepts; None (written as null)
                 means unknown, which transformers reads as "no limit".
+
+        Raises:
+            ValueError: `add_bos` is set but the vocabulary has no BOS token.
         """
         folder = Path(path)
+        bos = self._bos_config()
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos["bos_token"],
+                  "eos_token": self._first_token(_EOS_NAMES), "pad_token": self._first_token(_PAD_NAMES),
+                  "add_bos_token": bos["add_bos_token"], "model_max_length": model_max_length}
+        target = self._save_backend(folder)
+        atomic_write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+        return target
+
+    def _bos_config(self) -> dict:
+        if self.add_bos and self.bos_token is None:
+            raise ValueError(f"add_bos is set but this tokenizer has none of the tokens {', '.join(_BOS_NAMES)}")
+        return {"bos_token": self.bos_token if self.add_bos else None, "add_bos_token": self.add_bos}
+
+    def _save_backend(self, folder: Path) -> Path:
+        """Write tokenizer.json with a post-processor that adds BOS exactly when `add_bos` (the wrapped
+        tokenizer is left as it is; llmlab's own `encode` ignores post-processors)."""
+        tok = self._tok
+        current = _processor_state(tok)
+        if _adds_bos(current) != self.add_bos:
+            spec = json.loads(tok.to_str())
+            bos = self.bos_token
+            spec["post_processor"] = (_with_bos(current, bos, self._tok.token_to_id(bos)) if self.add_bos
+                                      else _without_bos(current))
+            tok = tokenizers.Tokenizer.from_str(json.dumps(spec))
         target = folder / "tokenizer.json"
         with atomic_path(target) as tmp:
-            self._tok.save(str(tmp))
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self._first_token(_BOS_NAMES),
-                  "eos_token": self._first_token(_EOS_NAMES), "pad_token": self._first_token(_PAD_NAMES),
-                  "model_max_length": model_max_length}
-        atomic_write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+            tok.save(str(tmp))
         return target
 
     def sha256(self) -> str:
         """Hex SHA-256 of the canonical (compact) tokenizer.json text: equal iff the tokenizers are."""
         return hashlib.sha256(self._tok.to_str().encode("utf-8")).hexdigest()
+
+
+def record_bos_convention(folder: str | os.PathLike, add_bos: bool) -> None:
+    """Record in a tokenizer folder (one holding tokenizer.json) whether its model saw BOS before every
+    document, as `Tokenizer.save` writes it: tokenizer_config.json's `add_bos_token`, its `bos_token`
+    (null without BOS) and the tokenizer.json post-processor. Every other field of the config (a chat
+    template, a foreign tokenizer's own EOS) stays; a folder without a config gets `save`'s.
+
+    Raises:
+        LlmlabError: the folder's tokenizer or config cannot be read.
+        ValueError: `add_bos` but the vocabulary has no BOS token.
+    """
+    folder = Path(folder)
+    tokenizer = load_tokenizer(folder)
+    tokenizer.add_bos = add_bos
+    config = _read_config(folder / "tokenizer_config.json")
+    if config is None:
+        tokenizer.save(folder)
+        return
+    bos = tokenizer._bos_config()
+    tokenizer._save_backend(folder)
+    atomic_write_text(folder / "tokenizer_config.json", json.dumps({**config, **bos}, indent=2) + "\n")
+
+
+def _processor_state(tok: tokenizers.Tokenizer) -> dict | None:
+    """The post-processor of `tok` as its tokenizer.json object, without serializing the vocabulary."""
+    processor = tok.post_processor
+    return None if processor is None else json.loads(processor.__getstate__())
+
+
+def _processor_parts(state: dict | None) -> list[dict]:
+    if state is None:
+        return []
+    return list(state.get("processors") or []) if state.get("type") == "Sequence" else [state]
+
+
+def _adds_bos(state: dict | None) -> bool:
+    """Whether a post-processor (a tokenizer.json object) puts a special token before the text: a
+    TemplateProcessing, alone or in a Sequence, whose single-text template starts with one."""
+    return any(p.get("type") == "TemplateProcessing" and p.get("single") and "SpecialToken" in p["single"][0]
+               for p in _processor_parts(state))
+
+
+def _without_bos(state: dict | None) -> dict | None:
+    parts = [p for p in _processor_parts(state) if p.get("type") != "TemplateProcessing"]
+    return None if not parts else parts[0] if len(parts) == 1 else {"type": "Sequence", "processors": parts}
+
+
+def _with_bos(state: dict | None, bos: str, bos_id: int) -> dict:
+    template = json.loads(processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, bos_id)]).__getstate__())
+    parts = [*_processor_parts(_without_bos(state)), template]
+    return parts[0] if len(parts) == 1 else {"type": "Sequence", "processors": parts}
+
+
+def _read_config(file: Path) -> dict | None:
+    """A tokenizer_config.json (or special_tokens_map.json) as a dict; None when there is none."""
+    if not file.is_file():
+        return None
+    return read_json_object(file)
+
+
+def _token_text(token) -> str | None:
+    # HF stores a special token as its text or as an AddedToken object {"content": ...}
+    text = token.get("content") if isinstance(token, dict) else token
+    return text if isinstance(text, str) and text else None
+
+
+def _bos_convention(folder: Path) -> tuple[bool | None, str | None]:
+    """(add_bos_token, declared BOS text) of a tokenizer folder; add_bos_token None when not stated."""
+    config = _read_config(folder / "tokenizer_config.json") or {}
+    if "bos_token" not in config:  # older HF folders name the special tokens in a separate file
+        config = {**(_read_config(folder / "special_tokens_map.json") or {}), **config}
+    add_bos = config.get("add_bos_token")
+    if add_bos is not None and not isinstance(add_bos, bool):
+        raise LlmlabError(f"{folder / 'tokenizer_config.json'}: add_bos_token must be true or false, got {add_bos!r}")
+    return add_bos, _token_text(config.get("bos_token"))
 
 
 def _explain(error: TypeError, texts: Iterable[str]) -> Exception:
@@ -226,9 +366,14 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, special_tokens: Sequence
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load a tokenizer.json file, or the tokenizer.json inside a folder.
 
+    From a folder, the BOS convention comes along: `add_bos` is tokenizer_config.json's
+    `add_bos_token` (when it has none: whether the tokenizer.json post-processor adds BOS, as a
+    folder saved by transformers 5 records it), and its `bos_token` is the declared BOS. A lone
+    file declares nothing: no BOS, EOS before a document.
+
     Raises:
-        LlmlabError: the file is missing or unreadable, or is not a valid tokenizer.json;
-            the message names the path.
+        LlmlabError: the file is missing or unreadable, or is not a valid tokenizer.json, or the
+            folder's tokenizer_config.json is not a JSON object; the message names the path.
     """
     path = Path(path)
     file = path / "tokenizer.json" if path.is_dir() else path
@@ -242,7 +387,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     except (OSError, UnicodeDecodeError) as e:
         raise LlmlabError(f"{file}: cannot read tokenizer: {e}") from None
     try:
-        return Tokenizer(tokenizers.Tokenizer.from_str(text))
+        tok = tokenizers.Tokenizer.from_str(text)
     except Exception as e:  # the Rust side raises a bare Exception for any malformed file
         try:
             json.loads(text)  # parsed only on failure: Python's message gives the line and column
@@ -251,3 +396,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         except RecursionError:
             raise LlmlabError(f"{file}: not a valid tokenizer.json: nested too deeply") from None
         raise LlmlabError(f"{file}: not a valid tokenizer.json: {e}") from None
+    add_bos, bos_token = _bos_convention(path) if path.is_dir() else (False, None)
+    if add_bos is None:
+        add_bos = _adds_bos(_processor_state(tok))
+    return Tokenizer(tok, add_bos=add_bos, bos_token=bos_token)

@@ -11,8 +11,10 @@ child and starts a new one for the next render: a runaway template fails its own
 `ChatTemplateError`, and never the process that asked.
 
 Wire format: each message is 4 bytes of big-endian length, then that many bytes of JSON. A request
-is {"source", "renders": [{"messages", "add_generation_prompt", "bos_token", "eos_token"}],
-"seconds", "max_chars"}; the answer is {"texts": [...]} or {"error": "..."}.
+is {"source", "renders": [...], "seconds", "max_chars"}, where a chat render is {"messages",
+"add_generation_prompt", "bos_token", "eos_token"} and any other is {"variables": {...}, "strict":
+bool} (strict: an undefined name is an error, as evaluation task templates want); each render has
+`seconds` of its own. The answer is {"texts": [...]} or {"error": "...", "index": the failed render}.
 
 This file runs as a script in the child; `Sandbox` below is the parent's side.
 """
@@ -37,7 +39,11 @@ GRACE_SECONDS = 2.0  # how much longer than the budget the parent waits before i
 
 
 class RenderError(Exception):
-    """A template that failed in the child: the message says why."""
+    """A template that failed in the child: the message says why, `index` which render failed."""
+
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.index = index
 
 
 # --------------------------------------------------------------------------- the child
@@ -54,7 +60,7 @@ class _Raised(Exception):  # raise_exception() called by the template
 def _child() -> None:
     import resource
 
-    from jinja2 import TemplateError
+    from jinja2 import StrictUndefined, TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
@@ -69,25 +75,37 @@ def _child() -> None:
     def raise_exception(message):
         raise _Raised(str(message))
 
+    def regex_replace(text, pattern, replacement, count=0):  # lm-evaluation-harness's filter
+        import re
+
+        return re.sub(pattern, replacement, text, count=count)
+
     signal.signal(signal.SIGALRM, over_budget)
-    env = ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False, keep_trailing_newline=True)
-    env.globals["raise_exception"] = raise_exception
-    compiled: dict[str, object] = {}
+    envs = {}
+    for strict in (False, True):
+        env = ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False, keep_trailing_newline=True,
+                                            **({"undefined": StrictUndefined} if strict else {}))
+        env.globals["raise_exception"] = raise_exception
+        env.filters["regex_replace"] = regex_replace
+        envs[strict] = env
+    compiled: dict[tuple[bool, str], object] = {}
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     while True:
         request = _read(stdin)
         if request is None:  # the parent closed the pipe: it is gone or done
             return
         seconds, max_chars = float(request["seconds"]), int(request["max_chars"])
+        renders, texts = request["renders"], []
         try:
-            signal.setitimer(signal.ITIMER_REAL, seconds)
+            signal.setitimer(signal.ITIMER_REAL, seconds * max(1, len(renders)))
             try:
-                source = request["source"]
-                if source not in compiled:
-                    if len(compiled) >= 16:
-                        compiled.clear()
-                    compiled[source] = env.from_string(source)
-                texts = [_render(compiled[source], r, max_chars) for r in request["renders"]]
+                for r in renders:
+                    key = (bool(r.get("strict")), request["source"])
+                    if key not in compiled:
+                        if len(compiled) >= 16:
+                            compiled.clear()
+                        compiled[key] = envs[key[0]].from_string(key[1])
+                    texts.append(_render(compiled[key], r, max_chars))
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
             answer = {"texts": texts}
@@ -103,13 +121,17 @@ def _child() -> None:
             answer = {"error": f"rendering needed more than {MEMORY_BYTES >> 20} MiB"}
         except Exception as e:  # SecurityError, TypeError... from the template's own code
             answer = {"error": f"failed to render: {type(e).__name__}: {e}"}
+        if "error" in answer:
+            answer["index"] = len(texts)
         _write(stdout, answer)
 
 
 def _render(template, request: dict, max_chars: int) -> str:
     parts, size = [], 0
-    for part in template.generate(messages=request["messages"], add_generation_prompt=request["add_generation_prompt"],
-                                  bos_token=request["bos_token"], eos_token=request["eos_token"]):
+    variables = request["variables"] if "variables" in request else {
+        "messages": request["messages"], "add_generation_prompt": request["add_generation_prompt"],
+        "bos_token": request["bos_token"], "eos_token": request["eos_token"]}
+    for part in template.generate(**variables):
         size += len(part)
         if size > max_chars:
             raise _Raised(f"the rendered prompt is longer than {max_chars} characters")
@@ -160,7 +182,7 @@ class Sandbox:
                 raise RenderError("its render process died") from None
             answer = self._answer(process, self.seconds * max(1, len(renders)) + GRACE_SECONDS)
         if "error" in answer:
-            raise RenderError(answer["error"])
+            raise RenderError(answer["error"], answer.get("index"))
         return answer["texts"]
 
     def close(self) -> None:

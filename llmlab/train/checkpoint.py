@@ -41,6 +41,7 @@ from torch import nn
 from llmlab.common import LlmlabError, atomic_write_text, fsync_dir
 from llmlab.models.io import (DCP_DIR, CheckpointError, copy_tokenizer_files, load_state_into, read_state_dict,
                               save_model, save_safetensors, sharded_io, write_model_config)
+from llmlab.tokenizer import record_bos_convention
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 # what every training checkpoint's state.json holds, whatever the loop adds
@@ -55,12 +56,15 @@ class CheckpointWriteError(LlmlabError):
 
 def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict, keep_last: int = 3, tokenizer_dir: str | os.PathLike | None = None,
-                    save_weights: Callable[[nn.Module, Path], object] = save_model) -> Path:
+                    save_weights: Callable[[nn.Module, Path], object] = save_model,
+                    add_bos: bool | None = None) -> Path:
     """Write checkpoint `step` atomically and delete all but the newest `keep_last`.
 
     With `tokenizer_dir`, its tokenizer files are copied in too, so the checkpoint alone is enough
-    for `llmlab generate`. `save_weights(model, folder)` writes the weights: the whole model by
-    default, or only what trains (a LoRA adapter).
+    for `llmlab generate`; with `add_bos` as well, the copy records whether the model saw BOS before
+    every document (`llmlab.tokenizer.record_bos_convention`), the data's convention rather than
+    whatever the tokenizer folder said. `save_weights(model, folder)` writes the weights: the whole
+    model by default, or only what trains (a LoRA adapter).
 
     Raises:
         CheckpointWriteError: a weight is NaN or inf (such a checkpoint is never written).
@@ -77,7 +81,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Module, op
     try:
         save_weights(model, tmp)
         if tokenizer_dir is not None:
-            copy_tokenizer_files(tokenizer_dir, tmp)
+            _copy_tokenizer(tokenizer_dir, tmp, add_bos)
         opt = optimizer.state_dict()
         tensors, scalars = {}, {}
         for i, s in opt["state"].items():
@@ -94,13 +98,14 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Module, op
 
 
 def save_sharded_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                            state: dict, keep_last: int = 3, tokenizer_dir: str | os.PathLike | None = None) -> Path:
+                            state: dict, keep_last: int = 3, tokenizer_dir: str | os.PathLike | None = None,
+                            add_bos: bool | None = None) -> Path:
     """Checkpoint `step` of a run whose parameters and optimizer states are sharded over its processes
     (FSDP2). Every rank calls it: each writes its shards through torch.distributed.checkpoint into
-    `dcp/` of a hidden folder; then rank 0 adds config.json, the tokenizer files, its RNG states and,
-    last, state.json with the checksum of every file (a folder without state.json is not a checkpoint)
-    and renames the folder into place. A kill at any moment leaves the previous checkpoints intact.
-    The checkpoint resumes on any number of processes, and `llmlab.load_model` reads its weights whole.
+    `dcp/` of a hidden folder; then rank 0 adds config.json, the tokenizer files (recording `add_bos`
+    as `save_checkpoint` does), its RNG states and, last, state.json with the checksum of every file
+    (a folder without state.json is not a checkpoint) and renames the folder into place. A kill at
+    any moment leaves the previous checkpoints intact. The checkpoint resumes on any number of processes, and `llmlab.load_model` reads its weights whole.
 
     Raises:
         CheckpointWriteError: a weight is NaN or inf on some rank (nothing is written), or rank 0 could
@@ -132,7 +137,7 @@ def save_sharded_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Mo
         try:
             write_model_config(model.config, tmp)
             if tokenizer_dir is not None:
-                copy_tokenizer_files(tokenizer_dir, tmp)
+                _copy_tokenizer(tokenizer_dir, tmp, add_bos)
             _commit(tmp, final, {**state, "step": step, "format": "sharded", "world_size": world})
             for old in list_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
@@ -280,6 +285,12 @@ def _state_digest(state: dict) -> str:
     """SHA-256 of state.json's content without its own checksum (JSON gives floats back exactly)."""
     rest = {k: v for k, v in state.items() if k != "sha256"}
     return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
+def _copy_tokenizer(src: str | os.PathLike, dst: Path, add_bos: bool | None) -> None:
+    copy_tokenizer_files(src, dst)
+    if add_bos is not None and (dst / "tokenizer.json").is_file():
+        record_bos_convention(dst, add_bos)
 
 
 def _flatten(state: dict, prefix: str, tensors: dict, scalars: dict) -> None:

@@ -27,8 +27,9 @@ from llmlab.common import LlmlabError, atomic_dir, choose_device, init_distribut
 from llmlab.config import save_config
 from llmlab.data.sft import Batches, Example, build_examples
 from llmlab.data.shards import TokenShards, is_prepared, prepared_dir
-from llmlab.data.synth import exact_match
 from llmlab.data.windows import sample_batch
+from llmlab.eval.loss import token_loss
+from llmlab.eval.metrics import exact_match
 from llmlab.generate import SamplingParams
 from llmlab.generate.text import TextGenerator
 from llmlab.models.io import copy_tokenizer_files, load_model, read_config, save_model
@@ -346,18 +347,11 @@ def estimate_memory(cfg: FinetuneConfig, model_cfg, device: torch.device) -> Tra
 
 @torch.no_grad()
 def _evaluate_loss(model, data: Batches | TokenWindows, cfg: FinetuneConfig, device: torch.device) -> float:
-    """Mean loss per target token over the first `eval.batches` validation batches (the same each time;
-    for records, each validation example at most once)."""
-    model.eval()
-    total, count = 0.0, 0
+    """Loss per target token (`llmlab.eval.loss`) over the first `eval.batches` validation batches (the
+    same each time; for records, each validation example at most once)."""
     batches = (data.batch(i, device) for i in range(cfg.eval.batches)) if isinstance(data, TokenWindows) \
         else data.first_epoch(cfg.eval.batches, device)
-    for batch in batches:
-        targets = int((batch["targets"] != -100).sum())
-        total += model(**batch).item() * targets
-        count += targets
-    model.train()
-    return total / max(count, 1)
+    return token_loss(model, batches).mean
 
 
 @torch.no_grad()
@@ -373,7 +367,7 @@ def _evaluate_answers(model, tokenizer, template, examples: list[Example], cfg: 
         prompts = template.render_many([(e.prompt, True) for e in chosen[i:i + 32]])
         answers += [c.text for c in generator.complete(prompts, params, stop=[template.stop], truncate=True)]
     model.train()
-    right = [exact_match(a, e.reference) for a, e in zip(answers, chosen)]
+    right = [exact_match(a, e.reference, ignore_whitespace=True) for a, e in zip(answers, chosen)]
     tasks: dict[str, list[bool]] = {}
     for ok, e in zip(right, chosen):
         tasks.setdefault(e.task or "all", []).append(ok)

@@ -22,6 +22,7 @@ from llmlab.config import save_config
 from llmlab.data.fim import FimSpec
 from llmlab.data.shards import TokenShards, prepared_dir
 from llmlab.data.windows import sample_batch
+from llmlab.eval.loss import token_loss
 from llmlab.models import LlamaConfig, ModelConfig, build_model
 from llmlab.models.kernels import LOSS_BLOCK_ELEMENTS_CPU, LOSS_BLOCK_ELEMENTS_GPU
 from llmlab.plan.estimate import TrainingMemory, cpu_runtime_bytes, shape_of, training_memory
@@ -65,14 +66,14 @@ class PretrainConfig:
 
 @torch.no_grad()
 def evaluate(model, shards: TokenShards, cfg: PretrainConfig, device: torch.device) -> float:
-    """Mean next-token loss (nats) over the same `eval.batches` validation batches every time."""
-    model.eval()
-    losses = []
-    for i in range(cfg.eval.batches):
-        x, y = sample_batch(shards, cfg.batch_size, cfg.seq_len, (cfg.seed, 1, i), device)
-        losses.append(model(x, targets=y).item())
-    model.train()
-    return sum(losses) / len(losses)
+    """Loss per token (nats, `llmlab.eval.loss`) over the same `eval.batches` validation batches every time."""
+
+    def batches():
+        for i in range(cfg.eval.batches):
+            x, y = sample_batch(shards, cfg.batch_size, cfg.seq_len, (cfg.seed, 1, i), device)
+            yield {"input_ids": x, "targets": y}
+
+    return token_loss(model, batches()).mean
 
 
 def run(cfg: PretrainConfig, *, overwrite: bool = False) -> dict:
@@ -90,6 +91,7 @@ def run(cfg: PretrainConfig, *, overwrite: bool = False) -> dict:
     _resolve(cfg, manifest, {"train": train_data, "val": val_data})
     fim = _fim_spec(cfg, manifest)
     tokenizer_dir = _tokenizer_dir(manifest)
+    add_bos = bool(manifest["config"].get("bos", False))  # the shards' convention, which checkpoints record
     if cfg.system.preflight:
         preflight(cfg, device, processes=world if device.type == "cpu" else 1)
     if cfg.verify_data:
@@ -125,10 +127,10 @@ def run(cfg: PretrainConfig, *, overwrite: bool = False) -> dict:
     def save(state: dict) -> None:
         if trainee.sharded:  # every rank writes its shards
             save_sharded_checkpoint(ckpt_dir, counters.step, model, optimizer, {**state, "settings": settings},
-                                    cfg.ckpt.keep_last, tokenizer_dir)
+                                    cfg.ckpt.keep_last, tokenizer_dir, add_bos=add_bos)
         elif rank == 0:
             save_checkpoint(ckpt_dir, counters.step, model, optimizer, {**state, "settings": settings},
-                            cfg.ckpt.keep_last, tokenizer_dir)
+                            cfg.ckpt.keep_last, tokenizer_dir, add_bos=add_bos)
 
     # ---- the loop
     with open_run(cfg, counters, out, rank, world, device) as run:

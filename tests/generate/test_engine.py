@@ -215,5 +215,6 @@ def test_beam_search_with_one_beam_per_step_matches_exhaustive_search_on_real_mo
 
 def test_sequence_logprobs_refuses_rows_longer_than_the_context():
     model = chain(8, [1, 2, 3])
-    with pytest.raises(GenerationError, match="more than the model's 64"):
-        sequence_logprobs(model, [1] * 60, [[2] * 5])
+    assert len(sequence_logprobs(model, [1] * 60, [[2] * 5])) == 1  # the last token is predicted, never fed
+    with pytest.raises(GenerationError, match="66 tokens, more than the model's 64 \\+ 1"):
+        sequence_logprobs(model, [1] * 60, [[2] * 6])

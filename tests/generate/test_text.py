@@ -71,6 +71,34 @@ def test_streamed_deltas_add_up_to_the_completion(tok, stop):
         assert s not in "".join(d.text for d in deltas)
 
 
+@pytest.fixture(scope="module")
+def punct_tok():
+    """A tokenizer with ")." merged into one token, beside the byte token "."."""
+    tok = train_bpe([f"call f({i}). then g(x{i}). Sure (yes). Bye now!" for i in range(200)], vocab_size=300)
+    assert tok.token_to_id(").") is not None and tok.token_to_id(".") is not None
+    return tok
+
+
+PUNCT_SCRIPT = "Sure (yes). Bye now!"
+
+
+def test_a_one_token_stop_string_stops_inside_a_longer_token(punct_tok):
+    """stop="." is one token, but the model writes it inside ")."; matched on the text, generation ends
+    at that token with the text cut before the "." (before, it ran on to max_tokens)."""
+    tok = punct_tok
+    merged = tok.token_to_id(").")
+    assert merged in tok.encode(PUNCT_SCRIPT)
+    model, prompt = scripted(tok, PUNCT_SCRIPT, then_eos=False)  # loops on "!": only a stop string ends it
+    gen = TextGenerator(model, tok)
+    params, text_stops = gen._params(GREEDY, ["."])
+    assert text_stops == ["."] and tok.token_to_id(".") not in params.stop_token_ids
+    c = gen.complete([tok.decode(prompt)], GREEDY, stop=["."])[0]
+    assert (c.text, c.finish_reason) == ("Sure (yes)", "stop")
+    assert c.token_ids[-1] == merged  # it stopped at the token that holds the match
+    deltas = list(gen.stream(prompt, GREEDY, stop=["."]))
+    assert "".join(d.text for d in deltas) == "Sure (yes)" and deltas[-1].finish_reason == "stop"
+
+
 def test_held_back_text_covers_partial_stop_strings_and_partial_characters():
     assert _held_back("the answ", ["answer"]) == 4
     assert _held_back("the answer", ["xyz"]) == 0

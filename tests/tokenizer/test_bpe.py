@@ -146,8 +146,9 @@ def test_save_and_load_keep_ids_and_hash(tok, tmp_path):
     path = tok.save(tmp_path / "tok")
     assert path == tmp_path / "tok" / "tokenizer.json" and path.is_file()
     config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
-    assert config == {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|eos|>",
-                      "pad_token": "<|pad|>", "model_max_length": None}
+    # llmlab's data puts no BOS before a document by default: the folder declares none
+    assert config == {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|eos|>",
+                      "pad_token": "<|pad|>", "add_bos_token": False, "model_max_length": None}
     # the atomic writes leave no temporary files behind
     assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
     text = " ".join(_corpus(5, seed=5)) + " 😀 <|eos|>"
@@ -247,7 +248,97 @@ def test_saved_folder_loads_in_transformers_with_the_same_ids(tok, tmp_path):
     texts = _corpus(10, seed=7) + [_random_text(rng, 30), "a <|eos|> b", "  spaces\n\nand lines  "]
     auto = tf.AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
     fast = tf.PreTrainedTokenizerFast(tokenizer_file=str(path))
-    assert (auto.bos_token_id, auto.eos_token_id, auto.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    assert (auto.bos_token_id, auto.eos_token_id, auto.pad_token_id) == (None, tok.eos_id, tok.pad_id)
     for text in texts:
         assert auto(text)["input_ids"] == fast(text)["input_ids"] == tok.encode(text)
         assert auto.decode(tok.encode(text)) == text
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_the_bos_convention_is_what_transformers_and_llmlab_read_back(tok, tmp_path, add_bos):
+    """Without BOS in training (llmlab's default) HF sees no BOS and harnesses start a document with
+    EOS; with it, HF's bos_token_id is BOS and HF puts it before the text, as LLaMA's tokenizer does."""
+    tf = pytest.importorskip("transformers")
+    tok.add_bos = add_bos
+    try:
+        tok.save(tmp_path / "tok")
+    finally:
+        tok.add_bos = False
+    config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    assert (config["add_bos_token"], config["bos_token"]) == (add_bos, "<|bos|>" if add_bos else None)
+    auto = tf.AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    assert auto.eos_token_id == tok.eos_id
+    assert auto.bos_token_id == (tok.bos_id if add_bos else None)
+    text = "the end. A new start"
+    assert auto(text)["input_ids"] == ([tok.bos_id] if add_bos else []) + tok.encode(text)
+    assert auto(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    loaded = load_tokenizer(tmp_path / "tok")
+    assert loaded.add_bos is add_bos and loaded.bos_token == ("<|bos|>" if add_bos else None)
+    assert loaded.document_start_id == (tok.bos_id if add_bos else tok.eos_id)
+    # what lm-eval starts a rolling window with: HF's BOS, else its EOS
+    assert (auto.bos_token_id if auto.bos_token_id is not None else auto.eos_token_id) == loaded.document_start_id
+    assert loaded.encode(text) == tok.encode(text)  # llmlab adds BOS only when asked, whatever the folder says
+
+
+def test_a_folder_declares_its_bos_convention(tok, tmp_path):
+    """tokenizer_config.json's add_bos_token and bos_token (HF folders: LLaMA's say true and <s>); a
+    folder without the flag tells by its post-processor; a lone tokenizer.json declares nothing."""
+    path = tok.save(tmp_path / "tok")
+    assert load_tokenizer(path).add_bos is False and load_tokenizer(path).document_start_id == tok.eos_id
+    config_file = tmp_path / "tok" / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "bos_token": {"content": "<|user|>"}, "add_bos_token": True}))
+    loaded = load_tokenizer(tmp_path / "tok")
+    assert loaded.add_bos and loaded.bos_token == "<|user|>"
+    assert loaded.document_start_id == tok.token_to_id("<|user|>")
+    # a BOS declared without add_bos_token still starts a document (HF's bos_token_id is set)
+    config_file.write_text(json.dumps({**config, "bos_token": "<|bos|>", "add_bos_token": False}))
+    loaded = load_tokenizer(tmp_path / "tok")
+    assert not loaded.add_bos and loaded.document_start_id == tok.bos_id
+    # no add_bos_token (transformers 5 drops it on save): the post-processor tells
+    backend = tokenizers.Tokenizer.from_str(tok.backend.to_str())
+    backend.post_processor = processors.TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", 0)])
+    backend.save(str(path))
+    config_file.write_text(json.dumps({"bos_token": "<|bos|>"}))
+    assert load_tokenizer(tmp_path / "tok").add_bos is True
+    config_file.write_text("[1]")
+    with pytest.raises(LlmlabError, match="tokenizer_config.json: expected a JSON object"):
+        load_tokenizer(tmp_path / "tok")
+    config_file.write_text(json.dumps({"add_bos_token": "yes"}))
+    with pytest.raises(LlmlabError, match="add_bos_token must be true or false"):
+        load_tokenizer(tmp_path / "tok")
+
+
+def test_recording_the_convention_keeps_the_rest_of_the_folder(tok, tmp_path):
+    from llmlab.tokenizer import record_bos_convention
+
+    path = tok.save(tmp_path / "tok")
+    config_file = tmp_path / "tok" / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "chat_template": "{{ messages }}", "eos_token": "<|end|>",
+                                       "bos_token": "<|bos|>"}))
+    before = path.read_bytes()
+    record_bos_convention(tmp_path / "tok", False)
+    assert path.read_bytes() == before  # no BOS to drop from the post-processor: tokenizer.json untouched
+    written = json.loads(config_file.read_text())
+    assert (written["bos_token"], written["add_bos_token"]) == (None, False)
+    assert (written["chat_template"], written["eos_token"]) == ("{{ messages }}", "<|end|>")
+    record_bos_convention(tmp_path / "tok", True)
+    loaded = load_tokenizer(tmp_path / "tok")
+    assert loaded.add_bos and loaded.document_start_id == tok.bos_id
+    assert loaded.backend.encode("hi").ids == [tok.bos_id, *tok.encode("hi")]  # HF's default framing
+    assert loaded.encode("hi") == tok.encode("hi")
+    record_bos_convention(tmp_path / "tok", False)
+    assert load_tokenizer(tmp_path / "tok").sha256() == tok.sha256()  # the BOS template is gone again
+    plain = train_bpe(["abc abd"] * 20, 300, special_tokens=["<|eos|>"])
+    plain.save(tmp_path / "plain")
+    with pytest.raises(ValueError, match="add_bos is set but this tokenizer has none"):
+        record_bos_convention(tmp_path / "plain", True)
+
+
+def test_special_token_id_is_only_for_special_tokens(tok):
+    assert tok.special_token_id("<|end|>") == tok.token_to_id("<|end|>")
+    one_token = next(t for t in (".", ",", "e", "th") if tok.token_to_id(t) is not None)
+    assert tok.special_token_id(one_token) is None  # ordinary: merges may put it inside a longer token
+    assert tok.special_token_id("<|end|> ") is None and tok.special_token_id("nope") is None

@@ -49,6 +49,38 @@ def test_checkpoints_carry_the_tokenizer_when_the_shards_name_its_folder(corpus_
     assert (last / "tokenizer.json").read_bytes() == (root / "tok" / "tokenizer.json").read_bytes()
 
 
+@pytest.mark.hf
+@pytest.mark.parametrize("bos", [False, True])
+def test_checkpoints_record_the_datas_bos_convention(corpus_dir, tmp_path, bos):
+    """Whatever the tokenizer folder said (here an old one naming a BOS), a checkpoint declares what the
+    shards hold: with bos=false no BOS, so HF's bos_token_id is None and EOS precedes a document."""
+    import shutil
+
+    tf = pytest.importorskip("transformers")
+    from llmlab.data.prepare import PrepareConfig
+    from llmlab.data.prepare import run as prepare
+    from llmlab.tokenizer import load_tokenizer
+
+    root = corpus_dir.parent
+    shutil.copytree(root / "tok", tmp_path / "tok")
+    config_file = tmp_path / "tok" / "tokenizer_config.json"
+    config = {k: v for k, v in json.loads(config_file.read_text()).items() if k != "add_bos_token"}
+    config_file.write_text(json.dumps({**config, "bos_token": "<|bos|>"}))  # as llmlab wrote it before
+    manifest = prepare(PrepareConfig(inputs=[str(root / "docs")], out_dir=str(tmp_path / "data"),
+                                     tokenizer=str(tmp_path / "tok"), val_frac=0.2, seed=0, bos=bos))
+    run(_cfg(tmp_path / "data", tmp_path / "run", max_steps=2, **{"ckpt.every": 2}))
+    last = list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    tok = load_tokenizer(last)
+    assert tok.add_bos is bos and tok.document_start_id == (tok.bos_id if bos else tok.eos_id)
+    auto = tf.AutoTokenizer.from_pretrained(str(last))
+    assert (auto.bos_token_id, auto.eos_token_id) == (tok.bos_id if bos else None, tok.eos_id)
+    # the shards agree: the token just before the second document is document_start_id
+    ids = np.fromfile(tmp_path / "data" / "train_0000.bin", dtype=manifest["dtype"])
+    end = int(np.flatnonzero(ids == tok.eos_id)[0])
+    assert ids[end + 1 if bos else end] == tok.document_start_id
+    assert bool(ids[0] == tok.bos_id) is bos
+
+
 def _metrics(out_dir):
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -1,0 +1,282 @@
+"""Run a task against a model: build the requests, ask the model, filter the answers, score them.
+
+`evaluate_task(task, lm)` returns one `TaskResult`: per-sample records (what `samples.jsonl`
+holds) and per-metric values with bootstrap standard errors. Scores follow
+lm-evaluation-harness's definitions (`llmlab.eval.metrics`), so the same task file gives the
+same numbers under both.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from llmlab.eval import metrics as M
+from llmlab.eval.lm import EvalError
+from llmlab.eval.tasks import Filter, Prepared, Renderer, Task, gold_index, prepare
+
+
+@dataclass
+class TaskResult:
+    task: str
+    output_type: str
+    n: int
+    fewshot: int
+    seed: int
+    metrics: dict[str, float] = field(default_factory=dict)  # "metric" or "metric,filter" -> value
+    stderr: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # confusion matrices, per-group breakdowns
+    samples: list[dict] = field(default_factory=list)
+    version: Any = None
+
+
+def evaluate_task(task: Task, lm, *, renderer: Renderer | None = None, num_fewshot: int | None = None,
+                  limit: int | None = None, seed: int = 1234, bootstrap_iters: int = 1000,
+                  code_timeout: float = 5.0, prepared: Prepared | None = None) -> TaskResult:
+    """Score `lm` (a `LocalLM` or `ServerLM`) on `task`; `seed` draws the few-shot examples. `prepared`
+    is what `prepare` gave for these settings, when the caller has it already."""
+    if prepared is None:
+        prepared = prepare(task, renderer or Renderer(), num_fewshot=num_fewshot, limit=limit, seed=seed)
+    if any(isinstance(c, list) for c in prepared.contexts):  # chat messages: this model's own template
+        prepared = replace(prepared, contexts=[lm.chat_prompt(c) if isinstance(c, list) else c
+                                               for c in prepared.contexts], stops=[lm.chat_stop])
+    result = TaskResult(task.name, task.output_type, len(prepared.docs), prepared.fewshot, seed, version=task.version)
+    scorer = {"multiple_choice": _multiple_choice, "loglikelihood": _loglikelihood,
+              "loglikelihood_rolling": _rolling, "generate_until": _generate}[task.output_type]
+    per_sample, aggregates = scorer(task, prepared, lm, result, code_timeout)
+    for key, (values, aggregate) in aggregates.items():
+        result.metrics[key] = aggregate(values)
+        result.stderr[key] = M.bootstrap_stderr(values, aggregate, iters=bootstrap_iters, seed=seed)
+    if task.group_by is not None:  # per-sample scores by group: the synthetic tasks' per-task accuracy
+        groups: dict[str, list[int]] = {}
+        for i, d in enumerate(prepared.docs):
+            groups.setdefault(str(d.get(task.group_by)), []).append(i)
+        result.extra["by_" + task.group_by] = {
+            g: {k: M.mean([per_sample[i][k] for i in rows]) for k in result.metrics if k in per_sample[rows[0]]}
+            for g, rows in groups.items()}
+    result.samples = per_sample
+    return result
+
+
+def _sample(prepared: Prepared, i: int, **fields) -> dict:
+    return {"doc_id": i, "where": prepared.where[i], "context": prepared.contexts[i], **fields}
+
+
+# --------------------------------------------------------------------------- log-likelihood tasks
+
+
+def _multiple_choice(task: Task, p: Prepared, lm, result: TaskResult, _limits):
+    requests, owner = [], []
+    for i, (ctx, choices) in enumerate(zip(p.contexts, p.choices)):
+        for c in choices:
+            requests.append((ctx, task.target_delimiter + c))
+            owner.append(i)
+    answers = lm.loglikelihood(requests)
+    per_doc: list[list[tuple[float, bool]]] = [[] for _ in p.docs]
+    for i, a in zip(owner, answers):
+        per_doc[i].append(a)
+    wanted = [m for m, _ in task.metrics]
+    samples, columns = [], {m: [] for m in wanted}
+    golds, preds, confidences, correct = [], [], [], []
+    for i, scores in enumerate(per_doc):
+        lls = [s for s, _ in scores]
+        gold = gold_index(task, p.targets[i], p.choices[i], p.where[i])
+        s = M.choice_scores(lls, p.choices[i], gold)
+        first = gold if isinstance(gold, int) else gold[0]
+        golds.append(p.choices[i][first])
+        preds.append(p.choices[i][s["pred"]])
+        confidences.append(s["confidence"])
+        correct.append(s["acc"])
+        row = {"acc": s["acc"], "acc_norm": s["acc_norm"], "brier_score": s["brier_score"],
+               "likelihood_gap": lls[first] - max((x for j, x in enumerate(lls) if j != first), default=lls[first])}
+        for m in wanted:
+            if m in row:
+                columns[m].append(row[m])
+        samples.append(_sample(p, i, choices=p.choices[i], target=gold, loglikelihoods=lls,
+                               greedy=[g for _, g in scores], pred=s["pred"],
+                               **{m: row[m] for m in wanted if m in row}))
+    aggregates = {m: (columns[m], M.mean) for m in wanted if m in ("acc", "acc_norm", "brier_score", "likelihood_gap")}
+    if "f1" in wanted:
+        pairs = list(zip(golds, preds))
+        aggregates["f1"] = (pairs, lambda ps: M.classification_report([g for g, _ in ps],
+                                                                       [q for _, q in ps])["macro_f1"])
+        result.extra["classification"] = M.classification_report(golds, preds)
+    if "ece" in wanted:
+        pairs = list(zip(confidences, correct))
+        aggregates["ece"] = (pairs, lambda ps: M.expected_calibration_error([c for c, _ in ps], [a for _, a in ps]))
+    return samples, aggregates
+
+
+def _loglikelihood(task: Task, p: Prepared, lm, _result, _limits):
+    targets = [str(t) for t in p.targets]
+    answers = lm.loglikelihood(list(zip(p.contexts, targets)))
+    samples = [_sample(p, i, target=t, loglikelihood=ll, greedy=g)
+               for i, (t, (ll, g)) in enumerate(zip(targets, answers))]
+    lls = [ll for ll, _ in answers]
+    aggregates = {}
+    wanted = [m for m, _ in task.metrics]
+    if "perplexity" in wanted:  # the harness's perplexity of a loglikelihood task: exp(-mean log p)
+        aggregates["perplexity"] = (lls, lambda xs: math.exp(min(-M.mean(xs), 700.0)))
+    if "acc" in wanted:
+        aggregates["acc"] = ([float(g) for _, g in answers], M.mean)
+    return samples, aggregates
+
+
+def _rolling(task: Task, p: Prepared, lm, _result, _limits):
+    texts = [str(t) for t in p.targets] if task.doc_to_target is not None else [str(t) for t in p.texts]
+    lls = lm.loglikelihood_rolling(texts)
+    counts = [(ll, len(re.split(r"\s+", t)), len(t.encode("utf-8")), _n_tokens(lm, t)) for ll, t in zip(lls, texts)]
+    samples = [_sample(p, i, loglikelihood=ll, words=w, bytes=b, tokens=n)
+               for i, (ll, w, b, n) in enumerate(counts)]
+    aggregates = {}
+    for m, _ in task.metrics:
+        unit = {"word_perplexity": 1, "byte_perplexity": 2, "bits_per_byte": 2, "token_perplexity": 3}[m]
+        if m == "bits_per_byte":
+            aggregates[m] = (counts, lambda cs: M.bits_per_byte([c[0] for c in cs], [c[2] for c in cs]))
+        else:
+            aggregates[m] = (counts, lambda cs, u=unit: M.perplexity([c[0] for c in cs], [c[u] for c in cs]))
+    return samples, aggregates
+
+
+def _n_tokens(lm, text: str) -> int:
+    encode = getattr(lm, "encode", None)
+    return len(encode(text)) if encode is not None else 0
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def _generate(task: Task, p: Prepared, lm, result: TaskResult, code_timeout: float):
+    gen = dict(task.generation_kwargs)
+    gen["until"] = list(gen.get("until") or []) + p.stops
+    requests = [(ctx, gen) for ctx in p.contexts for _ in range(task.repeats)]
+    outputs = lm.generate_until(requests)
+    responses = [outputs[i * task.repeats:(i + 1) * task.repeats] for i in range(len(p.docs))]
+    golds = [_gold_text(task, p, i) for i in range(len(p.docs))]
+    samples = [_sample(p, i, target=golds[i], responses=responses[i]) for i in range(len(p.docs))]
+    aggregates: dict[str, tuple[list, Any]] = {}
+    for flt in task.filters:
+        filtered = [apply_filter(flt, r) for r in responses]
+        suffix = "" if flt.name == "none" and len(task.filters) == 1 else f",{flt.name}"
+        for i, s in enumerate(samples):
+            s.setdefault("filtered", {})[flt.name] = filtered[i]
+        for metric, options in task.metrics:
+            key = metric + suffix
+            if metric == "pass_at_k":
+                _pass_at_k(task, p, filtered, options, aggregates, samples, suffix, code_timeout)
+                continue
+            if metric in ("bleu", "rouge1", "rouge2", "rougeL"):
+                pairs = [(_first(f), g[0]) for f, g in zip(filtered, golds)]
+                agg = (lambda ps: M.bleu([a for a, _ in ps], [b for _, b in ps])) if metric == "bleu" else \
+                    (lambda ps, m=metric: M.rouge([a for a, _ in ps], [b for _, b in ps])[m])
+                aggregates[key] = (pairs, agg)
+                continue
+            values = []
+            for i, (f, g) in enumerate(zip(filtered, golds)):
+                answer = _first(f)
+                if metric == "exact_match":
+                    v = float(any(M.exact_match(answer, ref, **options) for ref in g))
+                elif metric == "f1":
+                    v = max(M.token_f1(answer, ref) for ref in g)
+                else:  # check
+                    if task.checker is None:
+                        raise EvalError(f"{task.source}: metric `check` needs a task with a checker function "
+                                        "(built-in tasks have one)")
+                    v = float(task.checker(p.docs[i], answer))
+                values.append(v)
+                samples[i][key] = v
+            aggregates[key] = (values, M.mean)
+    return samples, aggregates
+
+
+def _first(filtered: list) -> str:
+    return str(filtered[0]) if filtered else ""
+
+
+def _gold_text(task: Task, p: Prepared, i: int) -> list[str]:
+    """The reference answers of a document: the target, or the choice it indexes."""
+    target = p.targets[i]
+    if p.choices is not None:
+        g = gold_index(task, target, p.choices[i], p.where[i])
+        return [p.choices[i][j] for j in (g if isinstance(g, list) else [g])]
+    if isinstance(target, list):
+        return [str(t) for t in target]
+    if target is None:
+        return [""]
+    return [str(target)]
+
+
+def apply_filter(flt: Filter, responses: list[str]) -> list[str]:
+    """A response list through a filter pipeline (the harness's filter functions)."""
+    from llmlab.generate.prompting import extract_answer
+
+    out = list(responses)
+    for name, options in flt.steps:
+        if name == "regex":
+            pattern = re.compile(options.get("regex_pattern", r"#### (\-?[0-9\.\,]+)"))
+            group, fallback = int(options.get("group_select", 0)), options.get("fallback", "[invalid]")
+            picked = []
+            for r in out:
+                found = pattern.findall(r if isinstance(r, str) else "")
+                if not found:
+                    picked.append(fallback)
+                    continue
+                m = found[group] if -len(found) <= group < len(found) else found[0]
+                if isinstance(m, tuple):
+                    m = next((x for x in m if x), fallback)
+                picked.append(m.strip())
+            out = picked
+        elif name == "take_first":
+            out = out[:1]
+        elif name == "take_first_k":
+            out = out[:int(options.get("k", 1))]
+        elif name == "remove_whitespace":
+            out = [r.strip() for r in out]
+        elif name == "lowercase":
+            out = [r.lower() for r in out]
+        elif name == "uppercase":
+            out = [r.upper() for r in out]
+        elif name == "majority_vote":
+            out = [Counter(out).most_common(1)[0][0]] if out else out
+        elif name == "extract_answer":  # llmlab's: "The answer is X", else the last number
+            out = [extract_answer(r) or "[invalid]" for r in out]
+    return out
+
+
+def _pass_at_k(task: Task, p: Prepared, filtered: list[list[str]], options: dict, aggregates, samples,
+               suffix: str, code_timeout: float) -> None:
+    from llmlab.eval.coderun import Limits, pass_at_k, run_many
+
+    if task.tests is None:
+        raise EvalError(f"{task.source}: metric pass_at_k needs a task whose documents carry unit tests")
+    ks = options.get("k", [1])
+    ks = [ks] if isinstance(ks, int) else list(ks)
+    runs = [(_program(p, i, answer), task.tests(p.docs[i])) for i, answers in enumerate(filtered) for answer in answers]
+    outcomes = run_many(runs, Limits(timeout=code_timeout))
+    at = 0
+    per_doc = []
+    for i, answers in enumerate(filtered):
+        got = outcomes[at:at + len(answers)]
+        at += len(answers)
+        per_doc.append((len(answers), sum(o.passed for o in got)))
+        samples[i]["tests"] = [o.status for o in got]
+    for k in ks:
+        if any(n < k for n, _ in per_doc):
+            raise EvalError(f"{task.source}: pass@{k} needs at least {k} samples per problem; set repeats >= {k}")
+        values = [pass_at_k(n, c, k) for n, c in per_doc]
+        for s, v in zip(samples, values):
+            s[f"pass@{k}{suffix}"] = v
+        aggregates[f"pass@{k}{suffix}"] = (values, M.mean)
+
+
+def _program(p: Prepared, i: int, answer: str) -> str:
+    """A code task's program: the prompt (signature and docstring) completed by the answer, unless
+    the answer restates the whole function."""
+    from llmlab.eval.coderun import extract_code
+
+    code = extract_code(answer)
+    prompt = p.docs[i].get("prompt", p.texts[i])
+    return code if code.lstrip().startswith(("def ", "import ", "from ")) else prompt + code

@@ -1,0 +1,419 @@
+"""What the evaluator asks of a model: three requests, with lm-evaluation-harness's semantics.
+
+- `loglikelihood([(context, continuation)])` -> [(log p(continuation | context), is_greedy)]
+- `loglikelihood_rolling([text])` -> [log p(text)], the whole text scored in windows of the context
+- `generate_until([(context, gen_kwargs)])` -> [text], greedy or sampled until a stop string
+
+`LocalLM` answers them with an llmlab model in this process; `ServerLM` with any OpenAI-compatible
+completions endpoint (`llmlab serve`, vLLM, ...). Both tokenize as the harness does, so a task
+gets the same scores here as under `lm_eval --model hf`:
+
+- a context's trailing whitespace moves to the continuation, and the continuation's tokens are
+  those of `encode(context + continuation)` after the first `len(encode(context))`;
+- nothing is added before a context; an empty context is the document-start token (the token that
+  precedes every document in training: BOS when the tokenizer declares one, else EOS);
+- a text longer than the context is scored in disjoint windows, each token predicted once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from torch import nn
+
+from llmlab.common import LlmlabError
+from llmlab.generate.engine import Score, context_length, score_continuations
+from llmlab.generate.sampling import SamplingParams
+from llmlab.generate.scheduler import Scheduler
+from llmlab.generate.scheduler import Sequence as Running
+from llmlab.generate.text import stop_string_check
+
+DEFAULT_MAX_GEN_TOKS = 256  # lm-evaluation-harness's default for generate_until
+TOKEN_BUDGET = 16384  # tokens of context and continuation scored in one batch
+
+
+class EvalError(LlmlabError):
+    """A model or a request the evaluator cannot use; the message says why."""
+
+
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """The checkpoint folder that `path` names: a folder with config.json (llmlab or HF format), or a
+    run directory, whose newest complete checkpoint (or `final/` folder) is used."""
+    path = Path(path)
+    if not path.exists():
+        raise EvalError(f"{path}: no such checkpoint or run directory")
+    if not path.is_dir():
+        raise EvalError(f"{path}: is a file; give a checkpoint folder or a run directory")
+    if (path / "config.json").is_file():
+        return path
+    if (path / "final" / "config.json").is_file():
+        return path / "final"
+    ckpts = sorted(p for p in (path / "checkpoints").glob("step-*") if (p / "config.json").is_file()) \
+        if (path / "checkpoints").is_dir() else []
+    if ckpts:
+        return ckpts[-1]
+    if (path / "adapter_config.json").is_file():
+        raise EvalError(f"{path}: holds a LoRA adapter only; merge it into its base first "
+                        f"(`llmlab convert BASE --adapter {path} --to llmlab --out MERGED`)")
+    raise EvalError(f"{path}: not a checkpoint (no config.json) nor a run directory (no checkpoints/ inside)")
+
+
+def model_hash(folder: Path) -> str:
+    """SHA-256 (first 16 hex digits) of a checkpoint's config.json and weight files, in name order."""
+    digest = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.name == "config.json" or f.suffix in (".safetensors", ".bin"):
+            digest.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def rolling_windows(tokens: Sequence[int], prefix: int, max_len: int) -> list[tuple[list[int], list[int]]]:
+    """(context, targets) windows that predict every token of `tokens` exactly once with inputs of at
+    most `max_len` tokens: the first window predicts the first max_len tokens from `prefix`; each
+    further one the next max_len from the one token before them, except that the last, shorter
+    window keeps as much earlier text as fits (lm-evaluation-harness's disjoint rolling windows with
+    a context of one token)."""
+    tokens = list(tokens)
+    if not tokens:
+        return []
+    first = min(max_len, len(tokens))
+    windows = [([prefix], tokens[:first])]
+    done = first
+    while done < len(tokens):
+        n = min(len(tokens) - done, max_len)
+        end = done + n
+        inputs = tokens[max(0, end - max_len - 1):end - 1]
+        windows.append((inputs[:len(inputs) - (n - 1)], tokens[end - n:end]))
+        done = end
+    return windows
+
+
+def fit_pairs(pairs: Sequence[tuple[list[int], list[int]]], max_len: int
+              ) -> tuple[list[tuple[list[int], list[int]]], list[int]]:
+    """(context, continuation) pairs that fit a context of `max_len`, and the pair each came from: a
+    pair whose continuation alone is longer than that is scored in rolling windows, the first
+    conditioned on the context's last token; a longer context keeps its newest tokens (as the
+    harness truncates)."""
+    out, owner = [], []
+    for i, (ctx, cont) in enumerate(pairs):
+        if not cont:
+            raise EvalError("a continuation encodes to no tokens; it cannot be scored")
+        if len(cont) > max_len:
+            windows = rolling_windows(cont, ctx[-1], max_len)
+        elif len(ctx) + len(cont) > max_len + 1:
+            windows = [((list(ctx) + list(cont))[-(max_len + 1):][:-len(cont)], cont)]
+        else:
+            windows = [(ctx, cont)]
+        out += windows
+        owner += [i] * len(windows)
+    return out, owner
+
+
+def score_pairs(pairs: Sequence[tuple[list[int], list[int]]], max_len: int,
+                score: Callable[[list[tuple[list[int], list[int]]]], list[Score]]) -> list[Score]:
+    """`score` (which takes pairs that fit the context) applied to any pairs: fitted by `fit_pairs`,
+    and the windows of one pair summed back into one score."""
+    fitted, owner = fit_pairs(pairs, max_len)
+    out: list = [None] * len(pairs)
+    for i, s in zip(owner, score(fitted)):
+        out[i] = s if out[i] is None else Score(out[i].logprob + s.logprob, out[i].greedy and s.greedy,
+                                                out[i].token_logprobs + s.token_logprobs)
+    return out
+
+
+def encode_pair(encode: Callable[[str], list[int]], prefix_id: int, context: str, continuation: str
+                ) -> tuple[list[int], list[int]]:
+    """The harness's tokens of a (context, continuation) request: trailing whitespace of the context
+    moves to the continuation, whose tokens are those of the whole text after the context's; an
+    empty context is the document-start token."""
+    if context == "":
+        cont = encode(continuation)
+        return ([prefix_id], cont) if not cont or cont[0] != prefix_id else (cont[:1], cont[1:])
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    whole, ctx = encode(context + continuation), encode(context)
+    return ctx, whole[len(ctx):]
+
+
+def rolling_loglikelihood(lm, texts: Sequence[str]) -> list[float]:
+    """Total log-likelihood of each text, scored in `rolling_windows` by `lm.score_tokens`."""
+    windows, owner = [], []
+    for i, text in enumerate(texts):
+        for w in rolling_windows(lm.encode(text), lm.prefix_id, lm.max_length):
+            windows.append(w)
+            owner.append(i)
+    totals = [0.0] * len(texts)
+    for i, s in zip(owner, lm.score_tokens(windows)):
+        totals[i] += s.logprob
+    return totals
+
+
+def generation_settings(kwargs: dict, where: str) -> tuple[list[str], int, float]:
+    """(stop strings, max new tokens, temperature) from lm-evaluation-harness's gen_kwargs."""
+    known = {"until", "max_gen_toks", "max_tokens", "do_sample", "temperature"}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise EvalError(f"{where}: generation_kwargs {unknown} are not supported (llmlab knows {sorted(known)})")
+    until = kwargs.get("until") or []
+    until = [until] if isinstance(until, str) else list(until)
+    if not all(isinstance(s, str) for s in until):
+        raise EvalError(f"{where}: generation_kwargs.until must be a string or a list of strings, got {until!r}")
+    max_new = kwargs.get("max_gen_toks", kwargs.get("max_tokens", DEFAULT_MAX_GEN_TOKS))
+    if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
+        raise EvalError(f"{where}: generation_kwargs.max_gen_toks must be an integer >= 1, got {max_new!r}")
+    temperature = kwargs.get("temperature", 0.0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 100:
+        raise EvalError(f"{where}: generation_kwargs.temperature must be a number in [0, 100], got {temperature!r}")
+    if not kwargs.get("do_sample", False):
+        temperature = 0.0
+    return [s for s in until if s], max_new, float(temperature)
+
+
+def cut_at_stops(text: str, stops: Sequence[str]) -> str:
+    """The text before the first stop string (the harness splits on each in turn: the same)."""
+    for s in stops:
+        text = text.split(s)[0]
+    return text
+
+
+class LocalLM:
+    """An llmlab model and its tokenizer, answering the evaluator's requests in batches."""
+
+    def __init__(self, model: nn.Module, tokenizer, *, batch_size: int = 32, name: str = "model",
+                 hash: str | None = None, seed: int = 1234, template=None):
+        self.model, self.tokenizer, self.template = model.eval(), tokenizer, template
+        self.batch_size, self.name, self.hash, self.seed = batch_size, name, hash, seed
+        self.max_length = context_length(model)
+        start = getattr(tokenizer, "document_start_id", None)
+        self.prefix_id = start if start is not None else (
+            tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id)
+        if self.prefix_id is None:
+            raise EvalError("the tokenizer has neither a BOS nor an EOS token to start a document with")
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike, *, device: str = "cpu", dtype: str = "auto",
+                  batch_size: int = 32, seed: int = 1234) -> LocalLM:
+        from llmlab.common import choose_device, choose_dtype
+        from llmlab.models.io import load_model
+        from llmlab.tokenizer import load_tokenizer
+
+        folder = resolve_model_dir(path)
+        dev = choose_device(device, "device")
+        torch_dtype = None if dtype in ("auto", "float32", "fp32") else choose_dtype(dtype, dev, "dtype")
+        from llmlab.tokenizer.chat import load_chat_template
+
+        model = load_model(folder, dev, dtype=torch_dtype)
+        return cls(model, load_tokenizer(folder), batch_size=batch_size, name=str(path), hash=model_hash(folder),
+                   seed=seed, template=load_chat_template(folder))
+
+    # ------------------------------------------------------------------ chat
+
+    def _template(self):
+        if self.template is None:
+            from llmlab.tokenizer.chat import builtin_template
+
+            self.template = builtin_template("llmlab")
+        return self.template
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """The conversation rendered with the checkpoint's chat template, ready for the reply."""
+        return self._template().render(messages, add_generation_prompt=True)
+
+    @property
+    def chat_stop(self) -> str:
+        return self._template().stop
+
+    # ------------------------------------------------------------------ tokenization
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    # ------------------------------------------------------------------ requests
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        pairs = [encode_pair(self.encode, self.prefix_id, c, x) for c, x in requests]
+        return [(s.logprob, s.greedy) for s in self.score_tokens(pairs)]
+
+    def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
+        return rolling_loglikelihood(self, texts)
+
+    def score_tokens(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[Score]:
+        """Scores of token-id (context, continuation) pairs, in order (`fit_pairs` fits each to the
+        context window). Pairs with the same context share its prefill."""
+        return score_pairs(pairs, self.max_length, self._score)
+
+    def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[Score]:
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (ctx, _) in enumerate(pairs):
+            groups.setdefault(tuple(ctx), []).append(i)
+        order = sorted(groups, key=lambda c: -(len(c) + max(len(pairs[i][1]) for i in groups[c])))
+        out: list = [None] * len(pairs)
+        batch: list[tuple[int, ...]] = []
+        cost = 0
+        for ctx in order + [None]:
+            if ctx is not None:
+                width = len(ctx) + max(len(pairs[i][1]) for i in groups[ctx])
+                rows = len(groups[ctx])
+            if batch and (ctx is None or len(batch) >= self.batch_size or cost + width * rows > TOKEN_BUDGET):
+                scored = score_continuations(self.model, [(list(c), [pairs[i][1] for i in groups[c]]) for c in batch])
+                for c, scores in zip(batch, scored):
+                    for i, s in zip(groups[c], scores):
+                        out[i] = s
+                batch, cost = [], 0
+            if ctx is not None:
+                batch.append(ctx)
+                cost += width * rows
+        return out
+
+    def generate_until(self, requests: Sequence[tuple[str, dict]]) -> list[str]:
+        """Completions through the continuous-batching scheduler: each stops at its first stop string,
+        EOS or max_gen_toks, and its prompt keeps its newest tokens when it does not fit."""
+        sched = Scheduler(self.model, max_batch=self.batch_size)
+        eos = self.tokenizer.eos_id
+        running = []
+        for i, (context, kwargs) in enumerate(requests):
+            stops, max_new, temperature = generation_settings(kwargs, f"request {i}")
+            max_new = min(max_new, self.max_length - 1)
+            ids = self.encode(context)[-(self.max_length - max_new):] or [self.prefix_id]
+            params = SamplingParams(max_new_tokens=max_new, temperature=temperature,
+                                    stop_token_ids=(eos,) if eos is not None else ())
+            check = stop_string_check(self.tokenizer, stops)
+            running.append((sched.add(Running(ids, params, seed=self.seed + i, stop_check=check)), stops))
+        while sched.busy:
+            sched.step()
+        texts = []
+        for seq, stops in running:
+            out = seq.output[:-1] if seq.output and seq.output[-1] == eos else seq.output
+            texts.append(cut_at_stops(self.tokenizer.decode(out, skip_special=True), stops))
+        return texts
+
+
+class ServerLM:
+    """Any OpenAI-compatible completions endpoint. Log-likelihoods come from `echo` with `logprobs`;
+    with the server's `/tokenize` route (llmlab serve, vLLM) prompts are sent as token ids split as
+    `LocalLM` splits them, otherwise as text, the continuation found by its character offset."""
+
+    def __init__(self, base_url: str, *, model: str | None = None, api_key: str | None = None,
+                 batch_size: int = 16, timeout: float = 300.0, seed: int = 1234):
+        self.root = base_url.rstrip("/").removesuffix("/completions").removesuffix("/v1")
+        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        self.batch_size, self.timeout, self.seed = batch_size, timeout, seed
+        self.model_id = model or self._first_model()
+        self.name, self.hash = f"{self.root} ({self.model_id})", None
+        self.info = self._optional("GET", "/tokenizer_info")
+        self.max_length = int((self.info or {}).get("model_max_length") or 2048)
+        self.prefix_id = None
+        if self.info is not None:
+            start = self.info.get("bos_token") or self.info.get("eos_token")
+            self.prefix_id = self.encode(start)[0] if start else None
+
+    # ------------------------------------------------------------------ HTTP
+
+    def _call(self, method: str, route: str, body: dict | None = None) -> dict:
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.root + route, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            detail = e.read()[:500].decode(errors="replace")
+            raise EvalError(f"{self.root}{route}: HTTP {e.code}: {detail}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise EvalError(f"{self.root}{route}: cannot reach the server: {getattr(e, 'reason', e)}") from None
+        except json.JSONDecodeError:
+            raise EvalError(f"{self.root}{route}: the answer is not JSON") from None
+
+    def _optional(self, method: str, route: str, body: dict | None = None) -> dict | None:
+        try:
+            return self._call(method, route, body)
+        except EvalError:
+            return None
+
+    def _first_model(self) -> str:
+        models = self._call("GET", "/v1/models").get("data") or []
+        if not models:
+            raise EvalError(f"{self.root}/v1/models lists no model; name one with --server-model")
+        return str(models[0]["id"])
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._call("POST", "/tokenize", {"prompt": text, "add_special_tokens": False})["tokens"])
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        raise EvalError(f"{self.root}: chat tasks render the checkpoint's chat template; evaluate the checkpoint "
+                        "itself, or a task with plain-text prompts")
+
+    chat_stop = ""
+
+    # ------------------------------------------------------------------ requests
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        if self.info is None:
+            return self._loglikelihood_text(requests)
+        pairs = [encode_pair(self.encode, self.prefix_id, c, x) for c, x in requests]
+        return [(s.logprob, s.greedy) for s in self.score_tokens(pairs)]
+
+    def score_tokens(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[Score]:
+        return score_pairs(pairs, self.max_length, self._score)
+
+    def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[Score]:
+        out = []
+        for start in range(0, len(pairs), self.batch_size):
+            chunk = [(list(c) + list(x), len(x)) for c, x in pairs[start:start + self.batch_size]]
+            answer = self._call("POST", "/v1/completions", {
+                "model": self.model_id, "prompt": [ids for ids, _ in chunk], "max_tokens": 1, "temperature": 0,
+                "logprobs": 1, "echo": True, "seed": self.seed})
+            choices = sorted(answer["choices"], key=lambda c: c["index"])
+            for (ids, n), choice in zip(chunk, choices):
+                lp = choice["logprobs"]
+                scored = lp["token_logprobs"][len(ids) - n:len(ids)]
+                tops = lp["top_logprobs"][len(ids) - n:len(ids)]
+                greedy = all(t is not None and v >= max(t.values()) for v, t in zip(scored, tops))
+                out.append(Score(float(sum(scored)), greedy, list(scored)))
+        return out
+
+    def _loglikelihood_text(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        out = []
+        for context, continuation in requests:
+            if context == "":
+                raise EvalError(f"{self.root}: scoring text with an empty context needs the server's /tokenize route")
+            answer = self._call("POST", "/v1/completions", {
+                "model": self.model_id, "prompt": context + continuation, "max_tokens": 1, "temperature": 0,
+                "logprobs": 1, "echo": True, "seed": self.seed})
+            lp = answer["choices"][0]["logprobs"]
+            n_prompt = len(lp["token_logprobs"]) - 1
+            picked = [i for i in range(n_prompt) if lp["text_offset"][i] >= len(context)]
+            scored = [lp["token_logprobs"][i] for i in picked]
+            greedy = all(v >= max(lp["top_logprobs"][i].values()) for i, v in zip(picked, scored))
+            out.append((float(sum(scored)), greedy))
+        return out
+
+    def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
+        if self.info is None or self.prefix_id is None:
+            raise EvalError(f"{self.root}: rolling perplexity needs the server's /tokenizer_info and /tokenize routes")
+        return rolling_loglikelihood(self, texts)
+
+    def generate_until(self, requests: Sequence[tuple[str, dict]]) -> list[str]:
+        texts = []
+        for i, (context, kwargs) in enumerate(requests):
+            stops, max_new, temperature = generation_settings(kwargs, f"request {i}")
+            body = {"model": self.model_id, "prompt": context, "max_tokens": max_new, "temperature": temperature,
+                    "seed": self.seed + i}
+            if stops:
+                body["stop"] = stops[:4]
+            answer = self._call("POST", "/v1/completions", body)
+            texts.append(cut_at_stops(answer["choices"][0]["text"], stops))
+        return texts
+

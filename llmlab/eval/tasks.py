@@ -28,6 +28,7 @@ import yaml
 
 from llmlab.data.ingest import jsonl_lines, parse_json
 from llmlab.eval.lm import EvalError, generation_settings
+from llmlab.tokenizer.chat import SANDBOX
 from llmlab.tokenizer.sandbox import RenderError, Sandbox
 
 OUTPUT_TYPES = ("multiple_choice", "loglikelihood", "loglikelihood_rolling", "generate_until")
@@ -110,10 +111,11 @@ class Task:
 
 
 class Renderer:
-    """Turns a task's doc_to_* specs into values, rendering Jinja in the template sandbox in batches."""
+    """Turns a task's doc_to_* specs into values, rendering Jinja in the template sandbox in batches
+    (by default the one chat templates use: one child process, started on first use)."""
 
     def __init__(self, sandbox: Sandbox | None = None):
-        self.sandbox = sandbox or Sandbox(seconds=1.0)
+        self.sandbox = sandbox or SANDBOX
 
     def values(self, task: Task, spec: Any, docs: list[dict], where: list[str], what: str) -> list[Any]:
         if spec is None:

@@ -97,17 +97,17 @@ def _child() -> None:
         seconds, max_chars = float(request["seconds"]), int(request["max_chars"])
         renders, texts = request["renders"], []
         try:
-            signal.setitimer(signal.ITIMER_REAL, seconds * max(1, len(renders)))
-            try:
-                for r in renders:
+            for r in renders:
+                signal.setitimer(signal.ITIMER_REAL, seconds)  # each render its own budget
+                try:
                     key = (bool(r.get("strict")), request["source"])
                     if key not in compiled:
                         if len(compiled) >= 16:
                             compiled.clear()
                         compiled[key] = envs[key[0]].from_string(key[1])
                     texts.append(_render(compiled[key], r, max_chars))
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
+                finally:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
             answer = {"texts": texts}
         except _OverBudget:
             answer = {"error": f"rendering took more than its budget of {seconds:g} s"}

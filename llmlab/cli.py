@@ -125,7 +125,8 @@ def build_parser(argv: list[str] = ()) -> argparse.ArgumentParser:
     p = verbs.add_parser("eval", help="evaluate models on tasks: built-in, or lm-evaluation-harness task YAMLs",
                          description="Score one or more models (llmlab checkpoints, run directories, HF folders, or "
                          "OpenAI-compatible servers) on tasks: built-in names, lm-evaluation-harness task YAMLs for "
-                         "local data, or folders of them. Writes results.json, samples.jsonl and a table.",
+                         "local data or folders of them, text files (perplexity) or prepared data folders. Writes "
+                         "results.json, samples.jsonl and a table.",
                          formatter_class=argparse.RawDescriptionHelpFormatter,
                          epilog=_config_help("llmlab.eval.run", "EvalConfig") if argv[:1] == ["eval"] else None)
     p.add_argument("args", nargs="*", metavar="MODEL ... [key=value ...]",

@@ -45,7 +45,6 @@ from llmlab.train.pretrain import PretrainConfig, estimate_training_memory
 from llmlab.train.pretrain import run as pretrain
 
 PROMPTS = ("The for statement", "A class definition", "Exceptions are")
-EVAL_TASKS = ("pydoc-ppl", "pydoc-cloze", "bias")  # the built-in tasks a base model is scored on
 
 
 @dataclass
@@ -130,10 +129,10 @@ def run(cfg: DemoConfig, *, overwrite: bool = False) -> dict:
         print(style(f"  > {prompt}", "2") + c.text.replace("\n", " "))
 
     print(style(f"\n4/4 evaluation of the best checkpoint by validation loss: {best.name}", "1"))
-    from llmlab.eval.run import EvalConfig, table
+    from llmlab.eval.run import DEFAULT_TASKS, EvalConfig, table
     from llmlab.eval.run import run as evaluate
 
-    results = evaluate(EvalConfig(tasks=list(EVAL_TASKS), out_dir=str(out / "eval"), device="cpu"), [str(best)],
+    results = evaluate(EvalConfig(tasks=list(DEFAULT_TASKS), out_dir=str(out / "eval"), device="cpu"), [str(best)],
                        overwrite=overwrite, quiet=True)
     print("\n".join("  " + line for line in table(results).splitlines()))
     print(f"  per-document scores    {out / 'eval' / 'samples.jsonl'}")

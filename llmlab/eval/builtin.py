@@ -97,9 +97,11 @@ def _synth_check(doc: dict, answer: str) -> bool:
 
 def synth() -> list[Task]:
     """Zero-shot through the checkpoint's chat template (the format `llmlab finetune` trains)."""
+    from llmlab.data.sft import record_messages
+
     docs = _synth_records()
     return [Task("synth", "generate_until", docs, doc_to_target="output", checker=_synth_check,
-                 prompt=lambda d: [{"role": "user", "content": _synth_question(d)}],
+                 prompt=lambda d: record_messages(d, "synth")[:-1],  # the conversation fine-tuning trains on
                  metrics=[("check", {}), ("exact_match", {"ignore_whitespace": True})],
                  generation_kwargs={"until": [], "max_gen_toks": 32}, group_by="task", version=1)]
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from llmlab.eval import metrics as M
 from llmlab.eval.lm import EvalError
+from llmlab.eval.loss import IGNORE, token_loss
 from llmlab.eval.tasks import Filter, Prepared, Renderer, Task, gold_index, prepare
 
 
@@ -45,7 +45,7 @@ def evaluate_task(task: Task, lm, *, renderer: Renderer | None = None, num_fewsh
                                                for c in prepared.contexts], stops=[lm.chat_stop])
     result = TaskResult(task.name, task.output_type, len(prepared.docs), prepared.fewshot, seed, version=task.version)
     scorer = {"multiple_choice": _multiple_choice, "loglikelihood": _loglikelihood,
-              "loglikelihood_rolling": _rolling, "generate_until": _generate}[task.output_type]
+              "loglikelihood_rolling": _rolling, "generate_until": _generate, "tokens": _tokens}[task.output_type]
     per_sample, aggregates = scorer(task, prepared, lm, result, code_timeout)
     for key, (values, aggregate) in aggregates.items():
         result.metrics[key] = aggregate(values)
@@ -141,6 +141,57 @@ def _rolling(task: Task, p: Prepared, lm, _result, _limits):
     return samples, aggregates
 
 
+def _tokens(task: Task, p: Prepared, lm, _result, _limits):
+    """A prepared split's tokens: each document continues from the token before it, and is scored in
+    rows of the model's context by training's loss (`llmlab.eval.loss`), or through a server in the
+    harness's rolling windows."""
+    from llmlab.eval.lm import rolling_windows
+
+    shards = task.shards
+    sha = getattr(getattr(lm, "tokenizer", None), "sha256", None)
+    if sha is not None and sha() != shards.manifest.get("tokenizer_sha256"):
+        raise EvalError(f"{task.source}: these shards were tokenized with another tokenizer than the model's "
+                        f"(sha256 {shards.manifest.get('tokenizer_sha256', '?')[:12]} in the manifest); score the "
+                        "text itself instead (a task of its files), or prepare it with the model's tokenizer")
+    docs = [([int(shards.get(d["start"] - 1, 1)[0]) if d["start"] else lm.prefix_id],
+             shards.get(d["start"], d["tokens"]).tolist()) for d in p.docs]
+    model = getattr(lm, "model", None)
+    if model is not None:  # in process: training's own loss, computed blockwise without the logits
+        lls = [-token_loss(model, [_windows(prefix + ids, lm.max_length, next(model.parameters()).device)]).nats
+               for prefix, ids in docs]
+    else:
+        windows, owner = [], []
+        for i, (prefix, ids) in enumerate(docs):
+            for w in rolling_windows(ids, prefix[0], lm.max_length):
+                windows.append(w)
+                owner.append(i)
+        lls = [0.0] * len(p.docs)
+        for i, s in zip(owner, lm.score_tokens(windows)):
+            lls[i] += s.logprob
+    bytes_per_token = shards.bytes / max(len(shards), 1)
+    counts = [(ll, d["tokens"]) for ll, d in zip(lls, p.docs)]
+    samples = [_sample(p, i, loglikelihood=ll, tokens=n) for i, (ll, n) in enumerate(counts)]
+    aggregates = {
+        "token_perplexity": (counts, lambda cs: M.perplexity([c[0] for c in cs], [c[1] for c in cs])),
+        "bits_per_byte": (counts, lambda cs: M.bits_per_byte([c[0] for c in cs],
+                                                              [c[1] * bytes_per_token for c in cs]))}
+    return samples, {m: aggregates[m] for m, _ in task.metrics}
+
+
+def _windows(seq: list[int], length: int, device) -> dict:
+    """`seq` cut into rows of `length` inputs, each row's targets the next tokens (-100 past the end):
+    every token after the first predicted once, from the tokens before it in its row."""
+    import torch
+
+    rows = range(0, len(seq) - 1, length)
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    targets = torch.full((len(rows), length), IGNORE, dtype=torch.long)
+    for r, k in enumerate(rows):
+        chunk = torch.tensor(seq[k:k + length + 1])
+        ids[r, :len(chunk) - 1], targets[r, :len(chunk) - 1] = chunk[:-1], chunk[1:]
+    return {"input_ids": ids.to(device), "targets": targets.to(device)}
+
+
 def _n_tokens(lm, text: str) -> int:
     encode = getattr(lm, "encode", None)
     return len(encode(text)) if encode is not None else 0
@@ -211,7 +262,7 @@ def _gold_text(task: Task, p: Prepared, i: int) -> list[str]:
 
 def apply_filter(flt: Filter, responses: list[str]) -> list[str]:
     """A response list through a filter pipeline (the harness's filter functions)."""
-    from llmlab.generate.prompting import extract_answer
+    from llmlab.generate.prompting import extract_answer, majority_vote
 
     out = list(responses)
     for name, options in flt.steps:
@@ -239,8 +290,8 @@ def apply_filter(flt: Filter, responses: list[str]) -> list[str]:
             out = [r.lower() for r in out]
         elif name == "uppercase":
             out = [r.upper() for r in out]
-        elif name == "majority_vote":
-            out = [Counter(out).most_common(1)[0][0]] if out else out
+        elif name == "majority_vote":  # self-consistency's vote: the most frequent, ties to the first seen
+            out = [majority_vote(out)[0]] if out else out
         elif name == "extract_answer":  # llmlab's: "The answer is X", else the last number
             out = [extract_answer(r) or "[invalid]" for r in out]
     return out

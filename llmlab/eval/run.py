@@ -28,10 +28,12 @@ from llmlab.eval.lm import EvalError, LocalLM, ServerLM
 from llmlab.eval.tasks import Renderer, Task, load_tasks, prepare
 
 
+DEFAULT_TASKS = ("pydoc-ppl", "pydoc-cloze", "bias")  # what a base model is scored on
+
+
 @dataclass
 class EvalConfig:
-    # built-in names, task YAMLs, or folders of them
-    tasks: list[str] = field(default_factory=lambda: ["pydoc-ppl", "pydoc-cloze", "bias"])
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))  # built-ins, task YAMLs, text, data folders
     out_dir: str = "eval"  # results.json, samples.jsonl, config.yaml; absent or empty, or --overwrite
     num_fewshot: int | None = None  # few-shot examples per prompt; None: each task's own num_fewshot
     limit: int | None = None  # score only the first N documents of each task; None: all

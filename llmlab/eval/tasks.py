@@ -31,17 +31,19 @@ from llmlab.eval.lm import EvalError, generation_settings
 from llmlab.tokenizer.chat import SANDBOX
 from llmlab.tokenizer.sandbox import RenderError, Sandbox
 
-OUTPUT_TYPES = ("multiple_choice", "loglikelihood", "loglikelihood_rolling", "generate_until")
+HARNESS_OUTPUT_TYPES = ("multiple_choice", "loglikelihood", "loglikelihood_rolling", "generate_until")
+OUTPUT_TYPES = HARNESS_OUTPUT_TYPES + ("tokens",)  # tokens: perplexity of a prepared folder's token shards
 # the metrics each output type can report; the first ones are the defaults (as in the harness)
 METRICS = {
     "multiple_choice": ("acc", "acc_norm", "brier_score", "f1", "ece", "likelihood_gap"),
     "loglikelihood": ("perplexity", "acc"),
     "loglikelihood_rolling": ("word_perplexity", "byte_perplexity", "bits_per_byte", "token_perplexity"),
     "generate_until": ("exact_match", "f1", "check", "pass_at_k", "bleu", "rouge1", "rouge2", "rougeL"),
+    "tokens": ("token_perplexity", "bits_per_byte"),
 }
 DEFAULT_METRICS = {"multiple_choice": ("acc", "acc_norm"), "loglikelihood": ("perplexity", "acc"),
                    "loglikelihood_rolling": ("word_perplexity", "byte_perplexity", "bits_per_byte"),
-                   "generate_until": ("exact_match",)}
+                   "generate_until": ("exact_match",), "tokens": ("token_perplexity", "bits_per_byte")}
 EXACT_MATCH_OPTIONS = {"ignore_case", "ignore_punctuation", "ignore_numbers", "regexes_to_ignore", "ignore_whitespace"}
 FILTERS = ("regex", "take_first", "take_first_k", "remove_whitespace", "lowercase", "uppercase", "majority_vote",
            "extract_answer")
@@ -92,6 +94,7 @@ class Task:
     tests: Callable[[dict], str] | None = None  # metric "pass_at_k": the unit tests of a doc's program
     prompt: Callable[[dict], str | list] | None = None  # a built-in task's own prompt (text, or chat messages)
     group_by: str | None = None  # a document field whose values also get scores of their own
+    shards: Any = None  # output_type "tokens": the TokenShards whose windows the documents are
     version: Any = None
 
     def __post_init__(self):
@@ -186,6 +189,8 @@ def prepare(task: Task, renderer: Renderer, *, num_fewshot: int | None = None, l
     docs, where = task.docs[:limit], task.doc_where[:limit]
     if not docs:
         raise EvalError(f"{task.source}: task {task.name} has no documents")
+    if task.output_type == "tokens":  # token ids already: nothing to render
+        return Prepared(docs, where, [""] * len(docs), [None] * len(docs), None, [""] * len(docs), 0)
     k = task.num_fewshot if num_fewshot is None else num_fewshot
     if task.prompt is not None:
         k = 0
@@ -285,10 +290,16 @@ def _fewshot_contexts(task: Task, renderer: Renderer, docs: list[dict], texts: l
 
 
 def load_tasks(spec: str, *, builtins: dict[str, Callable[[], list[Task]]]) -> list[Task]:
-    """The tasks that `spec` names: a built-in name, a task YAML, or a folder of them."""
+    """The tasks that `spec` names: a built-in name; a task YAML or a folder of them; a `data prepare`
+    folder (perplexity of its test split, else its val split); or text (.txt, .md, .jsonl files or
+    a folder of them without task YAMLs: rolling perplexity per document)."""
+    from llmlab.data.shards import is_prepared
+
     path = Path(spec)
     if spec in builtins:
         return builtins[spec]()
+    if path.is_dir() and is_prepared(path):
+        return [shards_task(path)]
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.yaml") if p.is_file()) + sorted(p for p in path.rglob("*.yml"))
         tasks = []
@@ -296,13 +307,47 @@ def load_tasks(spec: str, *, builtins: dict[str, Callable[[], list[Task]]]) -> l
             raw = _read_yaml(f)[0]
             if isinstance(raw, dict) and "task" in raw:  # files without a task are included by others
                 tasks.append(load_task_file(f))
-        if not tasks:
-            raise EvalError(f"{path}: no task YAML (a file with a `task:` key) in this folder")
-        return tasks
+        return tasks or [text_task(path)]
+    if path.suffix in (".txt", ".md", ".jsonl") and path.exists():
+        return [text_task(path)]
     if path.suffix in (".yaml", ".yml") or path.exists():
         return [load_task_file(path)]
     names = ", ".join(sorted(builtins))
-    raise EvalError(f"unknown task {spec!r}: not a built-in task ({names}) nor a task YAML or folder")
+    raise EvalError(f"unknown task {spec!r}: not a built-in task ({names}), a task YAML or folder, a prepared "
+                    "data folder, nor a text file")
+
+
+PERPLEXITY_METRICS = ("token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
+CHUNK_TOKENS = 2048  # a prepared split is scored in documents of this many tokens
+
+
+def text_task(path: Path) -> Task:
+    """Rolling perplexity of the documents of text files (`llmlab.data.ingest.iter_documents`)."""
+    from llmlab.data.ingest import iter_documents
+
+    docs = list(iter_documents([path]))
+    if not docs:
+        raise EvalError(f"{path}: no documents to score (no .txt, .md or .jsonl text, and no task YAML)")
+    return Task(path.name or str(path), "loglikelihood_rolling", [{"text": d.text} for d in docs],
+                doc_to_target="text", metrics=[(m, {}) for m in PERPLEXITY_METRICS], source=str(path),
+                doc_where=[d.source for d in docs])
+
+
+def shards_task(path: Path) -> Task:
+    """Perplexity and bits per byte of a prepared folder's test split (its val split when it has no
+    test split), read in documents of CHUNK_TOKENS tokens, each scored in rolling windows of the
+    model's context that continue from the token before it."""
+    from llmlab.data.shards import TokenShards
+
+    splits = TokenShards(path, "train").manifest["splits"]
+    split = next((s for s in ("test", "val") if splits.get(s, {}).get("tokens")), None)
+    if split is None:
+        raise EvalError(f"{path}: a prepared folder without a test or val split; prepare it with val_frac > 0")
+    shards = TokenShards(path, split)
+    starts = range(0, len(shards), CHUNK_TOKENS)
+    docs = [{"start": s, "tokens": min(CHUNK_TOKENS, len(shards) - s)} for s in starts]
+    return Task(f"{path.name}:{split}", "tokens", docs, source=str(path), shards=shards,
+                doc_where=[f"{path} ({split} tokens {s}-)" for s in starts])
 
 
 def _read_yaml(path: Path) -> tuple[Any, dict[str, int]]:
@@ -381,8 +426,9 @@ def load_task_file(path: str | Path) -> Task:
 
     name = expect("task", (str,), "a string", path.stem)
     output_type = expect("output_type", (str,), "a string", "generate_until")
-    if output_type not in OUTPUT_TYPES:
-        raise EvalError(f"{at('output_type')}: output_type must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
+    if output_type not in HARNESS_OUTPUT_TYPES:
+        raise EvalError(f"{at('output_type')}: output_type must be one of {list(HARNESS_OUTPUT_TYPES)}, got "
+                        f"{output_type!r}")
     if cfg.get("dataset_path") != "json":
         raise EvalError(f"{at('dataset_path')}: dataset_path must be `json` (llmlab reads local JSON or JSONL files "
                         f"given by dataset_kwargs.data_files; datasets are never downloaded), got "

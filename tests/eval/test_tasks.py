@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -146,6 +147,8 @@ def test_generation_task_with_checker_and_self_consistency_vote(checkpoint):
     before = dict(synth.generation_kwargs)
     chat = evaluate_task(synth, lm, limit=3, bootstrap_iters=0)
     assert "<|user|>" in chat.samples[0]["context"]  # the checkpoint's chat template rendered the prompt
+    first = synth.docs[0]  # ... the conversation `llmlab finetune` trains on, to the letter
+    assert f"{first['instruction']}\n\n{first['input']}" in chat.samples[0]["context"]
     assert set(chat.extra["by_task"]) <= {"add", "subtract", "multiply"}
     assert synth.generation_kwargs == before  # the template's stop is this model's, never added to the task
 
@@ -184,3 +187,38 @@ def test_a_continuation_longer_than_the_context_is_scored_in_rolling_windows(che
     assert whole == pytest.approx(lm.loglikelihood_rolling([text])[0], abs=1e-4)
     short = lm.loglikelihood([("red cat", " dog")])[0][0]
     assert lm.loglikelihood([(" ".join(WORDS * 8) + " red cat", " dog")])[0][0] != short  # the newest context kept
+
+
+def test_text_files_and_prepared_folders_are_perplexity_tasks(tmp_path, checkpoint):
+    from llmlab.data.prepare import PrepareConfig
+    from llmlab.data.prepare import run as prepare_data
+    from llmlab.eval.lm import rolling_windows
+    from llmlab.tokenizer import train_bpe as train
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(30):
+        (corpus / f"d{i:02d}.txt").write_text(" ".join(WORDS[i % 7:] + WORDS[:i % 7]) + f" note {i}\n")
+    lm = LocalLM.from_path(checkpoint)
+    (text,) = load_tasks(str(corpus), builtins=BUILTIN_TASKS)
+    assert text.output_type == "loglikelihood_rolling" and len(text.docs) == 30
+    assert text.doc_where[0].endswith("d00.txt")
+    scored = evaluate_task(text, lm, bootstrap_iters=0)
+    assert set(scored.metrics) == {"token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"}
+
+    prepare_data(PrepareConfig(inputs=[str(corpus)], out_dir=str(tmp_path / "data"), tokenizer=str(checkpoint),
+                               val_frac=0.4, dedup="none", seed=0))
+    (tokens,) = load_tasks(str(tmp_path / "data"), builtins=BUILTIN_TASKS)
+    assert tokens.name == "data:val" and tokens.output_type == "tokens"
+    result = evaluate_task(tokens, lm, bootstrap_iters=0)
+    ids = tokens.shards.get(0, len(tokens.shards)).tolist()  # one chunk: the harness's rolling windows agree
+    windows = rolling_windows(ids, lm.prefix_id, lm.max_length)
+    total = sum(s.logprob for s in lm.score_tokens(windows))
+    assert result.metrics["token_perplexity"] == pytest.approx(math.exp(-total / len(ids)), rel=1e-4)
+
+    other = train([" ".join(WORDS)] * 20, vocab_size=280)
+    other.save(tmp_path / "other")
+    prepare_data(PrepareConfig(inputs=[str(corpus)], out_dir=str(tmp_path / "other_data"),
+                               tokenizer=str(tmp_path / "other"), val_frac=0.4, seed=0))
+    with pytest.raises(EvalError, match="tokenized with another tokenizer than the model's"):
+        evaluate_task(load_tasks(str(tmp_path / "other_data"), builtins=BUILTIN_TASKS)[0], lm, bootstrap_iters=0)

@@ -68,7 +68,7 @@ def _sample(prepared: Prepared, i: int, **fields) -> dict:
 # --------------------------------------------------------------------------- log-likelihood tasks
 
 
-def _multiple_choice(task: Task, p: Prepared, lm, result: TaskResult, _limits):
+def _multiple_choice(task: Task, p: Prepared, lm, result: TaskResult, _code_timeout):
     requests, owner = [], []
     for i, (ctx, choices) in enumerate(zip(p.contexts, p.choices)):
         for c in choices:
@@ -110,7 +110,7 @@ def _multiple_choice(task: Task, p: Prepared, lm, result: TaskResult, _limits):
     return samples, aggregates
 
 
-def _loglikelihood(task: Task, p: Prepared, lm, _result, _limits):
+def _loglikelihood(task: Task, p: Prepared, lm, _result, _code_timeout):
     targets = [str(t) for t in p.targets]
     answers = lm.loglikelihood(list(zip(p.contexts, targets)))
     samples = [_sample(p, i, target=t, loglikelihood=ll, greedy=g)
@@ -125,7 +125,7 @@ def _loglikelihood(task: Task, p: Prepared, lm, _result, _limits):
     return samples, aggregates
 
 
-def _rolling(task: Task, p: Prepared, lm, _result, _limits):
+def _rolling(task: Task, p: Prepared, lm, _result, _code_timeout):
     texts = [str(t) for t in p.targets] if task.doc_to_target is not None else [str(t) for t in p.texts]
     lls = lm.loglikelihood_rolling(texts)
     counts = [(ll, len(re.split(r"\s+", t)), len(t.encode("utf-8")), _n_tokens(lm, t)) for ll, t in zip(lls, texts)]
@@ -141,7 +141,7 @@ def _rolling(task: Task, p: Prepared, lm, _result, _limits):
     return samples, aggregates
 
 
-def _tokens(task: Task, p: Prepared, lm, _result, _limits):
+def _tokens(task: Task, p: Prepared, lm, _result, _code_timeout):
     """A prepared split's tokens: each document continues from the token before it, and is scored in
     rows of the model's context by training's loss (`llmlab.eval.loss`), or through a server in the
     harness's rolling windows."""

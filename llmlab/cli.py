@@ -209,7 +209,11 @@ def _convert(ns: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(argv)
+    try:
+        parser = build_parser(argv)  # imports a verb's module: Ctrl-C may land here
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     ns, extra = parser.parse_known_args(argv)
     if extra and (getattr(ns, "config_verb", None) or ns.verb == "eval") and not any(a.startswith("-") for a in extra):
         ns.args += extra  # overrides after a flag: `pretrain cfg.yaml --overwrite max_steps=5`

@@ -127,6 +127,9 @@ def _loglikelihood(task: Task, p: Prepared, lm, _result, _code_timeout):
 
 def _rolling(task: Task, p: Prepared, lm, _result, _code_timeout):
     texts = [str(t) for t in p.targets] if task.doc_to_target is not None else [str(t) for t in p.texts]
+    for text, where in zip(texts, p.where):
+        if not text.strip():
+            raise EvalError(f"{where}: no text to score (task {task.name})")
     lls = lm.loglikelihood_rolling(texts)
     counts = [(ll, len(re.split(r"\s+", t)), len(t.encode("utf-8")), _n_tokens(lm, t)) for ll, t in zip(lls, texts)]
     samples = [_sample(p, i, loglikelihood=ll, words=w, bytes=b, tokens=n)

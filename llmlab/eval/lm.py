@@ -17,8 +17,10 @@ gets the same scores here as under `lm_eval --model hf`:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import urllib.error
 import urllib.request
@@ -165,8 +167,8 @@ def generation_settings(kwargs: dict, where: str) -> tuple[list[str], int, float
     if unknown:
         raise EvalError(f"{where}: generation_kwargs {unknown} are not supported (llmlab knows {sorted(known)})")
     until = kwargs.get("until") or []
-    until = [until] if isinstance(until, str) else list(until)
-    if not all(isinstance(s, str) for s in until):
+    until = [until] if isinstance(until, str) else until
+    if not isinstance(until, list) or not all(isinstance(s, str) for s in until):
         raise EvalError(f"{where}: generation_kwargs.until must be a string or a list of strings, got {until!r}")
     max_new = kwargs.get("max_gen_toks", kwargs.get("max_tokens", DEFAULT_MAX_GEN_TOKS))
     if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
@@ -174,6 +176,8 @@ def generation_settings(kwargs: dict, where: str) -> tuple[list[str], int, float
     temperature = kwargs.get("temperature", 0.0)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 100:
         raise EvalError(f"{where}: generation_kwargs.temperature must be a number in [0, 100], got {temperature!r}")
+    if not isinstance(kwargs.get("do_sample", False), bool):
+        raise EvalError(f"{where}: generation_kwargs.do_sample must be true or false, got {kwargs['do_sample']!r}")
     if not kwargs.get("do_sample", False):
         temperature = 0.0
     return [s for s in until if s], max_new, float(temperature)
@@ -298,13 +302,35 @@ class LocalLM:
         return texts
 
 
+@contextlib.contextmanager
+def _expecting(url: str, what: str):
+    """A server answer of the wrong shape is an EvalError naming the route and what was expected."""
+    try:
+        yield
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+        raise EvalError(f"{url}: unexpected answer ({type(e).__name__}: {e}); expected {what}") from None
+
+
+def _logprobs(values, n: int) -> list[float]:
+    """Log-probabilities from a server: n of them, each a finite number <= 0."""
+    if len(values) != n:
+        raise ValueError(f"{len(values)} log-probabilities where {n} were expected")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v > 1e-4:
+            raise ValueError(f"a log-probability must be a finite number <= 0, got {v!r}")
+    return [float(v) for v in values]
+
+
 class ServerLM:
     """Any OpenAI-compatible completions endpoint. Log-likelihoods come from `echo` with `logprobs`;
     with the server's `/tokenize` route (llmlab serve, vLLM) prompts are sent as token ids split as
     `LocalLM` splits them, otherwise as text, the continuation found by its character offset."""
 
     def __init__(self, base_url: str, *, model: str | None = None, api_key: str | None = None,
-                 batch_size: int = 16, timeout: float = 300.0, seed: int = 1234):
+                 batch_size: int = 16, timeout: float = 60.0, seed: int = 1234):
+        if not base_url.startswith(("http://", "https://")):
+            raise EvalError(f"--server {base_url}: expected an http:// or https:// URL, such as "
+                            "http://127.0.0.1:8000/v1")
         self.root = base_url.rstrip("/").removesuffix("/completions").removesuffix("/v1")
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         self.batch_size, self.timeout, self.seed = batch_size, timeout, seed
@@ -333,8 +359,8 @@ class ServerLM:
             raise EvalError(f"{self.root}{route}: HTTP {e.code}: {detail}") from None
         except (urllib.error.URLError, OSError) as e:
             raise EvalError(f"{self.root}{route}: cannot reach the server: {getattr(e, 'reason', e)}") from None
-        except json.JSONDecodeError:
-            raise EvalError(f"{self.root}{route}: the answer is not JSON") from None
+        except (ValueError, RecursionError):
+            raise EvalError(f"{self.root}{route}: the answer is not JSON (or nests too deeply)") from None
 
     def _optional(self, method: str, route: str, body: dict | None = None) -> dict | None:
         try:
@@ -343,13 +369,18 @@ class ServerLM:
             return None
 
     def _first_model(self) -> str:
-        models = self._call("GET", "/v1/models").get("data") or []
-        if not models:
-            raise EvalError(f"{self.root}/v1/models lists no model; name one with --server-model")
-        return str(models[0]["id"])
+        with _expecting(self.root + "/v1/models", "a list of models in `data`"):
+            models = self._call("GET", "/v1/models").get("data") or []
+            if not models:
+                raise EvalError(f"{self.root}/v1/models lists no model; name one with --server-model")
+            return str(models[0]["id"])
 
     def encode(self, text: str) -> list[int]:
-        return list(self._call("POST", "/tokenize", {"prompt": text, "add_special_tokens": False})["tokens"])
+        with _expecting(self.root + "/tokenize", "`tokens`, a list of token ids"):
+            tokens = self._call("POST", "/tokenize", {"prompt": text, "add_special_tokens": False})["tokens"]
+            if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+                raise TypeError("not a list of token ids")
+            return list(tokens)
 
     def chat_prompt(self, messages: list[dict]) -> str:
         raise EvalError(f"{self.root}: chat tasks render the checkpoint's chat template; evaluate the checkpoint "
@@ -375,13 +406,16 @@ class ServerLM:
             answer = self._call("POST", "/v1/completions", {
                 "model": self.model_id, "prompt": [ids for ids, _ in chunk], "max_tokens": 1, "temperature": 0,
                 "logprobs": 1, "echo": True, "seed": self.seed})
-            choices = sorted(answer["choices"], key=lambda c: c["index"])
-            for (ids, n), choice in zip(chunk, choices):
-                lp = choice["logprobs"]
-                scored = lp["token_logprobs"][len(ids) - n:len(ids)]
-                tops = lp["top_logprobs"][len(ids) - n:len(ids)]
-                greedy = all(t is not None and v >= max(t.values()) for v, t in zip(scored, tops))
-                out.append(Score(float(sum(scored)), greedy, list(scored)))
+            with _expecting(self.root + "/v1/completions", "one choice per prompt with echoed logprobs"):
+                choices = sorted(answer["choices"], key=lambda c: c["index"])
+                if len(choices) != len(chunk):
+                    raise ValueError(f"{len(choices)} choices for {len(chunk)} prompts")
+                for (ids, n), choice in zip(chunk, choices):
+                    lp = choice["logprobs"]
+                    scored = _logprobs(lp["token_logprobs"][len(ids) - n:len(ids)], n)
+                    tops = lp["top_logprobs"][len(ids) - n:len(ids)]
+                    greedy = all(t is not None and v >= max(t.values()) for v, t in zip(scored, tops))
+                    out.append(Score(float(sum(scored)), greedy, scored))
         return out
 
     def _loglikelihood_text(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
@@ -392,12 +426,13 @@ class ServerLM:
             answer = self._call("POST", "/v1/completions", {
                 "model": self.model_id, "prompt": context + continuation, "max_tokens": 1, "temperature": 0,
                 "logprobs": 1, "echo": True, "seed": self.seed})
-            lp = answer["choices"][0]["logprobs"]
-            n_prompt = len(lp["token_logprobs"]) - 1
-            picked = [i for i in range(n_prompt) if lp["text_offset"][i] >= len(context)]
-            scored = [lp["token_logprobs"][i] for i in picked]
-            greedy = all(v >= max(lp["top_logprobs"][i].values()) for i, v in zip(picked, scored))
-            out.append((float(sum(scored)), greedy))
+            with _expecting(self.root + "/v1/completions", "a choice with echoed logprobs and text_offset"):
+                lp = answer["choices"][0]["logprobs"]
+                n_prompt = len(lp["token_logprobs"]) - 1
+                picked = [i for i in range(n_prompt) if lp["text_offset"][i] >= len(context)]
+                scored = _logprobs([lp["token_logprobs"][i] for i in picked], len(picked))
+                greedy = all(v >= max(lp["top_logprobs"][i].values()) for i, v in zip(picked, scored))
+                out.append((float(sum(scored)), greedy))
         return out
 
     def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
@@ -414,6 +449,10 @@ class ServerLM:
             if stops:
                 body["stop"] = stops[:4]
             answer = self._call("POST", "/v1/completions", body)
-            texts.append(cut_at_stops(answer["choices"][0]["text"], stops))
+            with _expecting(self.root + "/v1/completions", "a choice with its text"):
+                text = answer["choices"][0]["text"]
+                if not isinstance(text, str):
+                    raise TypeError("text is not a string")
+            texts.append(cut_at_stops(text, stops))
         return texts
 

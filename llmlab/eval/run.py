@@ -100,17 +100,23 @@ def run(cfg: EvalConfig, models: list[str], servers: list[str] = (), *, server_m
                           if e["task"] == tasks[0].name],
                "results": entries, "rows": [row for e in entries for row in _rows(e)]}
     with atomic_dir(out, merge=overwrite) as tmp:
-        atomic_write_text(tmp / "results.json", json.dumps(results, indent=2, default=_jsonable) + "\n")
-        atomic_write_text(tmp / "samples.jsonl", "".join(json.dumps(s, default=_jsonable) + "\n" for s in samples))
+        atomic_write_text(tmp / "results.json", json.dumps(_finite_json(results), indent=2, default=str) + "\n")
+        atomic_write_text(tmp / "samples.jsonl", "".join(json.dumps(_finite_json(s), default=str) + "\n"
+                                                         for s in samples))
         save_config(cfg, tmp / "config.yaml")
     results["out_dir"] = str(out)
     return results
 
 
-def _jsonable(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return str(value)
+def _finite_json(value):
+    """`value` with every non-finite float as None: strict JSON has no NaN or Infinity."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
 
 
 def _entry(lm, kind: str, r: TaskResult) -> dict:
@@ -166,7 +172,7 @@ def main(args: list[str], servers: list[str], *, server_model: str | None, as_js
     cfg = load_config(EvalConfig, None, overrides)
     results = run(cfg, models, servers, server_model=server_model, overwrite=overwrite, quiet=as_json)
     if as_json:
-        print(json.dumps(results, indent=2, default=_jsonable))
+        print(json.dumps(_finite_json(results), indent=2, default=str))
     else:
         print(table(results))
         print(f"\nwrote {Path(results['out_dir']) / 'results.json'} and samples.jsonl")

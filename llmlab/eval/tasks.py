@@ -298,6 +298,10 @@ def load_tasks(spec: str, *, builtins: dict[str, Callable[[], list[Task]]]) -> l
     path = Path(spec)
     if spec in builtins:
         return builtins[spec]()
+    if path.is_symlink() and not path.exists():
+        raise EvalError(f"{path}: a broken symbolic link, or a loop of them")
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise EvalError(f"{path}: not a regular file (a device, pipe or socket); give a task file or folder")
     if path.is_dir() and is_prepared(path):
         return [shards_task(path)]
     if path.is_dir():
@@ -325,9 +329,9 @@ def text_task(path: Path) -> Task:
     """Rolling perplexity of the documents of text files (`llmlab.data.ingest.iter_documents`)."""
     from llmlab.data.ingest import iter_documents
 
-    docs = list(iter_documents([path]))
+    docs = [d for d in iter_documents([path]) if d.text.strip()]
     if not docs:
-        raise EvalError(f"{path}: no documents to score (no .txt, .md or .jsonl text, and no task YAML)")
+        raise EvalError(f"{path}: no text to score (no non-empty .txt, .md or .jsonl text, and no task YAML)")
     return Task(path.name or str(path), "loglikelihood_rolling", [{"text": d.text} for d in docs],
                 doc_to_target="text", metrics=[(m, {}) for m in PERPLEXITY_METRICS], source=str(path),
                 doc_where=[d.source for d in docs])

@@ -93,3 +93,35 @@ def test_missing_model_and_bad_keys(setup, tmp_path, capsys):
     assert main(["eval", f"out_dir={tmp_path / 'ev'}"]) == 1
     assert "name at least one model" in capsys.readouterr().err
     assert not (tmp_path / "ev").exists()
+
+
+def test_hostile_inputs_are_clean_errors(setup, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text(" \n\n")
+    gen = TASK.format(data=setup / "data.jsonl").replace("multiple_choice", "generate_until").replace(
+        "metric_list:\n  - metric: acc\n  - metric: f1\n  - metric: ece\n", "")
+    (tmp_path / "until.yaml").write_text(gen + "generation_kwargs: {until: 5}\n")
+    (tmp_path / "sample.yaml").write_text(gen + "generation_kwargs: {do_sample: 'yes'}\n")
+    cases = [
+        ("tasks=[/dev/zero]", "/dev/zero: not a regular file"),
+        (f"tasks=[{tmp_path / 'empty.txt'}]", "no text to score"),
+        (f"tasks=[{tmp_path / 'until.yaml'}]", "until.yaml:11: generation_kwargs.until must be a string or a list"),
+        (f"tasks=[{tmp_path / 'sample.yaml'}]", "generation_kwargs.do_sample must be true or false"),
+    ]
+    for arg, message in cases:
+        assert main(["eval", str(setup / "m0"), arg, f"out_dir={tmp_path / 'ev'}"]) == 1, arg
+        assert message in capsys.readouterr().err
+    assert main(["eval", "--server", "notaurl", "tasks=[bias]", f"out_dir={tmp_path / 'ev'}"]) == 1
+    assert "expected an http:// or https:// URL" in capsys.readouterr().err
+    assert not (tmp_path / "ev").exists()
+
+
+def test_server_answers_of_the_wrong_shape_or_impossible_logprobs_are_errors():
+    from llmlab.eval.lm import EvalError, _expecting, _logprobs
+
+    for values in ([float("nan")], [5.0], ["x"], [-1.0, -2.0]):
+        with pytest.raises(ValueError):
+            _logprobs(values, 1)
+    assert _logprobs([-0.5, 0], 2) == [-0.5, 0.0]
+    with pytest.raises(EvalError, match=r"http://x/v1/completions: unexpected answer \(IndexError"):
+        with _expecting("http://x/v1/completions", "a choice"):
+            [][0]

@@ -29,9 +29,13 @@ CONFIG_VERBS = {
                         "train a byte-level BPE tokenizer on a corpus"),
     "data synth": ("llmlab.data.synth", "SynthConfig", "run",
                    "write a synthetic instruction set whose answers a program can check"),
+    "data distill": ("llmlab.align.distill", "DistillConfig", "run",
+                     "write instruction data from a teacher model: self-instruct rounds, ROUGE-L dedup, unit tests"),
     "pretrain": ("llmlab.train.pretrain", "PretrainConfig", "run", "pretrain a language model from token shards"),
     "finetune": ("llmlab.train.finetune", "FinetuneConfig", "run",
                  "fine-tune a model: full, frozen layers, LoRA or QLoRA, on instructions, chats or raw text"),
+    "align": ("llmlab.align.run", "AlignConfig", "run",
+              "align a model: reward model, PPO, DPO, IPO or GRPO (method=...), on preference pairs or prompts"),
     "scaling fit": ("llmlab.train.sweep", "ScalingFitConfig", "run",
                     "train a sweep of small models and fit your own scaling law L(N, D)"),
 }

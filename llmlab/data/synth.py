@@ -21,6 +21,12 @@ That order matters for small task spaces: multiply at difficulty 1 has only 100 
     out_dir/
       train.jsonl  val.jsonl  test.jsonl   one JSON record a line
       config.yaml                          the resolved SynthConfig
+
+The same records serve alignment (`format=`): `preference` writes each as a pair whose chosen answer
+is the checked one and whose rejected answer is a near miss (an off-by-one sum, two items swapped, a
+letter left lowercase, a wrong day), and `prompt` writes the prompt with its answer, for rewards a
+checker computes. The prompt is the user turn instruction tuning renders ("instruction\n\ninput"),
+and the inputs of each split are exactly those of `format=alpaca` with the same seed.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from llmlab.common import LlmlabError, atomic_dir, atomic_write_text, check_output, style
 from llmlab.config import save_config
@@ -219,6 +226,9 @@ class SynthConfig:
     difficulty: int = 1  # 1 (easiest) to 8: scales operand sizes and list lengths
     seed: int = 0  # one seed for all three splits (each draws from its own stream)
     paraphrase: bool = False  # draw instructions among a few phrasings instead of one canonical phrasing per task
+    # alpaca: instruction records; preference: prompt, chosen (the checked answer), rejected (a near miss);
+    # prompt: prompt and answer (for rewards a checker computes)
+    format: Literal["alpaca", "preference", "prompt"] = "alpaca"
 
     def __post_init__(self):
         if not self.tasks:
@@ -258,7 +268,9 @@ def run(cfg: SynthConfig, *, overwrite: bool = False) -> dict:
     splits = draw_splits(cfg)
     with atomic_dir(out, merge=overwrite) as tmp:
         for split in SPLITS:
-            lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in splits[split])
+            records = [as_format(r, cfg.format, random.Random(f"synth:{cfg.seed}:{split}:near-miss:{i}"))
+                       for i, r in enumerate(splits[split])]
+            lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
             atomic_write_text(tmp / f"{split}.jsonl", lines)
         save_config(cfg, tmp / "config.yaml")
     counts = {s: {t: sum(r["task"] == t for r in splits[s]) for t in dict.fromkeys(tasks)} for s in SPLITS}
@@ -281,9 +293,52 @@ def draw_splits(cfg: SynthConfig, *, train: bool = True) -> dict[str, list[dict]
     return splits
 
 
+# --------------------------------------------------------------------------- alignment formats
+
+
+def as_format(record: dict, fmt: str, rng: random.Random) -> dict:
+    """An Alpaca record in `fmt`: itself, a preference pair with a near miss as the rejected answer,
+    or a prompt with its answer."""
+    if fmt == "alpaca":
+        return record
+    prompt = record["instruction"] + "\n\n" + record["input"]  # the user turn instruction tuning renders
+    if fmt == "prompt":
+        return {"prompt": prompt, "answer": record["output"], "task": record["task"]}
+    return {"prompt": prompt, "chosen": record["output"], "rejected": near_miss(record, rng), "task": record["task"]}
+
+
+def near_miss(record: dict, rng: random.Random) -> str:
+    """A plausible wrong answer to a synthetic record, never equal to the right one."""
+    task, answer = record["task"], record["output"]
+    if task in ("add", "subtract", "multiply", "count"):
+        value = int(answer)
+        wrong = [value + d for d in (-2, -1, 1, 2) if value + d >= 0]
+        return str(rng.choice(wrong))
+    if task in ("reverse", "sort"):
+        items = answer.split(" ")
+        swaps = [i for i in range(len(items) - 1) if items[i] != items[i + 1]]
+        if swaps:
+            i = rng.choice(swaps)
+            items[i], items[i + 1] = items[i + 1], items[i]
+            return " ".join(items)
+        return " ".join(items[:-1])  # every item alike: one too few
+    if task == "upper":
+        letters = [i for i, c in enumerate(answer) if c.isalpha()]
+        i = rng.choice(letters)
+        return answer[:i] + answer[i].lower() + answer[i + 1:]
+    if task == "format":
+        day, month, year = answer.split("/")
+        if rng.random() < 0.5:  # the day and month swapped where that differs, else the day one off
+            if day != month:
+                return f"{month}/{day}/{year}"
+        day = int(day) + (1 if int(day) < 28 else -1)
+        return f"{day:02d}/{month}/{year}"
+    raise LlmlabError(f"no near miss for task {task!r}")
+
+
 def _report(out: Path, cfg: SynthConfig, counts: dict[str, dict[str, int]]) -> None:
     print(style(f"synth -> {out}", "1"))
-    print(f"  difficulty {cfg.difficulty}, seed {cfg.seed}; no input is shared between splits")
+    print(f"  difficulty {cfg.difficulty}, seed {cfg.seed}, format {cfg.format}; no input is shared between splits")
     print(f"  {'task':10s}" + "".join(f"{s:>8s}" for s in SPLITS))
     for task in counts["train"]:
         print(f"  {task:10s}" + "".join(f"{counts[s][task]:>8,}" for s in SPLITS))

@@ -155,11 +155,11 @@ class TextGenerator:
         return TextCompletion(text if cut is None else text[:cut], ids, c.finish_reason or "length",
                               c.prompt_index, c.sample_index, prompt_tokens, c.logprobs, top, c.score)
 
-    def complete(self, prompts: Sequence[str], params: SamplingParams, *, stop: Sequence[str] = (),
+    def complete(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams, *, stop: Sequence[str] = (),
                  truncate: bool = False) -> list[TextCompletion]:
-        """n completions per prompt, prompt by prompt."""
+        """n completions per prompt (text, or token ids taken as they are), prompt by prompt."""
         params, stop_text = self._params(params, stop)
-        ids = [self.encode(p) for p in prompts]
+        ids = [self.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
         check = self._stop_check(stop_text)
         out = self.engine.generate(ids, params, stop_check=check, truncate=truncate)
         return [self._finish(c, params, stop_text, len(ids[c.prompt_index])) for c in out]

@@ -143,14 +143,22 @@ def hf_to_llmlab_state(state: dict[str, torch.Tensor], family: str) -> dict[str,
     accepted too: the prefix is added before matching.
     """
     table = TABLES[family]
+    if SCORE_HEAD in state:  # a *ForSequenceClassification model: its score head is llmlab's narrow lm_head
+        state = {("lm_head.weight" if k == SCORE_HEAD else k): v for k, v in state.items()}
     if state and not any(k.startswith(table.base_prefix) or k == "lm_head.weight" for k in state):
         state = {table.base_prefix + k: v for k, v in state.items()}
     return _convert(state, table, to_ours=True)
 
 
-def llmlab_to_hf_state(state: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
-    """Rename an llmlab state dict into HF names (the inverse of `hf_to_llmlab_state`)."""
-    return _convert(state, TABLES[family], to_ours=False)
+def llmlab_to_hf_state(state: dict[str, torch.Tensor], family: str, *, score_head: bool = False
+                       ) -> dict[str, torch.Tensor]:
+    """Rename an llmlab state dict into HF names (the inverse of `hf_to_llmlab_state`); with
+    `score_head` (a model with num_labels > 0) its lm_head becomes the `score` of HF's
+    *ForSequenceClassification layout."""
+    out = _convert(state, TABLES[family], to_ours=False)
+    if score_head and "lm_head.weight" in out:
+        out[SCORE_HEAD] = out.pop("lm_head.weight")
+    return out
 
 
 def module_name_map(name: str, family: str, *, to_hf: bool) -> tuple[str, str]:
@@ -174,6 +182,9 @@ def module_name_map(name: str, family: str, *, to_hf: bool) -> tuple[str, str]:
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
 HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                     "qwen2": "Qwen2ForCausalLM"}
+HF_CLASSIFIERS = {"gpt2": "GPT2ForSequenceClassification", "llama": "LlamaForSequenceClassification",
+                  "mistral": "MistralForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification"}
+SCORE_HEAD = "score.weight"
 
 
 def _unsupported(where: str, field: str, value, expected: str) -> ConversionError:
@@ -205,12 +216,26 @@ def _field(hf: dict, key: str, where: str, kind: type, default: Any = _REQUIRED)
 
 def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     """Map an HF `config.json` dict to a llmlab model config; unknown architectures, options llmlab
-    cannot reproduce exactly, and missing or mistyped fields are errors naming the field."""
+    cannot reproduce exactly, and missing or mistyped fields are errors naming the field. A
+    *ForSequenceClassification model (a reward model) keeps its labels as `num_labels`."""
     model_type = hf.get("model_type")
     try:
-        return _config_from_hf(hf, model_type, where)
+        cfg = _config_from_hf(hf, model_type, where)
+        if _is_classifier(hf):
+            labels = hf.get("id2label")
+            cfg.num_labels = len(labels) if isinstance(labels, dict) and labels else _field(hf, "num_labels", where,
+                                                                                            int, 2)
+            cfg.tie_embeddings = False
+            cfg.__post_init__()
+        return cfg
     except ValueError as e:  # a combination the model config refuses (e.g. dim not divisible by n_heads)
         raise ConversionError(f"{where}: {e}") from None
+
+
+def _is_classifier(hf: dict) -> bool:
+    architectures = hf.get("architectures")
+    return isinstance(architectures, list) and any(isinstance(a, str) and a.endswith("ForSequenceClassification")
+                                                   for a in architectures)
 
 
 def _config_from_hf(hf: dict, model_type: Any, where: str) -> ModelConfig:
@@ -288,7 +313,17 @@ def _scaling_from_hf(scaling: dict | None, where: str) -> RopeScaling | None:
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
-    """The HF `config.json` dict for a llmlab config; variants HF has no class for are errors."""
+    """The HF `config.json` dict for a llmlab config; variants HF has no class for are errors. A model
+    with a score head (num_labels > 0) is written as HF's *ForSequenceClassification."""
+    out = _causal_config_to_hf(cfg)
+    if cfg.num_labels:
+        out["architectures"] = [HF_CLASSIFIERS[out["model_type"]]]
+        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
+        out["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
+    return out
+
+
+def _causal_config_to_hf(cfg: ModelConfig) -> dict:
     if isinstance(cfg, GPTConfig):
         if (cfg.position, cfg.norm, cfg.bias, cfg.embed_norm) != ("learned", "layernorm", True, False):
             raise ConversionError("only GPT-2-style models (position=learned, norm=layernorm, bias=true, "

@@ -45,6 +45,7 @@ class GPTConfig:
     embed_norm: bool = False  # a norm right after the token embedding (BLOOM)
     bias: bool = True  # biases in every linear layer and LayerNorm
     tie_embeddings: bool = True  # share embed_tokens with lm_head
+    num_labels: int = 0  # > 0: a score head of this many outputs replaces the language-model head (1: a reward model)
     dropout: float = 0.0  # embeddings, attention probabilities and residual branches
     init_std: float = 0.02  # std of the normal initialisation of matrices
 
@@ -65,7 +66,7 @@ class GPTConfig:
             attn += d * d + 2 * d  # distance projection and the u, v biases
         mlp = 2 * d * h + (h + d) * b
         body = self.n_layers * (attn + mlp + 2 * norm) + norm * (2 if self.embed_norm else 1)
-        embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        embeddings = self.vocab_size * d + (0 if self.tie_embeddings else (self.num_labels or self.vocab_size) * d)
         if self.position == "learned":
             embeddings += self.max_seq_len * d
         return ParamCount(body + embeddings, body, body + embeddings)
@@ -176,7 +177,7 @@ class GPT(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg)
-        self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.dim, cfg.num_labels or cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         slopes = alibi_slopes(cfg.n_heads) if cfg.position == "alibi" else torch.zeros(0)

@@ -366,7 +366,7 @@ def save_hf(model: nn.Module, path: str | os.PathLike, *, max_shard_bytes: int =
     sharded with an index when larger than `max_shard_bytes`."""
     path = Path(path)
     hf_config = config_to_hf(model.config)
-    state = llmlab_to_hf_state(_weights(model), model.config.family)
+    state = llmlab_to_hf_state(_weights(model), model.config.family, score_head=bool(model.config.num_labels))
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
     shards: list[dict[str, torch.Tensor]] = [{}]

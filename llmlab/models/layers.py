@@ -336,7 +336,8 @@ class KVCache:
 
 def check_config_ranges(cfg, counts: tuple[str, ...]) -> None:
     """The range checks every family's config shares: `counts` are >= 1 where set (None = derived
-    later), norm_eps and init_std > 0, dropout in [0, 1). Raises ValueError naming the field."""
+    later), norm_eps and init_std > 0, dropout in [0, 1), num_labels >= 0 and never with tied
+    embeddings. Raises ValueError naming the field."""
     for name in counts:
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -345,6 +346,10 @@ def check_config_ranges(cfg, counts: tuple[str, ...]) -> None:
             raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)}")
     if not 0 <= cfg.dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.num_labels < 0:
+        raise ValueError(f"num_labels must be >= 0 (0: the language-model head), got {cfg.num_labels}")
+    if cfg.num_labels and cfg.tie_embeddings:
+        raise ValueError("a score head (num_labels > 0) cannot share the token embedding: set tie_embeddings=false")
 
 
 class ParamCount(NamedTuple):

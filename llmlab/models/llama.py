@@ -41,6 +41,7 @@ class LlamaConfig:
     rope_theta: float = 10000.0  # rotary base
     rope_scaling: RopeScaling | None = None  # context extension: linear, dynamic, yarn, llama3
     tie_embeddings: bool = False  # share embed_tokens with lm_head
+    num_labels: int = 0  # > 0: a score head of this many outputs replaces the language-model head (1: a reward model)
     attention_bias: bool = False  # biases on q/k/v projections (Qwen2)
     sliding_window: int | None = None  # attend to at most this many past tokens (Mistral)
     parallel_block: bool = False  # attention and MLP read the same normed input (PaLM)
@@ -74,7 +75,7 @@ class LlamaConfig:
             attn += hd * (self.n_heads + 2 * self.n_kv_heads)
         norms = d if self.parallel_block else 2 * d
         per_layer = attn + 3 * d * self.hidden_dim + norms
-        vocab = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        vocab = self.vocab_size * d + (0 if self.tie_embeddings else (self.num_labels or self.vocab_size) * d)
         body = self.n_layers * per_layer + d
         return ParamCount(body + vocab, body, body + vocab)
 
@@ -155,7 +156,7 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.dim, cfg.num_labels or cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len)

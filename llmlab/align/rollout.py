@@ -1,0 +1,109 @@
+"""Rollouts for PPO and GRPO: sampled answers from the generation engine (batched, KV cache), laid out
+as training tensors, and the rewards a checker or a reward model gives them."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from llmlab.common import LlmlabError
+from llmlab.eval.metrics import exact_match
+from llmlab.generate import SamplingParams
+from llmlab.generate.text import TextGenerator
+
+IGNORE = -100
+
+Checker = Callable[[str, str, "str | None"], float]
+
+
+@dataclass
+class Rollout:
+    """Sampled answers to a batch of prompts, as right-padded rows of prompt + answer tokens."""
+
+    sequences: torch.Tensor  # (B, T + 1): prompt and answer tokens, right-padded
+    targets: torch.Tensor  # (B, T): the next token where it is part of the answer, else -100
+    mask: torch.Tensor  # (B, T) float: 1.0 on answer tokens (targets != -100)
+    lengths: torch.Tensor  # (B,) real tokens of each row (prompt + answer)
+    rows: list[tuple[list[int], list[int]]]  # (prompt ids, answer ids) of each row
+    texts: list[str]  # each answer's text, up to its stop
+    finished: list[bool]  # the answer ended at the end of turn (not cut at max_new_tokens)
+    prompt_index: list[int]  # which prompt of the batch each row answers
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.sequences[:, :-1]
+
+
+def sample(model: torch.nn.Module, tokenizer, template, prompts: Sequence[Sequence[int]], params: SamplingParams,
+           device: torch.device) -> Rollout:
+    """`params.n` answers to each prompt (token ids, the generation prompt included), stopped at the
+    template's end of turn or at max_new_tokens."""
+    was_training = model.training
+    model.eval()
+    try:
+        completions = TextGenerator(model, tokenizer).complete(list(prompts), params, stop=[template.stop])
+    finally:
+        model.train(was_training)
+    rows = [(list(prompts[c.prompt_index]), list(c.token_ids)) for c in completions]
+    return layout(rows, [c.text for c in completions], [c.finish_reason == "stop" for c in completions],
+                  [c.prompt_index for c in completions], tokenizer.pad_id or 0, device)
+
+
+def layout(rows: list[tuple[list[int], list[int]]], texts: list[str], finished: list[bool], prompt_index: list[int],
+           pad_id: int, device: torch.device) -> Rollout:
+    """Training tensors for (prompt ids, answer ids) rows; an empty answer has no target."""
+    width = max(len(p) + len(a) for p, a in rows)
+    seqs = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), width - 1), IGNORE, dtype=torch.long)
+    lengths = torch.zeros(len(rows), dtype=torch.long)
+    for r, (prompt, answer) in enumerate(rows):
+        seqs[r, :len(prompt) + len(answer)] = torch.tensor(prompt + answer)
+        if answer:
+            targets[r, len(prompt) - 1:len(prompt) + len(answer) - 1] = torch.tensor(answer)
+        lengths[r] = len(prompt) + len(answer)
+    seqs, targets, lengths = seqs.to(device), targets.to(device), lengths.to(device)
+    return Rollout(seqs, targets, (targets != IGNORE).float(), lengths, rows, texts, finished, prompt_index)
+
+
+# --------------------------------------------------------------------------- rewards
+
+
+def load_checker(spec: str) -> Checker:
+    """The checker `spec` names: "exact_match", or "module:function" (an importable callable taking
+    (prompt, completion, answer) and returning a number)."""
+    if spec == "exact_match":
+        return lambda _prompt, completion, answer: float(answer is not None and exact_match(
+            completion, answer, ignore_whitespace=True))
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise LlmlabError(f'reward.checker={spec!r}: expected "exact_match" or "module:function"')
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except ImportError as e:
+        raise LlmlabError(f"reward.checker={spec!r}: cannot import {module!r} ({e})") from None
+    except AttributeError:
+        raise LlmlabError(f"reward.checker={spec!r}: {module!r} has no {name!r}") from None
+    if not callable(fn):
+        raise LlmlabError(f"reward.checker={spec!r}: {name!r} is not callable")
+    return fn
+
+
+def check_rewards(checker: Checker, prompts: list[str], texts: list[str],
+                  answers: list[str | None]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(rewards (B,), valid (B,) bool, failures): each answer's reward from the checker. An answer whose
+    check raises or returns something other than a number is not valid (counted, and left out of the
+    update) rather than stopping the run; a NaN or infinite number is returned as it is, for the loop's
+    `nonfinite` policy."""
+    rewards, valid = [], []
+    for prompt, text, answer in zip(prompts, texts, answers):
+        try:
+            value = checker(prompt, text, answer)
+        except Exception:  # a user's checker may raise anything: the answer is skipped and counted
+            value = None
+        good = isinstance(value, (int, float))  # bool is an int: True / False score 1 / 0
+        rewards.append(float(value) if good else 0.0)
+        valid.append(good)
+    return torch.tensor(rewards), torch.tensor(valid), valid.count(False)

@@ -72,10 +72,15 @@ TINY = {
     "pretrain": ["max_steps=4", "system.compile=false"],
     # 300 steps -> 2; greedy exact match on 200 records -> 4 records of 8 tokens
     "finetune": ["max_steps=2", "batch_size=2", "eval.batches=1", "eval.exact_match=4", "eval.max_new_tokens=8"],
-    # the default 16-run sweep (12 minutes) -> 6 runs of a few steps, the fewest that fit 5 constants
-    # with one held out; the code corpus 8 MB -> 100 KB; 50 bootstrap refits -> 5
+    # 60-150 steps -> 2 of 2 pairs or prompts; rollouts of 24 tokens -> 6; 200 before/after answers -> 4
+    "align": ["max_steps=2", "batch_size=2", "eval.batches=1", "eval.answers=4", "rollout.max_new_tokens=6",
+              "grpo.group_size=2"],
+    # 200 instructions -> 2, in one round of 2 prompts of 16 tokens
+    "data distill": ["instructions=2", "rounds=1", "prompts_per_round=2", "max_new_tokens=16", "code_samples=1"],
     # every document of every task -> 6 of each; 1000 bootstrap resamples -> 10
     "eval": ["limit=6", "bootstrap_iters=10"],
+    # the default 16-run sweep (12 minutes) -> 6 runs of a few steps, the fewest that fit 5 constants
+    # with one held out; the code corpus 8 MB -> 100 KB; 50 bootstrap refits -> 5
     "scaling fit": ["widths=[16,32,48]", "tokens=[2e3,4e3]", "corpus_bytes=100000", "seq_len=32", "batch_size=4",
                     "bootstrap=5"],
 }
@@ -257,7 +262,7 @@ def test_command_line_examples_run(tmp_path, monkeypatch, capsys):
     read what earlier ones wrote. Each must exit 0 with no traceback and no internal error."""
     pytest.importorskip("openai")
     commands = _readme_commands()
-    assert len(commands) == 33, [" ".join(c) for c in commands]
+    assert len(commands) == 40, [" ".join(c) for c in commands]
     monkeypatch.chdir(tmp_path)
     _make_inputs(tmp_path)
     log, failures = [], []

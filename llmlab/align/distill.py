@@ -421,7 +421,9 @@ def run(cfg: DistillConfig, *, overwrite: bool = False) -> dict:
         OutputError: out_dir exists and is not empty (without `overwrite`) or cannot be written.
         DistillError / EvalError: no teacher, a teacher that cannot be loaded or reached, bad seeds.
     """
-    out = check_output(cfg.out_dir, label="out_dir", inputs=[cfg.teacher, cfg.seeds], overwrite=overwrite)
+    inputs = [None if cfg.teacher.startswith(("http://", "https://")) else cfg.teacher,
+              None if cfg.seeds == "builtin" else cfg.seeds]
+    out = check_output(cfg.out_dir, label="out_dir", inputs=inputs, overwrite=overwrite)
     seeds = read_seeds(cfg.seeds)
     teacher = load_teacher(cfg)
     started = time.perf_counter()

@@ -16,7 +16,7 @@ import time
 import torch
 
 from llmlab.align.losses import entropy_from_logits, group_advantages, grpo_loss, masked_mean
-from llmlab.align.online import (Rewards, check_finite, evaluate_prompts, logprobs_and_values, prompt_batch,
+from llmlab.align.online import (check_finite, evaluate_prompts, logprobs_and_values, prompt_batch,
                                  reference_logprobs, rollout)
 from llmlab.align.setup import Context
 from llmlab.train.core import clip_gradients
@@ -25,7 +25,7 @@ from llmlab.train.loop import finite_step
 
 def train(ctx: Context) -> dict:
     cfg, counters, g = ctx.cfg, ctx.counters, ctx.cfg.grpo
-    rewards_of = Rewards(ctx)
+    rewards_of = ctx.rewards
     print(f"grpo: {g.group_size} answers per prompt, rewards from the {rewards_of.judge}")
 
     with ctx.open() as run:
@@ -77,4 +77,4 @@ def train(ctx: Context) -> dict:
                               if ctx.val else None, save=ctx.save):
                 break
     return {"stopped": run.stopped or "max_steps", "val_loss": run.val_loss, "evaluation": run.evaluation,
-            "exit_code": run.exit_code, "rewards": rewards_of}
+            "exit_code": run.exit_code}

@@ -96,7 +96,10 @@ def reward_scores(model: nn.Module, input_ids: torch.Tensor, lengths: torch.Tens
 def load_reward_model(path: str, device: torch.device, tokenizer) -> nn.Module:
     """A trained reward model (`method=rm`'s final/ or any checkpoint with num_labels=1), checked to
     share the policy's tokenizer."""
-    cfg, _ = read_config(path)
+    try:
+        cfg, _ = read_config(path)
+    except LlmlabError as e:
+        raise LlmlabError(f"reward.model: {e}") from None
     if getattr(cfg, "num_labels", 0) != 1:
         head = f"{cfg.num_labels}-label" if getattr(cfg, "num_labels", 0) else "language-model"
         raise LlmlabError(f"reward.model={path}: not a reward model (it has a {head} head; train one with "

@@ -21,7 +21,7 @@ import torch
 
 from llmlab.align.losses import entropy_from_logits, gae, kl_penalized_rewards, masked_mean, ppo_policy_loss, \
     ppo_value_loss, whiten
-from llmlab.align.online import (Rewards, check_finite, evaluate_prompts, logprobs_and_values, prompt_batch,
+from llmlab.align.online import (check_finite, evaluate_prompts, logprobs_and_values, prompt_batch,
                                  reference_logprobs, rollout)
 from llmlab.align.setup import Context
 from llmlab.common import LlmlabError
@@ -63,7 +63,7 @@ class PretrainingMix:
 
 def train(ctx: Context) -> dict:
     cfg, counters, p = ctx.cfg, ctx.counters, ctx.cfg.ppo
-    rewards_of = Rewards(ctx)
+    rewards_of = ctx.rewards
     ptx = PretrainingMix(ctx) if p.ptx_coef > 0 else None
     print(f"ppo: rewards from the {rewards_of.judge}; reference: "
           f"{'the base with adapters disabled' if ctx.frozen is None else 'a frozen copy of the base'}")
@@ -116,7 +116,7 @@ def train(ctx: Context) -> dict:
                               if ctx.val else None, save=ctx.save):
                 break
     return {"stopped": run.stopped or "max_steps", "val_loss": run.val_loss, "evaluation": run.evaluation,
-            "exit_code": run.exit_code, "rewards": rewards_of}
+            "exit_code": run.exit_code}
 
 
 def update(ctx: Context, roll, rows: torch.Tensor, mask, old_logprobs, old_values, advantages, returns,

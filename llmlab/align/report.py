@@ -54,12 +54,12 @@ def record_before(ctx: Context) -> None:
         atomic_write_text(ctx.out / BEFORE, json.dumps({"answers": greedy_answers(ctx, examples)}))
 
 
-def final_report(ctx: Context, rewards: Rewards | None) -> dict:
+def final_report(ctx: Context) -> dict:
     """Before and after, printed and written to report.json; returns it."""
     if ctx.cfg.method == "rm":
         report = _reward_model_report(ctx)
     else:
-        report = _policy_report(ctx, rewards or Rewards(ctx))
+        report = _policy_report(ctx, ctx.rewards)
     if report:
         atomic_write_text(ctx.out / REPORT, json.dumps(report, indent=2))
     return report

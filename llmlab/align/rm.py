@@ -76,6 +76,7 @@ def train(ctx: Context) -> dict:
                           **preference_line(None, torch.cat(seen["chosen"]), torch.cat(seen["rejected"])),
                           "response_length": answer_length(micro), "pairs_per_s": pairs / (time.time() - t0),
                           "tokens_per_s": sum(int((b["targets"] != -100).sum()) for b in micro) / (time.time() - t0),
+                          "step_s": time.time() - t0,
                           "epoch": round(batches.epoch_of((step + 1) * cfg.grad_accum * ctx.world - 1), 4)}
             if run.after_step(step + 1, record, evaluate=evaluation if val_batches else None, save=ctx.save):
                 break

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 
 from llmlab.align.config import AlignConfig
+from llmlab.align.online import Rewards
 from llmlab.align.policy import export
 from llmlab.align.report import final_report, record_before
 from llmlab.align.setup import setup
@@ -26,16 +27,17 @@ def run(cfg: AlignConfig, *, overwrite: bool = False) -> dict:
     """Align; returns {"method", "step", "stopped", "val_loss", "final", "adapter", "report", ...}.
     `overwrite` starts over in an out_dir that holds an earlier run's checkpoints or other files."""
     ctx = setup(cfg, overwrite=overwrite)
+    if cfg.method != "rm":  # a reward model or checker that cannot be used fails before anything is written
+        ctx.rewards = Rewards(ctx)
+    ctx.start()
     record_before(ctx)
     result = importlib.import_module(LOOPS[cfg.method]).train(ctx)
     final = adapter = None
     report = {}
     if ctx.rank == 0:
         final, adapter = export(ctx.policy, ctx.out, cfg.base, cfg.lora if ctx.lora else None, ctx.template)
-        report = final_report(ctx, result.pop("rewards", None)) if result["stopped"] in ("max_steps",
-                                                                                          "early_stopping") else {}
+        report = final_report(ctx) if result["stopped"] in ("max_steps", "early_stopping") else {}
         print(f"stopped after step {ctx.counters.step} ({result['stopped']}); model {final}"
               + (f"; adapter {adapter}" if adapter else ""))
-    result.pop("rewards", None)
     return {"method": cfg.method, "step": ctx.counters.step, "skipped": ctx.counters.skipped, "final": final,
             "adapter": adapter, "report": report, **result}

@@ -50,10 +50,17 @@ class Context:
     frozen: nn.Module | None  # the reference as a frozen copy (full fine-tuning), else None
     autocast: contextlib.AbstractContextManager
     stats: Counter  # what the data readers skipped, by reason
+    rewards: object = None  # online.Rewards: the reward model or checker (every method but rm)
 
     @property
     def lora(self) -> bool:
         return self.cfg.peft == "lora"
+
+    def start(self) -> None:
+        """The first writes: config.yaml, and metrics.jsonl cut back to the resumed step."""
+        if self.rank == 0:
+            save_config(self.cfg, self.out / "config.yaml")
+            truncate_metrics(self.out / "metrics.jsonl", self.counters.step)
 
     def open(self):
         """The run's outputs held open for the loop (`llmlab.train.core.open_run`)."""
@@ -80,11 +87,14 @@ def setup(cfg: AlignConfig, *, overwrite: bool) -> Context:
     if cfg.method in ("dpo", "ipo") and cfg.dpo.reference == "adapters" and cfg.peft != "lora":
         raise LlmlabError("dpo.reference=adapters needs peft=lora (the base with adapters disabled); with "
                           "peft=none use dpo.reference=precompute")
-    cfg.system.autocast = resolve_autocast(cfg.system, device, rank, world)
     out = Path(cfg.out_dir)
     check_run_dir(out, resume=cfg.ckpt.resume, overwrite=overwrite, rank=rank,
                   inputs=[cfg.base, cfg.data.train, cfg.data.val or None, cfg.reward.model or None])
-    cfg.base = str(resolve_model_dir(cfg.base))
+    try:
+        cfg.base = str(resolve_model_dir(cfg.base))
+    except LlmlabError as e:
+        raise LlmlabError(f"base: {e}") from None
+    cfg.system.autocast = resolve_autocast(cfg.system, device, rank, world)
     model_cfg, _ = read_config(cfg.base)
     if getattr(model_cfg, "num_labels", 0):
         raise LlmlabError(f"base={cfg.base}: a reward model (score head); align a language model")
@@ -115,9 +125,6 @@ def setup(cfg: AlignConfig, *, overwrite: bool) -> Context:
     optimizer = build_optimizer(policy, cfg.optim, device)
     settings = run_settings(cfg, world, base=str(Path(cfg.base).resolve()), method=cfg.method, peft=cfg.peft)
     counters = resume_run(cfg, out / "checkpoints", rank, policy, optimizer, settings, loader(lora is not None))
-    if rank == 0:
-        save_config(cfg, out / "config.yaml")
-        truncate_metrics(out / "metrics.jsonl", counters.step)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.system.autocast == "bf16")
     return Context(cfg, device, rank, world, tokenizer, template, policy, trainee, optimizer, counters, settings,
                    out, train, val, frozen, autocast, stats)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import calendar
 import json
 import random
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -141,7 +141,8 @@ def test_distill_from_a_server_keeps_checked_novel_tasks_with_provenance(tmp_pat
     kept = _read(out / "train.jsonl")
     dropped = _read(out / "dropped.jsonl")
     by_instruction = {r["instruction"]: r for r in kept}
-    assert set(by_instruction) == {"Name the capital city of Spain.", "Explain why the sky appears blue during the day.",
+    assert set(by_instruction) == {"Name the capital city of Spain.",
+                                   "Explain why the sky appears blue during the day.",
                                    "Count the vowels in the word given.",
                                    "Write a function `add(a, b)` that returns the sum of a and b."}
     assert by_instruction["Count the vowels in the word given."]["input"] == "banana"

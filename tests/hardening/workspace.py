@@ -84,6 +84,12 @@ def build(root: Path) -> dict[str, str]:
     synth(SynthConfig(out_dir=str(path("synth", "synth")), train=40, val=6, test=4, tasks=["reverse", "upper"]))
     p["train_jsonl"] = str(root / "synth" / "train.jsonl")
     p["val_jsonl"] = str(root / "synth" / "val.jsonl")
+    for name, fmt in (("pref", "preference"), ("prompts", "prompt")):
+        synth(SynthConfig(out_dir=str(path(name, name)), train=24, val=4, test=0, tasks=["reverse"], format=fmt))
+        p[f"{name}_jsonl"] = str(root / name / "train.jsonl")
+    path("same_pair", "same_pair.jsonl").write_text(
+        json.dumps({"prompt": "Reverse: a b", "chosen": "b a", "rejected": "b a"}) + "\n")
+    path("one_sided", "one_sided.jsonl").write_text(json.dumps({"prompt": "Reverse: a b", "chosen": "b a"}) + "\n")
 
     # configs whose own values are fine: a table case adds the one bad value
     pt = _yaml(path("pt", "pt.yaml"), {
@@ -99,6 +105,11 @@ def build(root: Path) -> dict[str, str]:
         "base": p["ckpt"], "out_dir": str(root / "new_ft"), "data": {"train": p["train_jsonl"], "val": p["val_jsonl"]},
         "seq_len": 128, "batch_size": 2, "max_steps": 2, "log_every": 1, "optim": {"warmup_steps": 1},
         "eval": {"every": 2, "batches": 1}, "ckpt": {"every": 1}, "lora": {"r": 2}, "system": {"device": "cpu"}})
+    _yaml(path("al", "al.yaml"), {
+        "method": "dpo", "base": p["ckpt"], "out_dir": str(root / "new_al"), "data": {"train": p["pref_jsonl"]},
+        "seq_len": 64, "batch_size": 2, "max_steps": 2, "log_every": 1, "optim": {"warmup_steps": 1},
+        "eval": {"every": 2, "batches": 1, "answers": 2}, "ckpt": {"every": 1}, "lora": {"r": 2},
+        "rollout": {"max_new_tokens": 4}, "grpo": {"group_size": 2}, "system": {"device": "cpu"}})
     _yaml(path("sf", "sf.yaml"), {
         "out_dir": str(root / "new_sf"), "data": p["data"], "widths": [16, 32], "tokens": [64, 128, 192],
         "seq_len": 16, "batch_size": 2, "bootstrap": 2})

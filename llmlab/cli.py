@@ -200,8 +200,17 @@ def _convert(ns: argparse.Namespace) -> None:
         export_gguf(model, ns.path if has_tokenizer else None, out, outtype=outtype)
         print(f"wrote {out} ({outtype}{', with the tokenizer' if has_tokenizer else ', no tokenizer.json found'})")
         return
+    pad = None
+    if ns.to == "hf" and model.config.num_labels and (Path(ns.path) / "tokenizer.json").is_file():
+        from llmlab.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(ns.path)  # a classifier scores the last token before the padding
+        pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     with atomic_dir(out, merge=ns.overwrite) as tmp:
-        (save_hf if ns.to == "hf" else save_model)(model, tmp)
+        if ns.to == "hf":
+            save_hf(model, tmp, pad_token_id=pad)
+        else:
+            save_model(model, tmp)
         copied = copy_tokenizer_files(ns.path, tmp)
         shadowed = shadowed_weights(out, tmp)
         if shadowed:

@@ -37,8 +37,13 @@ class DPOConfig:
     # where the reference's log-probabilities come from: "precompute" scores every pair once with the
     # starting model; "adapters" runs the base with LoRA disabled at each step (peft=lora only)
     reference: Literal["precompute", "adapters"] = "precompute"
+    # RPO (Pang et al. 2024): adds sft_weight x the chosen answers' negative log-likelihood per token,
+    # which keeps DPO from lowering the chosen answers' likelihood with the rejected ones'
+    sft_weight: float = 0.0
 
     def __post_init__(self):
+        if not self.sft_weight >= 0:
+            raise ValueError(f"sft_weight must be >= 0, got {self.sft_weight}")
         if not self.beta > 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:

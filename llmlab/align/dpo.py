@@ -49,15 +49,21 @@ def reference_logprobs(ctx: Context, pairs: list) -> torch.Tensor:
 
 def pair_losses(ctx: Context, model, batch: dict, ref: torch.Tensor | None):
     """The DPO or IPO loss of each pair of `batch` (and its rewards); `ref` (B, 2) precomputed, or None
-    to run the base with adapters disabled now."""
+    to run the base with adapters disabled now. With dpo.sft_weight (RPO) each pair's loss also holds
+    the weighted negative log-likelihood per token of the batch's chosen answers (as TRL's
+    loss_type=[sigmoid, sft] adds it)."""
     cfg = ctx.cfg
     average = cfg.method == "ipo"
     logps = sequence_logprobs(model, batch["input_ids"], batch["targets"], average=average).view(2, -1)
     if ref is None:
         with reference(ctx.policy, None) as base:
             ref = sequence_logprobs(base, batch["input_ids"], batch["targets"], average=average).view(2, -1).t()
-    return dpo_loss(logps[0], logps[1], ref[:, 0], ref[:, 1], cfg.dpo.beta, cfg.dpo.label_smoothing,
-                    kind=cfg.method)
+    out = dpo_loss(logps[0], logps[1], ref[:, 0], ref[:, 1], cfg.dpo.beta, cfg.dpo.label_smoothing, kind=cfg.method)
+    if cfg.dpo.sft_weight:
+        tokens = (batch["targets"] != -100).sum(1).view(2, -1)[0].float()  # the chosen rows come first
+        summed = logps[0] * tokens if average else logps[0]
+        out = out._replace(loss=out.loss + cfg.dpo.sft_weight * (-summed.sum() / tokens.sum().clamp(min=1)))
+    return out
 
 
 def train(ctx: Context) -> dict:

@@ -361,11 +361,15 @@ def write_model_config(config: ModelConfig, path: str | os.PathLike) -> None:
     atomic_write_text(Path(path) / "config.json", json.dumps({"llmlab": configlib.to_dict(config)}, indent=2))
 
 
-def save_hf(model: nn.Module, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30) -> None:
+def save_hf(model: nn.Module, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30,
+            pad_token_id: int | None = None) -> None:
     """Write an HF-format folder that `transformers` loads: config.json and safetensors weights,
-    sharded with an index when larger than `max_shard_bytes`."""
+    sharded with an index when larger than `max_shard_bytes`. `pad_token_id` goes into config.json:
+    HF's sequence classifiers find each row's last real token by it, and refuse batches without it."""
     path = Path(path)
     hf_config = config_to_hf(model.config)
+    if pad_token_id is not None:
+        hf_config["pad_token_id"] = pad_token_id
     state = llmlab_to_hf_state(_weights(model), model.config.family, score_head=bool(model.config.num_labels))
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)

@@ -13,9 +13,11 @@ import torch
 
 from llmlab.align.config import AlignConfig
 from llmlab.align.run import run
+from llmlab.cli import main
 from llmlab.common import LlmlabError
 from llmlab.config import from_dict
-from llmlab.models.io import load_model, save_hf
+from llmlab.models.io import load_model
+from llmlab.tokenizer import load_tokenizer
 from llmlab.train.checkpoint import list_checkpoints
 
 PAIRS = ("rm", "dpo", "ipo")
@@ -83,13 +85,17 @@ def test_a_reward_model_exports_in_hf_sequence_classification_layout(chat_base, 
     transformers = pytest.importorskip("transformers")
     run(_cfg(chat_base, align_data, tmp_path / "rm", "rm", peft="none"))
     ours = load_model(tmp_path / "rm" / "final")
-    save_hf(ours, tmp_path / "hf")
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == \
-        ["LlamaForSequenceClassification"]
+    assert main(["convert", str(tmp_path / "rm" / "final"), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"]
+    pad = config["pad_token_id"]
+    assert pad == load_tokenizer(tmp_path / "rm" / "final").pad_id
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
-    ids = torch.tensor([[5, 9, 17, 30, 41]])
+    ids = torch.tensor([[5, 9, 17, 30, 41], [7, 8, 9, pad, pad]])  # HF reads each row at its last real token
     with torch.no_grad():
-        assert torch.allclose(hf(ids).logits[0, 0], ours(ids)[0, -1, 0], atol=1e-5)
+        scores = hf(ids, attention_mask=(ids != pad).long()).logits[:, 0]
+        assert torch.allclose(scores[0], ours(ids[:1])[0, -1, 0], atol=1e-5)
+        assert torch.allclose(scores[1], ours(ids[1:, :3])[0, -1, 0], atol=1e-5)
     assert load_model(tmp_path / "hf").config.num_labels == 1  # and back
 
 

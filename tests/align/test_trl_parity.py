@@ -175,6 +175,33 @@ def test_conservative_dpo_matches_trl_aot_on_single_pairs(tmp_path, tokenizer):
     assert _grad_error(trainer.model, policy) < TOL
 
 
+def test_rpo_matches_trl_sigmoid_plus_sft(tmp_path, tokenizer):
+    """TRL: DPOTrainer with loss_type ["sigmoid", "sft"] and loss_weights [1, w] (RPO); llmlab: the DPO loop's
+    `pair_losses` with dpo.sft_weight=w and the reference log-probabilities precomputed."""
+    from types import SimpleNamespace
+
+    from llmlab.align.config import DPOConfig
+    from llmlab.align.dpo import pair_losses
+
+    w = 0.7
+    policy, ref = _model(0), _model(1)
+    trainer = _dpo_trainer(tmp_path, tokenizer, policy, ref, 3, loss_type=["sigmoid", "sft"], loss_weights=[1.0, w])
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trl_loss = trainer.compute_loss(trainer.model, batch)
+    trl_loss.backward()
+
+    ids, targets = _targets(batch)
+    with torch.no_grad():
+        ref_logps = sequence_logprobs(ref, ids, targets).view(2, -1).t()
+    ctx = SimpleNamespace(cfg=SimpleNamespace(method="dpo", dpo=DPOConfig(beta=BETA, sft_weight=w)))
+    out = pair_losses(ctx, policy, {"input_ids": ids, "targets": targets}, ref_logps)
+    out.loss.mean().backward()
+    plain = _ours_dpo(_model(0), ref, batch, "dpo").loss.mean().item()
+    assert out.loss.mean().item() - plain > 0.1  # the chosen answers' likelihood term is there
+    assert abs(trl_loss.item() - out.loss.mean().item()) < TOL
+    assert _grad_error(trainer.model, policy) < TOL
+
+
 # --------------------------------------------------------------------------- reward model
 
 

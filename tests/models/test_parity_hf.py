@@ -98,3 +98,37 @@ def test_base_model_checkpoint_without_lm_wrapper_loads(tmp_path):
     x = torch.randint(0, V, (1, 10))
     with torch.no_grad():
         assert (load_model(tmp_path)(x) - hf(x).logits).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_sequence_classifiers_import_and_export(name, tmp_path):
+    """An HF *ForSequenceClassification (a reward model: num_labels=1, and a 3-label classifier) imports with
+    its score head as the output layer, gives HF's score at the last token, and exports back to the same
+    class and weights."""
+    for labels in (1, 3):
+        torch.manual_seed(0)
+        if name == "llama":
+            hf = tf.LlamaForSequenceClassification(tf.LlamaConfig(**_llama_config(num_labels=labels,
+                                                                                   pad_token_id=V - 1)))
+        else:
+            hf = tf.GPT2ForSequenceClassification(tf.GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=2,
+                                                                 n_head=4, num_labels=labels, bos_token_id=0,
+                                                                 eos_token_id=0, pad_token_id=V - 1))
+        hf.eval()
+        for p in hf.parameters():
+            p.data.normal_(0, 0.3)
+        hf.save_pretrained(tmp_path / f"hf{labels}")
+        ours = load_model(tmp_path / f"hf{labels}")
+        assert ours.config.num_labels == labels
+        x = torch.randint(0, V - 1, (2, 12), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            want = hf(x).logits  # no pad token in x: HF scores the last position of every row
+            got = ours(x)[:, -1]
+        assert got.shape == (2, labels)
+        assert torch.allclose(got, want, atol=1e-4)
+        save_hf(ours, tmp_path / f"back{labels}", pad_token_id=V - 1)
+        config = json.loads((tmp_path / f"back{labels}" / "config.json").read_text())
+        assert config["architectures"][0].endswith("ForSequenceClassification")
+        back = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / f"back{labels}").eval()
+        with torch.no_grad():
+            assert torch.allclose(back(x).logits, want, atol=1e-4)

@@ -14,7 +14,8 @@ prompts rendered by llmlab's chat template (TRL gets the rendered text):
   of exactly `--new-tokens` tokens (a random model rarely ends its turn), beta 0.04 (a reference
   forward through disabled adapters), one optimisation pass.
 - PPO: the rollout tokens/s of `llmlab align method=ppo` (sampled answers per second of rollout),
-  beside transformers' `generate` sampling the same batch of prompts with a KV cache.
+  beside transformers' `generate` sampling the same batch of prompts with a KV cache through the
+  same LoRA adapters (peft, unmerged; both decode through the adapters).
 - Memory: `llmlab align method=dpo peft=lora` against `llmlab finetune peft=lora` of one larger model
   (`--memory-dim`, 12 layers) on the same sequences: the DPO batch of B pairs is 2B rows (chosen and
   rejected), and fine-tuning trains on those 2B answers as instructions, batch 2B, unpacked. Each
@@ -179,7 +180,8 @@ def trl_dpo(root: Path, pairs: int, steps: int) -> list[float]:
     return timer.times
 
 
-def trl_grpo(root: Path, prompts: int, group: int, new_tokens: int, steps: int) -> list[float]:
+def trl_grpo(root: Path, prompts: int, group: int, new_tokens: int, steps: int) -> tuple[list[float], float]:
+    """Step times, and the mean answer length TRL logged (it stops an answer at EOS)."""
     import datasets
     import trl
 
@@ -189,19 +191,24 @@ def trl_grpo(root: Path, prompts: int, group: int, new_tokens: int, steps: int) 
         return [float(c.strip().removesuffix("<|end|>").strip() == a) for c, a in zip(completions, answer)]
 
     timer = StepTimer()
-    args = trl.GRPOConfig(**trl_common(root, steps), beta=0.04, num_generations=group,
+    args = trl.GRPOConfig(**{**trl_common(root, steps), "logging_steps": 1}, beta=0.04, num_generations=group,
                           per_device_train_batch_size=prompts * group, max_completion_length=new_tokens,
                           temperature=1.0, top_p=1.0, num_iterations=1, loss_type="grpo")
     trainer = trl.GRPOTrainer(model=model, reward_funcs=[exact_match], args=args, processing_class=tokenizer,
                               peft_config=lora(), callbacks=[timer.callback],
                               train_dataset=datasets.Dataset.from_list(rendered(root, "train", "prompt")))
     trainer.train()
-    return timer.times
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    return timer.times, statistics.mean(lengths)
 
 
 def hf_generate_tokens_per_s(root: Path, prompts: int, new_tokens: int, repeats: int = 3) -> float:
-    """transformers' generate, sampling `new_tokens` tokens for a batch of prompts (left-padded)."""
+    """transformers' generate through the same LoRA adapters (peft, unmerged, as TRL samples), sampling
+    `new_tokens` tokens for a batch of prompts (left-padded)."""
+    import peft
+
     model, tokenizer = hf_model_and_tokenizer(root)
+    model = peft.get_peft_model(model, lora()).eval()
     tokenizer.padding_side = "left"
     texts = [r["prompt"] for r in rendered(root, "train", "prompt")[:prompts]]
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -294,23 +301,25 @@ def main() -> None:
         grpo = llmlab_align(root, "grpo", "grpo", batch_size=args.prompts, max_steps=args.steps,
                             grpo={"group_size": args.group, "beta": 0.04}, rollout=rollout,
                             reward={"checker": "exact_match"})
-        rows.append((f"GRPO, {args.prompts} x {args.group} answers: llmlab",
+        length = statistics.mean(s["response_length"] for s in grpo)
+        rows.append((f"GRPO, {args.prompts} x {args.group} answers: llmlab ({length:.1f} tokens each)",
                      median_after_first([s["step_s"] for s in grpo])))
         if not args.skip_trl:
-            rows.append((f"GRPO, {args.prompts} x {args.group} answers: TRL GRPOTrainer",
-                         median_after_first(trl_grpo(root, args.prompts, args.group, args.new_tokens, args.steps))))
+            times, length = trl_grpo(root, args.prompts, args.group, args.new_tokens, args.steps)
+            rows.append((f"GRPO, {args.prompts} x {args.group} answers: TRL GRPOTrainer ({length:.1f} tokens each)",
+                         median_after_first(times)))
         ppo = llmlab_align(root, "ppo", "ppo", batch_size=args.prompts * args.group, max_steps=args.steps,
                            rollout=rollout, reward={"checker": "exact_match"}, ppo={"epochs": 1, "mini_batches": 1})
-        print(f"\n{'step (optimizer step, median after the first)':62s} {'seconds':>8s} {'vs llmlab':>10s}")
+        print(f"\n{'step (optimizer step, median after the first)':70s} {'seconds':>8s} {'vs llmlab':>10s}")
         base = {}
         for name, seconds in rows:
             kind = name.split(",")[0]
             base.setdefault(kind, seconds)
-            print(f"{name:62s} {seconds:8.3f} {seconds / base[kind]:9.2f}x")
+            print(f"{name:70s} {seconds:8.3f} {seconds / base[kind]:9.2f}x")
         ppo_rate = median_after_first([s["tokens_per_s"] for s in ppo])
         hf_rate = hf_generate_tokens_per_s(root, args.prompts * args.group, args.new_tokens)
         print(f"\nPPO rollouts, {args.prompts * args.group} answers x {args.new_tokens} tokens: llmlab "
-              f"{ppo_rate:,.0f} tokens/s; transformers generate (same batch, sampled) {hf_rate:,.0f} tokens/s "
+              f"{ppo_rate:,.0f} tokens/s; transformers generate (same batch and LoRA, sampled) {hf_rate:,.0f} tokens/s "
               f"({ppo_rate / hf_rate:.2f}x)")
         if not args.skip_memory:
             memory(root, args)

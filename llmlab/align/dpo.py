@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from llmlab.align.losses import dpo_loss
-from llmlab.align.logprobs import sequence_logprobs
+from llmlab.align.logprobs import IGNORE, sequence_logprobs, token_logprobs
+from llmlab.align.losses import dpo_loss, entropy_from_logits, masked_mean
 from llmlab.align.policy import reference
 from llmlab.align.setup import Context
 from llmlab.data.preference import PairBatches, collate_pairs
@@ -47,27 +47,37 @@ def reference_logprobs(ctx: Context, pairs: list) -> torch.Tensor:
     return torch.cat(out)
 
 
-def pair_losses(ctx: Context, model, batch: dict, ref: torch.Tensor | None):
+def pair_losses(ctx: Context, model, batch: dict, ref: torch.Tensor | None, seen: dict | None = None):
     """The DPO or IPO loss of each pair of `batch` (and its rewards); `ref` (B, 2) precomputed, or None
     to run the base with adapters disabled now. With dpo.sft_weight (RPO) each pair's loss also holds
     the weighted negative log-likelihood per token of the batch's chosen answers (as TRL's
-    loss_type=[sigmoid, sft] adds it)."""
+    loss_type=[sigmoid, sft] adds it). With `seen`, the policy's entropy over the answers is appended
+    to seen["entropy"]."""
     cfg = ctx.cfg
     average = cfg.method == "ipo"
-    logps = sequence_logprobs(model, batch["input_ids"], batch["targets"], average=average).view(2, -1)
+    targets = batch["targets"]
+    logits = model(batch["input_ids"])
+    per_token = token_logprobs(logits, targets)
+    tokens = (targets != IGNORE).sum(1).float()
+    summed = per_token.sum(1)
+    logps = (summed / tokens.clamp(min=1) if average else summed).view(2, -1)  # rows: chosen, then rejected
+    if seen is not None:
+        with torch.no_grad():
+            seen.setdefault("entropy", []).append(masked_mean(entropy_from_logits(logits.detach()),
+                                                              (targets != IGNORE).float()))
     if ref is None:
         with reference(ctx.policy, None) as base:
-            ref = sequence_logprobs(base, batch["input_ids"], batch["targets"], average=average).view(2, -1).t()
+            ref = sequence_logprobs(base, batch["input_ids"], targets, average=average).view(2, -1).t()
     out = dpo_loss(logps[0], logps[1], ref[:, 0], ref[:, 1], cfg.dpo.beta, cfg.dpo.label_smoothing, kind=cfg.method)
     if cfg.dpo.sft_weight:
-        tokens = (batch["targets"] != -100).sum(1).view(2, -1)[0].float()  # the chosen rows come first
-        summed = logps[0] * tokens if average else logps[0]
-        out = out._replace(loss=out.loss + cfg.dpo.sft_weight * (-summed.sum() / tokens.sum().clamp(min=1)))
+        chosen_tokens = tokens.view(2, -1)[0]
+        nll = -summed.view(2, -1)[0].sum() / chosen_tokens.sum().clamp(min=1)
+        out = out._replace(loss=out.loss + cfg.dpo.sft_weight * nll)
     return out
 
 
 def train(ctx: Context) -> dict:
-    cfg, counters = ctx.cfg, ctx.counters
+    cfg = ctx.cfg
     precomputed = cfg.dpo.reference == "precompute"
     if precomputed:
         t0 = time.time()
@@ -79,7 +89,7 @@ def train(ctx: Context) -> dict:
 
     def loss_fn(batch):
         ref = train_ref[batch["index"]] if precomputed else None
-        out = pair_losses(ctx, ctx.trainee.forward, batch, ref)
+        out = pair_losses(ctx, ctx.trainee.forward, batch, ref, stats)
         stats.setdefault("chosen", []).append(out.chosen_rewards)
         stats.setdefault("rejected", []).append(out.rejected_rewards)
         return out.loss.mean(), len(out.loss)
@@ -100,12 +110,19 @@ def train(ctx: Context) -> dict:
                        f"{line['val_margin']:.3f}"
         return line
 
+    return train_on_pairs(ctx, batches, loss_fn, evaluation if val_batches else None, stats)
+
+
+def train_on_pairs(ctx: Context, batches: PairBatches, loss_fn, evaluation, seen: dict) -> dict:
+    """The loop rm, dpo and ipo share: accumulate `loss_fn` over each step's micro-batches of pairs
+    (it appends the chosen and rejected rewards of each to `seen`), clip, step, log, evaluate, save."""
+    cfg, counters = ctx.cfg, ctx.counters
     with ctx.open() as run:
         ctx.policy.train()
         for step in range(counters.step, cfg.max_steps):
             t0 = time.time()
             lr = run.begin_step(step, ctx.optimizer)
-            stats.clear()
+            seen.clear()
             micro = [batches.batch(step * cfg.grad_accum * ctx.world + ctx.rank * cfg.grad_accum + k, ctx.device)
                      for k in range(cfg.grad_accum)]
             loss = accumulate(ctx.trainee, micro, loss_fn, ctx.autocast)
@@ -114,13 +131,15 @@ def train(ctx: Context) -> dict:
             if run.optimizer_step(step, loss.loss, grad_norm, ctx.optimizer):
                 pairs = int(loss.units)
                 counters.tokens += pairs
+                seconds = time.time() - t0
                 record = {"loss": loss.loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                          **preference_line(None, torch.cat(stats["chosen"]), torch.cat(stats["rejected"])),
-                          "response_length": answer_length(micro), "pairs_per_s": pairs / (time.time() - t0),
-                          "tokens_per_s": sum(int((b["targets"] != -100).sum()) for b in micro) / (time.time() - t0),
-                          "step_s": time.time() - t0,
+                          **preference_line(None, torch.cat(seen["chosen"]), torch.cat(seen["rejected"])),
+                          **({"entropy": torch.stack(seen["entropy"]).mean().item()} if "entropy" in seen else {}),
+                          "response_length": answer_length(micro), "pairs_per_s": pairs / seconds,
+                          "tokens_per_s": sum(int((b["targets"] != -100).sum()) for b in micro) / seconds,
+                          "step_s": seconds,
                           "epoch": round(batches.epoch_of((step + 1) * cfg.grad_accum * ctx.world - 1), 4)}
-            if run.after_step(step + 1, record, evaluate=evaluation if val_batches else None, save=ctx.save):
+            if run.after_step(step + 1, record, evaluate=evaluation, save=ctx.save):
                 break
     return {"stopped": run.stopped or "max_steps", "val_loss": run.val_loss, "evaluation": run.evaluation,
             "exit_code": run.exit_code}

@@ -12,16 +12,14 @@ HF's sequence-classification layout with `llmlab convert final --to hf`.
 
 from __future__ import annotations
 
-import time
 
 import torch
 
-from llmlab.align.dpo import answer_length, preference_line
+from llmlab.align.dpo import preference_line, train_on_pairs
 from llmlab.align.losses import reward_loss
 from llmlab.align.policy import reward_scores
 from llmlab.align.setup import Context
 from llmlab.data.preference import PairBatches
-from llmlab.train.core import accumulate, clip_gradients
 
 
 def pair_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,7 +29,7 @@ def pair_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train(ctx: Context) -> dict:
-    cfg, counters = ctx.cfg, ctx.counters
+    cfg = ctx.cfg
     batches = PairBatches(ctx.train, cfg.batch_size, seed=cfg.seed, pad_id=ctx.pad_id())
     val_batches = PairBatches(ctx.val, cfg.batch_size, seed=cfg.seed, pad_id=ctx.pad_id()) if ctx.val else None
     seen: dict[str, list] = {}
@@ -58,27 +56,4 @@ def train(ctx: Context) -> dict:
                        f"{line['val_margin']:.3f}"
         return line
 
-    with ctx.open() as run:
-        ctx.policy.train()
-        for step in range(counters.step, cfg.max_steps):
-            t0 = time.time()
-            lr = run.begin_step(step, ctx.optimizer)
-            seen.clear()
-            micro = [batches.batch(step * cfg.grad_accum * ctx.world + ctx.rank * cfg.grad_accum + k, ctx.device)
-                     for k in range(cfg.grad_accum)]
-            loss = accumulate(ctx.trainee, micro, loss_fn, ctx.autocast)
-            grad_norm = clip_gradients(ctx.trainee, cfg.optim.grad_clip)
-            record = None
-            if run.optimizer_step(step, loss.loss, grad_norm, ctx.optimizer):
-                pairs = int(loss.units)
-                counters.tokens += pairs
-                record = {"loss": loss.loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                          **preference_line(None, torch.cat(seen["chosen"]), torch.cat(seen["rejected"])),
-                          "response_length": answer_length(micro), "pairs_per_s": pairs / (time.time() - t0),
-                          "tokens_per_s": sum(int((b["targets"] != -100).sum()) for b in micro) / (time.time() - t0),
-                          "step_s": time.time() - t0,
-                          "epoch": round(batches.epoch_of((step + 1) * cfg.grad_accum * ctx.world - 1), 4)}
-            if run.after_step(step + 1, record, evaluate=evaluation if val_batches else None, save=ctx.save):
-                break
-    return {"stopped": run.stopped or "max_steps", "val_loss": run.val_loss, "evaluation": run.evaluation,
-            "exit_code": run.exit_code}
+    return train_on_pairs(ctx, batches, loss_fn, evaluation if val_batches else None, seen)

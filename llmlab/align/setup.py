@@ -9,7 +9,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -18,6 +17,7 @@ from llmlab.align.policy import AlignModel, frozen_copy, load_policy, loader, sa
 from llmlab.common import LlmlabError, choose_device, init_distributed, seed_everything
 from llmlab.config import save_config
 from llmlab.data.preference import PairExample, PromptExample, build_pairs, build_prompts
+from llmlab.data.sft import hold_out
 from llmlab.eval.lm import resolve_model_dir
 from llmlab.models.io import read_config
 from llmlab.peft import trainable_parameters
@@ -144,10 +144,7 @@ def _data(cfg: AlignConfig, tokenizer, template, stats: Counter) -> tuple[list, 
     if cfg.data.val:
         val = build(cfg.data.val)
     else:
-        order = np.random.default_rng((cfg.seed, 5)).permutation(len(examples))
-        n_val = int(len(examples) * cfg.data.val_fraction)
-        val = [examples[i] for i in order[:n_val]]
-        examples = [examples[i] for i in sorted(order[n_val:])]
+        examples, val = hold_out(examples, cfg.data.val_fraction, cfg.seed)
     if not examples:
         raise LlmlabError(f"data.train={cfg.data.train}: no training {kind} left after holding out validation")
     skipped = {k: n for k, n in stats.items() if n and k not in ("records",)}

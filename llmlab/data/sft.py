@@ -173,6 +173,13 @@ def build_examples(path: str | os.PathLike, tokenizer, template: ChatTemplate, s
     return examples
 
 
+def hold_out(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, val): a seeded `fraction` of `examples` held out; the rest keep their order."""
+    order = np.random.default_rng((seed, 5)).permutation(len(examples))
+    n_val = int(len(examples) * fraction)
+    return [examples[i] for i in sorted(order[n_val:])], [examples[i] for i in order[:n_val]]
+
+
 def pack(lengths: list[int], order: np.ndarray, seq_len: int) -> list[list[int]]:
     """Rows of example indices, filled in `order` while the next example's `lengths` fits in seq_len."""
     rows, row, used = [], [], 0

@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 
 from llmlab.common import LlmlabError, atomic_dir, choose_device, init_distributed, seed_everything
 from llmlab.config import save_config
-from llmlab.data.sft import Batches, Example, build_examples
+from llmlab.data.sft import Batches, Example, build_examples, hold_out
 from llmlab.data.shards import TokenShards, is_prepared, prepared_dir
 from llmlab.data.windows import sample_batch
 from llmlab.eval.loss import token_loss
@@ -304,10 +303,7 @@ def _data(cfg: FinetuneConfig, tokenizer, template, vocab_size: int) -> tuple[Ba
     if cfg.data.val:
         val = build_examples(cfg.data.val, tokenizer, template, cfg.seq_len, stats)
     else:
-        order = np.random.default_rng((cfg.seed, 5)).permutation(len(examples))
-        n_val = int(len(examples) * cfg.data.val_fraction)
-        val = [examples[i] for i in order[:n_val]]
-        examples = [examples[i] for i in sorted(order[n_val:])]
+        examples, val = hold_out(examples, cfg.data.val_fraction, cfg.seed)
     if not examples:
         raise LlmlabError(f"{cfg.data.train}: no training examples left after holding out validation records")
     print(f"data: {len(examples):,} training and {len(val):,} validation examples"

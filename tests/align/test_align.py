@@ -52,8 +52,8 @@ def _steady(lines):
 
 EXPECTED = {
     "rm": {"loss", "accuracy", "margin", "chosen_reward", "rejected_reward", "response_length"},
-    "dpo": {"loss", "accuracy", "margin", "chosen_reward", "rejected_reward", "response_length"},
-    "ipo": {"loss", "accuracy", "margin"},
+    "dpo": {"loss", "accuracy", "margin", "chosen_reward", "rejected_reward", "response_length", "entropy"},
+    "ipo": {"loss", "accuracy", "margin", "entropy"},
     "ppo": {"loss", "reward", "kl", "entropy", "response_length", "policy_loss", "value_loss", "clip_fraction"},
     "grpo": {"loss", "reward", "kl", "entropy", "response_length", "clip_fraction"},
 }

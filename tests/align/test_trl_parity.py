@@ -11,6 +11,8 @@ What TRL 1.16 does that the tests rely on:
   sequence's summed log-ratio by its completion length, which equals llmlab's loss on averaged log-probabilities.
   TRL's logged rewards are beta times the summed log-ratio for both (llmlab reports beta times the log-ratio it
   was given: averaged for IPO), so rewards are compared for "sigmoid" only.
+- RPO: loss_type ["sigmoid", "sft"] with loss_weights [1, w] adds w times the mean negative log-probability of
+  the batch's chosen completion tokens.
 - "sigmoid" ignores `label_smoothing`; conservative DPO's -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)
   lives on in "aot", which sorts the batch's log-ratios and so is exactly that loss on a batch of one pair.
 - GRPO: advantages (r - mean) / (std + 1e-4) with the unbiased std per group; the KL estimator k3; the per-token

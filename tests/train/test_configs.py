@@ -7,14 +7,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmlab.align.config import AlignConfig
+from llmlab.align.run import run as align
 from llmlab.config import load_config
+from llmlab.data.synth import SynthConfig
+from llmlab.data.synth import run as synth
 from llmlab.train.finetune import FinetuneConfig
 from llmlab.train.finetune import run as finetune
 from llmlab.train.pretrain import PretrainConfig, estimate_training_memory
 from llmlab.train.pretrain import run as pretrain
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-VERBS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}
+VERBS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "align": AlignConfig}
 
 
 def _configs() -> list[Path]:
@@ -23,7 +27,7 @@ def _configs() -> list[Path]:
 
 def test_every_config_loads_and_names_its_verb():
     found = _configs()
-    assert len(found) == 5, [str(p) for p in found]
+    assert len(found) == 9, [str(p) for p in found]
     for path in found:
         verb = path.parent.name
         assert verb in VERBS, f"{path}: configs/<verb>/NAME.yaml, with verb one of {', '.join(VERBS)}"
@@ -45,7 +49,18 @@ def test_the_cpu_configs_train(corpus_dir, base, synth_dir, tmp_path):
         if "cpu" not in path.stem:
             continue
         out = tmp_path / path.stem
-        if path.parent.name == "pretrain":
+        if path.parent.name == "align":  # ppo: the checker rewards (the reward model is another config's output)
+            pairs = load_config(AlignConfig, path).method in ("rm", "dpo")
+            data = tmp_path / ("pairs" if pairs else "prompts")
+            if not data.exists():
+                synth(SynthConfig(out_dir=str(data), tasks=["reverse", "add"], train=40, val=8, test=0,
+                                  format="preference" if pairs else "prompt"))
+            result = align(load_config(AlignConfig, path, [
+                f"base={base}", f"out_dir={out}", f"data.train={data / 'train.jsonl'}",
+                f"data.val={data / 'val.jsonl'}", "max_steps=3", "eval.every=3", "eval.batches=1", "eval.answers=2",
+                "batch_size=2", "rollout.max_new_tokens=4", "grpo.group_size=2", "reward.model=''",
+                f"ppo.ptx_data={synth_dir / 'train.jsonl'}"]))
+        elif path.parent.name == "pretrain":
             result = pretrain(load_config(PretrainConfig, path, [f"data={corpus_dir}", f"out_dir={out}", "max_steps=3",
                                                                  "eval.every=3", "eval.batches=1"]))
         else:
@@ -55,4 +70,4 @@ def test_the_cpu_configs_train(corpus_dir, base, synth_dir, tmp_path):
                 "eval.exact_match=2"]))
         assert result["step"] == 3 and result["stopped"] == "max_steps", path
         ran += 1
-    assert ran == 2
+    assert ran == 6

@@ -14,6 +14,7 @@ from llmlab.train.config import (CheckpointConfig, OptimConfig, SystemConfig, ch
 
 METHODS = ("rm", "dpo", "ipo", "ppo", "grpo")
 PREFERENCE_METHODS = ("rm", "dpo", "ipo")  # trained on preference pairs; ppo and grpo on prompts
+MAX_GROUP = 1024
 
 
 @dataclass
@@ -112,6 +113,8 @@ class GRPOConfig:
 
     def __post_init__(self):
         check_at_least(self, group_size=2, epochs=1, beta=0.0)
+        if self.group_size > MAX_GROUP:
+            raise ValueError(f"group_size must be at most {MAX_GROUP} (answers held per prompt), got {self.group_size}")
         if not self.clip > 0:
             raise ValueError(f"clip must be > 0, got {self.clip}")
 

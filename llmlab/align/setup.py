@@ -109,6 +109,9 @@ def setup(cfg: AlignConfig, *, overwrite: bool) -> Context:
     template = load_chat_template(cfg.base, cfg.data.template or None)
     stats: Counter = Counter()
     train, val = _data(cfg, tokenizer, template, stats)
+    if cfg.batch_size > len(train):
+        kind = "pairs" if cfg.method in PREFERENCE_METHODS else "prompts"
+        raise LlmlabError(f"batch_size={cfg.batch_size} is more than the {len(train):,} training {kind}")
     if cfg.epochs > 0 and cfg.method in PREFERENCE_METHODS:
         cfg.max_steps = max(1, math.ceil(cfg.epochs * len(train) / (cfg.batch_size * cfg.grad_accum * world)))
 

@@ -430,7 +430,7 @@ def run(cfg: DistillConfig, *, overwrite: bool = False) -> dict:
     kept, dropped, counts = distill(cfg, teacher, seeds)
     report = {"teacher": getattr(teacher, "name", cfg.teacher), "teacher_hash": getattr(teacher, "hash", None),
               "seeds": len(seeds), "kept": len(kept), "generated": counts["generated"], "rounds": counts["rounds"],
-              "dropped": {k: v for k, v in sorted(counts.items()) if k not in ("generated", "kept", "rounds")},
+              "dropped": {k: v for k, v in sorted(counts.items()) if v and k not in ("generated", "kept", "rounds")},
               "kept_by_kind": dict(Counter(r["provenance"]["kind"] for r in kept)),
               "seconds": round(time.perf_counter() - started, 1)}
     with atomic_dir(out, merge=overwrite) as tmp:

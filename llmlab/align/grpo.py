@@ -16,8 +16,8 @@ import time
 import torch
 
 from llmlab.align.losses import entropy_from_logits, group_advantages, grpo_loss, masked_mean
-from llmlab.align.online import (check_finite, evaluate_prompts, logprobs_and_values, prompt_batch,
-                                 reference_logprobs, rollout)
+from llmlab.align.online import (evaluate_prompts, logprobs_and_values, prompt_batch,
+                                 reference_logprobs, rollout, usable)
 from llmlab.align.setup import Context
 from llmlab.train.core import clip_gradients
 from llmlab.train.loop import finite_step
@@ -37,7 +37,7 @@ def train(ctx: Context) -> dict:
             t_rollout = time.time() - t0
             scores, valid, failures = rewards_of(roll, examples)
             record = None
-            if check_finite(ctx, scores, step):
+            if usable(ctx, scores, valid, failures, step):
                 mask = roll.mask * valid.unsqueeze(1)
                 advantages = group_advantages(scores, g.group_size, g.scale_rewards) * valid
                 with torch.no_grad(), ctx.autocast:
@@ -66,7 +66,7 @@ def train(ctx: Context) -> dict:
                               "reward": scores[valid].mean().item(),
                               "reward_std": groups.std(1).mean().item(),
                               "solved_groups": (groups.max(1).values > groups.min(1).values).float().mean().item(),
-                              "response_length": roll.mask.sum(1).mean().item(), "checker_failures": failures,
+                              "response_length": roll.mask.sum(1).mean().item(), "checker_failures": len(failures),
                               "tokens_per_s": int(roll.mask.sum()) / t_rollout, "rollout_s": t_rollout,
                               "step_s": time.time() - t0}
                 else:

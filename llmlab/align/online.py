@@ -32,8 +32,8 @@ class Rewards:
         return "reward model" if self.model is not None else f"checker {self.ctx.cfg.reward.checker}"
 
     @torch.no_grad()
-    def __call__(self, rollout: Rollout, examples: list[PromptExample]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(rewards (B,), valid (B,) bool, failures) of the rollout's answers to `examples`."""
+    def __call__(self, rollout: Rollout, examples: list[PromptExample]) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """(rewards (B,), valid (B,) bool, what failed) of the rollout's answers to `examples`."""
         if self.model is None:
             prompts = [self.ctx.tokenizer.decode(p) for p, _ in rollout.rows]
             answers = [examples[i].answer for i in rollout.prompt_index]
@@ -47,7 +47,7 @@ class Rewards:
                         self.ctx.device)
         with self.ctx.autocast:
             rewards = reward_scores(self.model, scored.sequences, scored.lengths)
-        return rewards.float(), torch.ones_like(rewards, dtype=torch.bool), 0
+        return rewards.float(), torch.ones_like(rewards, dtype=torch.bool), []
 
 
 def prompt_batch(ctx: Context, step: int) -> list[PromptExample]:
@@ -99,17 +99,30 @@ def check_finite(ctx: Context, rewards: torch.Tensor, step: int) -> bool:
     return False
 
 
+def usable(ctx: Context, rewards: torch.Tensor, valid: torch.Tensor, failures: list[str], step: int) -> bool:
+    """True when the step's rewards can train: the judge scored some answer and every reward is finite.
+    A checker that scored no answer skips the step (counted); on a fresh run's first step that is an
+    error, since such a checker would never train anything. Non-finite rewards: `check_finite`."""
+    if not bool(valid.any()):
+        if step == 0:
+            raise LlmlabError(f"the {ctx.rewards.judge} scored none of the {len(valid)} answers of step 1"
+                              + (f" ({failures[0]})" if failures else "") + "; nothing was trained")
+        return False
+    return check_finite(ctx, rewards, step)
+
+
 @torch.no_grad()
 def evaluate_prompts(ctx: Context, rewards: Rewards) -> dict:
     """Greedy answers to the first eval.batches x batch_size held-out prompts: their mean reward (and
     val_loss = minus it, what early stopping watches)."""
     examples = ctx.val[:ctx.cfg.eval.batches * ctx.cfg.batch_size]
     params = SamplingParams(max_new_tokens=ctx.cfg.rollout.max_new_tokens, temperature=0.0)
-    total, count = 0.0, 0
+    total, count, failures = 0.0, 0, []
     for i in range(0, len(examples), 32):
         chunk = examples[i:i + 32]
         out = sample(ctx.policy.model, ctx.tokenizer, ctx.template, [e.prompt_ids for e in chunk], params, ctx.device)
-        values, valid, _ = rewards(out, chunk)
+        values, valid, failed = rewards(out, chunk)
+        failures += failed
         if ctx.cfg.nonfinite == "skip":
             valid &= torch.isfinite(values)
         total += float(values[valid].sum())
@@ -118,5 +131,5 @@ def evaluate_prompts(ctx: Context, rewards: Rewards) -> dict:
     if not math.isfinite(mean) or not count:
         raise LlmlabError(f"the held-out prompts' mean reward is {mean if count else 'undefined'}: the "
                           f"{rewards.judge} gave {'non-finite rewards' if count else 'no reward'} to their greedy "
-                          "answers")
+                          "answers" + (f" ({failures[0]})" if failures else ""))
     return {"val_loss": -mean, "val_reward": mean, "text": f"val_reward {mean:.4f} ({rewards.judge}, greedy)"}

@@ -21,8 +21,8 @@ import torch
 
 from llmlab.align.losses import entropy_from_logits, gae, kl_penalized_rewards, masked_mean, ppo_policy_loss, \
     ppo_value_loss, whiten
-from llmlab.align.online import (check_finite, evaluate_prompts, logprobs_and_values, prompt_batch,
-                                 reference_logprobs, rollout)
+from llmlab.align.online import (evaluate_prompts, logprobs_and_values, prompt_batch,
+                                 reference_logprobs, rollout, usable)
 from llmlab.align.setup import Context
 from llmlab.common import LlmlabError
 from llmlab.data.sft import Batches, build_examples
@@ -78,7 +78,7 @@ def train(ctx: Context) -> dict:
             t_rollout = time.time() - t0
             scores, valid, failures = rewards_of(roll, examples)
             record = None
-            if check_finite(ctx, scores, step):
+            if usable(ctx, scores, valid, failures, step):
                 mask = roll.mask * valid.unsqueeze(1)
                 with torch.no_grad(), ctx.autocast:
                     old_logprobs, old_values, _ = logprobs_and_values(ctx, ctx.policy, roll)
@@ -105,7 +105,7 @@ def train(ctx: Context) -> dict:
                     mean = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}
                     record = {"loss": mean["loss"], "lr": lr, "reward": scores[valid].mean().item(),
                               "kl": (kl.sum(1)[valid]).mean().item(), "response_length":
-                              roll.mask.sum(1).mean().item(), **mean, "checker_failures": failures,
+                              roll.mask.sum(1).mean().item(), **mean, "checker_failures": len(failures),
                               "tokens_per_s": int(roll.mask.sum()) / t_rollout,
                               "rollout_s": t_rollout, "step_s": time.time() - t0}
                 else:

@@ -92,18 +92,21 @@ def load_checker(spec: str) -> Checker:
 
 
 def check_rewards(checker: Checker, prompts: list[str], texts: list[str],
-                  answers: list[str | None]) -> tuple[torch.Tensor, torch.Tensor, int]:
+                  answers: list[str | None]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(rewards (B,), valid (B,) bool, failures): each answer's reward from the checker. An answer whose
-    check raises or returns something other than a number is not valid (counted, and left out of the
-    update) rather than stopping the run; a NaN or infinite number is returned as it is, for the loop's
-    `nonfinite` policy."""
-    rewards, valid = [], []
+    check raises or returns something other than a number is not valid (left out of the update, and
+    what went wrong is listed in `failures`) rather than stopping the run; a NaN or infinite number is
+    returned as it is, for the loop's `nonfinite` policy."""
+    rewards, valid, failures = [], [], []
     for prompt, text, answer in zip(prompts, texts, answers):
         try:
             value = checker(prompt, text, answer)
-        except Exception:  # a user's checker may raise anything: the answer is skipped and counted
+        except Exception as e:  # a user's checker may raise anything: the answer is skipped and counted
             value = None
+            failures.append(f"{type(e).__name__}: {e}"[:200])
         good = isinstance(value, (int, float))  # bool is an int: True / False score 1 / 0
+        if not good and value is not None:
+            failures.append(f"returned {type(value).__name__}, not a number")
         rewards.append(float(value) if good else 0.0)
         valid.append(good)
-    return torch.tensor(rewards), torch.tensor(valid), valid.count(False)
+    return torch.tensor(rewards), torch.tensor(valid), failures

@@ -179,6 +179,17 @@ def test_a_checker_that_raises_is_counted_not_fatal(chat_base, align_data, tmp_p
     assert len(train) == 4 and sum(r["checker_failures"] for r in train) > 0
 
 
+def broken_checker(prompt, completion, answer):
+    raise KeyError("expected")
+
+
+def test_a_checker_that_scores_nothing_is_an_error_naming_its_failure(chat_base, align_data, tmp_path):
+    cfg = _cfg(chat_base, align_data, tmp_path, "grpo", **{"reward.checker": f"{__name__}:broken_checker"})
+    with pytest.raises(LlmlabError, match=r"scored none of the \d+ answers of step 1 \(KeyError: 'expected'\)"):
+        run(cfg)
+    assert list_checkpoints(tmp_path / "checkpoints") == []
+
+
 @pytest.mark.parametrize("override, message", [
     ({"reward.checker": "no_such_module_xyz:f"}, "cannot import"),
     ({"reward.checker": "json:no_such_function"}, "has no 'no_such_function'"),

@@ -82,7 +82,9 @@ def train(ctx: Context) -> dict:
     if precomputed:
         t0 = time.time()
         train_ref, val_ref = reference_logprobs(ctx, ctx.train), reference_logprobs(ctx, ctx.val) if ctx.val else None
-        print(f"reference log-probabilities of {len(ctx.train) + len(ctx.val):,} pairs in {time.time() - t0:.1f} s")
+        if ctx.rank == 0:
+            print(f"reference log-probabilities of {len(ctx.train) + len(ctx.val):,} pairs in "
+                  f"{time.time() - t0:.1f} s")
     batches = PairBatches(ctx.train, cfg.batch_size, seed=cfg.seed, pad_id=ctx.pad_id())
     val_batches = PairBatches(ctx.val, cfg.batch_size, seed=cfg.seed, pad_id=ctx.pad_id()) if ctx.val else None
     stats = {}
@@ -132,10 +134,14 @@ def train_on_pairs(ctx: Context, batches: PairBatches, loss_fn, evaluation, seen
                 pairs = int(loss.units)
                 counters.tokens += pairs
                 seconds = time.time() - t0
+                # the rewards of every rank's pairs, so that a record describes the whole step
+                chosen, rejected = (gathered(torch.cat(seen[k]).float(), ctx.world) for k in ("chosen", "rejected"))
+                entropy = gathered(torch.stack(seen["entropy"]).float(), ctx.world) if "entropy" in seen else None
+                lengths = gathered(torch.cat([(b["targets"] != -100).sum(1) for b in micro]).float(), ctx.world)
                 record = {"loss": loss.loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                          **preference_line(None, torch.cat(seen["chosen"]), torch.cat(seen["rejected"])),
-                          **({"entropy": torch.stack(seen["entropy"]).mean().item()} if "entropy" in seen else {}),
-                          "response_length": answer_length(micro), "pairs_per_s": pairs / seconds,
+                          **preference_line(None, chosen, rejected),
+                          **({"entropy": entropy.mean().item()} if entropy is not None else {}),
+                          "response_length": lengths.mean().item(), "pairs_per_s": pairs / seconds,
                           "tokens_per_s": sum(int((b["targets"] != -100).sum()) for b in micro) / seconds,
                           "step_s": seconds,
                           "epoch": round(batches.epoch_of((step + 1) * cfg.grad_accum * ctx.world - 1), 4)}
@@ -155,7 +161,10 @@ def preference_line(losses: torch.Tensor | None, chosen: torch.Tensor, rejected:
     return line
 
 
-def answer_length(batches: list[dict]) -> float:
-    """Mean answer tokens per row."""
-    counts = torch.cat([(b["targets"] != -100).sum(1) for b in batches]).float()
-    return counts.mean().item()
+def gathered(x: torch.Tensor, world: int) -> torch.Tensor:
+    """`x` of every rank, concatenated in rank order (itself in one process); equal shapes on every rank."""
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(parts)

@@ -26,7 +26,8 @@ from llmlab.train.loop import finite_step
 def train(ctx: Context) -> dict:
     cfg, counters, g = ctx.cfg, ctx.counters, ctx.cfg.grpo
     rewards_of = ctx.rewards
-    print(f"grpo: {g.group_size} answers per prompt, rewards from the {rewards_of.judge}")
+    if ctx.rank == 0:
+        print(f"grpo: {g.group_size} answers per prompt, rewards from the {rewards_of.judge}")
 
     with ctx.open() as run:
         for step in range(counters.step, cfg.max_steps):

@@ -65,8 +65,9 @@ def train(ctx: Context) -> dict:
     cfg, counters, p = ctx.cfg, ctx.counters, ctx.cfg.ppo
     rewards_of = ctx.rewards
     ptx = PretrainingMix(ctx) if p.ptx_coef > 0 else None
-    print(f"ppo: rewards from the {rewards_of.judge}; reference: "
-          f"{'the base with adapters disabled' if ctx.frozen is None else 'a frozen copy of the base'}")
+    if ctx.rank == 0:
+        print(f"ppo: rewards from the {rewards_of.judge}; reference: "
+              f"{'the base with adapters disabled' if ctx.frozen is None else 'a frozen copy of the base'}")
     updates = p.epochs * p.mini_batches
 
     with ctx.open() as run:

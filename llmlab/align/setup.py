@@ -108,7 +108,7 @@ def setup(cfg: AlignConfig, *, overwrite: bool) -> Context:
     tokenizer = load_tokenizer(cfg.base)
     template = load_chat_template(cfg.base, cfg.data.template or None)
     stats: Counter = Counter()
-    train, val = _data(cfg, tokenizer, template, stats)
+    train, val = _data(cfg, tokenizer, template, stats, quiet=rank != 0)
     if cfg.batch_size > len(train):
         kind = "pairs" if cfg.method in PREFERENCE_METHODS else "prompts"
         raise LlmlabError(f"batch_size={cfg.batch_size} is more than the {len(train):,} training {kind}")
@@ -119,8 +119,9 @@ def setup(cfg: AlignConfig, *, overwrite: bool) -> Context:
     lora = cfg.lora if cfg.peft == "lora" else None
     policy = load_policy(cfg.base, device, lora=lora, reward_head=cfg.method == "rm", value_head=cfg.method == "ppo")
     trained, total = trainable_parameters(policy)
-    print(f"{cfg.method}: training {trained:,} of {total:,} parameters ({100 * trained / total:.2f}%)"
-          + (f", LoRA r={cfg.lora.r}" if lora else ""))
+    if rank == 0:
+        print(f"{cfg.method}: training {trained:,} of {total:,} parameters ({100 * trained / total:.2f}%)"
+              + (f", LoRA r={cfg.lora.r}" if lora else ""))
     frozen = frozen_copy(policy) if cfg.method in ("ppo", "grpo") and lora is None and \
         (cfg.method == "ppo" or cfg.grpo.beta > 0) else None
     policy.model.gradient_checkpointing = cfg.system.gradient_checkpointing
@@ -133,7 +134,7 @@ def setup(cfg: AlignConfig, *, overwrite: bool) -> Context:
                    out, train, val, frozen, autocast, stats)
 
 
-def _data(cfg: AlignConfig, tokenizer, template, stats: Counter) -> tuple[list, list]:
+def _data(cfg: AlignConfig, tokenizer, template, stats: Counter, *, quiet: bool = False) -> tuple[list, list]:
     """Training and held-out examples: pairs for rm/dpo/ipo, prompts for ppo/grpo."""
     if cfg.method in PREFERENCE_METHODS:
         def build(path):
@@ -151,6 +152,7 @@ def _data(cfg: AlignConfig, tokenizer, template, stats: Counter) -> tuple[list, 
     if not examples:
         raise LlmlabError(f"data.train={cfg.data.train}: no training {kind} left after holding out validation")
     skipped = {k: n for k, n in stats.items() if n and k not in ("records",)}
-    print(f"data: {len(examples):,} training and {len(val):,} validation {kind}"
-          + "".join(f"; {n:,} {k.replace('_', ' ')}" for k, n in skipped.items()))
+    if not quiet:
+        print(f"data: {len(examples):,} training and {len(val):,} validation {kind}"
+              + "".join(f"; {n:,} {k.replace('_', ' ')}" for k, n in skipped.items()))
     return examples, val

@@ -238,3 +238,26 @@ def test_the_cli_runs_align_and_refuses_an_existing_run(chat_base, align_data, t
     assert "Traceback" not in again.stderr
     bad = subprocess.run(cmd + ["method=sft"], capture_output=True, text=True)
     assert bad.returncode != 0 and "method" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_dpo_on_two_ranks_equals_one_process_accumulating_their_batches(chat_base, align_data, tmp_path):
+    """Under torchrun (two CPU processes, Gloo) each rank takes its own micro-batch of pairs: the losses
+    equal one process accumulating both, and only rank 0 prints."""
+    from llmlab.config import save_config
+
+    common = {"batch_size": 2, "eval.every": 4, "eval.answers": 2}
+    run(_cfg(chat_base, align_data, tmp_path / "single", "dpo", grad_accum=2, **common))
+    cfg = _cfg(chat_base, align_data, tmp_path / "ddp", "dpo", **common)
+    save_config(cfg, tmp_path / "ddp.yaml")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "llmlab", "align", str(tmp_path / "ddp.yaml")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("stopped after step 4") == 1 and out.stdout.count("data: ") == 1
+    single, ddp = _metrics(tmp_path / "single"), _metrics(tmp_path / "ddp")
+    assert [r["step"] for r in single] == [r["step"] for r in ddp]
+    for a, b in zip(single, ddp):
+        for key in ("loss", "margin", "val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)

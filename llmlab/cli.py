@@ -26,7 +26,7 @@ CONFIG_VERBS = {
     "data prepare": ("llmlab.data.prepare", "PrepareConfig", "run",
                      "clean, deduplicate, split and tokenize a corpus into token shards"),
     "tokenizer train": ("llmlab.data.prepare", "TokenizerTrainConfig", "train_tokenizer",
-                        "train a byte-level BPE tokenizer on a corpus"),
+                        "train a tokenizer on a corpus: byte-level BPE, WordPiece (BERT) or Unigram (T5)"),
     "data synth": ("llmlab.data.synth", "SynthConfig", "run",
                    "write a synthetic instruction set whose answers a program can check"),
     "data distill": ("llmlab.align.distill", "DistillConfig", "run",

@@ -57,10 +57,13 @@ class RewardConfig:
     # checker of verifiable answers: "exact_match" (1 if the answer equals the record's, spaces aside,
     # else 0), or "module:function" taking (prompt, completion, answer) and returning a number
     checker: str = "exact_match"
+    timeout: float = 10.0  # seconds one check may take; a slower check scores nothing (counted as failed)
 
     def __post_init__(self):
         if not self.checker:
             raise ValueError('checker is empty: use "exact_match" or "module:function"')
+        if not 0 < self.timeout <= 3600:
+            raise ValueError(f"timeout must be in (0, 3600] seconds, got {self.timeout}")
 
 
 @dataclass

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -41,6 +42,7 @@ BLOCKED_WORDS = ("image", "images", "graph", "graphs", "picture", "pictures", "f
                  "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram")
 MIN_WORDS, MAX_WORDS = 3, 150
 NO_INPUT = "<noinput>"
+MAX_CHARS_PER_TOKEN = 32  # no tokenizer's token is longer: more text than that is a server over its limit
 # what the prompts are made of: the teacher continues a numbered list, then answers after "Output:"
 LIST_HEADER = "Come up with a series of tasks:\n"
 CODE_LIST_HEADER = "Come up with a series of Python programming tasks, each solved by one function:\n"
@@ -139,7 +141,7 @@ class DistillConfig:
 
     def __post_init__(self):
         for name, least in (("instructions", 1), ("rounds", 1), ("prompts_per_round", 1), ("demos", 1),
-                            ("max_new_tokens", 1), ("code_samples", 1), ("batch_size", 1)):
+                            ("max_new_tokens", 1), ("code_samples", 1), ("batch_size", 1), ("seed", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
@@ -199,23 +201,22 @@ def instruction_prompt(demos: list[Task], kind: str) -> str:
     return header + "\n" + "".join(_shown(t, i + 1) for i, t in enumerate(demos)) + f"Task {len(demos) + 1}:"
 
 
-def parse_instructions(completion: str, first: int) -> tuple[list[tuple[str, str]], int]:
+def parse_instructions(completion: str, first: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(instruction, input) pairs from a completion of `instruction_prompt` that opened at Task `first`,
-    and how many were cut off: the last of several tasks is dropped unless its line ended, since the
-    token budget most likely ran out inside it."""
-    pieces = re.split(r"\n\s*Task \d+\s*:", "\n" + f"Task {first}:" + completion)
-    cut = 0
-    if len([p for p in pieces if p.strip()]) > 1 and not completion.endswith("\n"):
-        pieces, cut = pieces[:-1], 1
-    out = []
-    for piece in pieces:
-        piece = piece.strip()
-        if not piece:
-            continue
+    and those cut off: the last of several tasks is set aside unless its line ended, since the token
+    budget most likely ran out inside it."""
+    pieces = [p.strip() for p in re.split(r"\n\s*Task \d+\s*:", "\n" + f"Task {first}:" + completion)]
+    pieces = [p for p in pieces if p]
+    cut = []
+    if len(pieces) > 1 and not completion.endswith("\n"):
+        pieces, cut = pieces[:-1], pieces[-1:]
+
+    def pair(piece: str) -> tuple[str, str]:
         instruction, _, given = piece.partition("\nInput:")
         given = given.strip()
-        out.append((" ".join(instruction.split()), "" if given in ("", NO_INPUT) else given))
-    return out, cut
+        return " ".join(instruction.split()), "" if given in ("", NO_INPUT) else given
+
+    return [pair(p) for p in pieces], [pair(p) for p in cut]
 
 
 def answer_prompt(demos: list[Task], task: Task) -> str:
@@ -284,6 +285,9 @@ def load_teacher(cfg: DistillConfig):
     if not cfg.teacher:
         raise DistillError("teacher: name a checkpoint, run directory or HF folder, or a server URL such as "
                            "http://127.0.0.1:8000/v1")
+    if "://" in cfg.teacher and not cfg.teacher.startswith(("http://", "https://")):
+        raise DistillError(f"teacher={cfg.teacher}: a server is reached over http:// or https://, such as "
+                           "http://127.0.0.1:8000/v1")
     if cfg.teacher.startswith(("http://", "https://")):
         return ServerLM(cfg.teacher, model=cfg.server_model or None, batch_size=cfg.batch_size, seed=cfg.seed)
     return LocalLM.from_path(cfg.teacher, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size,
@@ -291,12 +295,13 @@ def load_teacher(cfg: DistillConfig):
 
 
 def ask(teacher, prompts: list[str], stops: list[str], max_new: int, temperature: float, seed: int) -> list[str]:
-    """Completions of `prompts`, each seeded from `seed` and its index."""
+    """Completions of `prompts`, each seeded from `seed` and its index; a server that ignores the token
+    limit has its completions cut at MAX_CHARS_PER_TOKEN characters per token."""
     if not prompts:
         return []
     teacher.seed = seed
     kwargs = {"until": stops, "max_gen_toks": max_new, "do_sample": temperature > 0, "temperature": temperature}
-    return teacher.generate_until([(p, kwargs) for p in prompts])
+    return [text[:max_new * MAX_CHARS_PER_TOKEN] for text in teacher.generate_until([(p, kwargs) for p in prompts])]
 
 
 # --------------------------------------------------------------------------- the loop
@@ -338,14 +343,15 @@ def distill(cfg: DistillConfig, teacher, seeds: list[Task], log=print) -> tuple[
         fresh: list[tuple[Task, dict]] = []
         for (kind, demos), completion in zip(plan, completions):
             parsed, cut = parse_instructions(completion, len(demos) + 1)
-            counts["generated"] += cut
-            counts["cut_off"] += cut
-            for instruction, given in parsed:
+            for (instruction, given), was_cut in [(p, False) for p in parsed] + [(p, True) for p in cut]:
                 counts["generated"] += 1
                 task = Task(f"distill-{counts['generated'] - 1}", instruction, given,
                             tests="" if kind == "code" else None)
-                meta = {"id": task.id, "kind": kind, "round": round_, "demos": [d.id for d in demos]}
+                meta = {"id": task.id, "kind": kind, "round": round_ + 1, "demos": [d.id for d in demos]}
                 record = {"instruction": instruction, "input": given, "provenance": meta}
+                if was_cut:
+                    drop("cut_off", record)
+                    continue
                 reason = screen(instruction) if instruction else "empty_instruction"
                 if reason is None:
                     meta["rouge_l_max"] = round(novelty.highest(instruction), 4)
@@ -439,6 +445,9 @@ def run(cfg: DistillConfig, *, overwrite: bool = False) -> dict:
         atomic_write_text(tmp / "report.json", json.dumps(report, indent=2) + "\n")
         save_config(cfg, tmp / "config.yaml")
     drops = ", ".join(f"{k} {v}" for k, v in report["dropped"].items()) or "none"
-    print(f"kept {len(kept)} of {counts['generated']} instructions in {counts['rounds']} rounds "
-          f"(dropped: {drops}) -> {Path(out) / 'train.jsonl'}")
+    summary = f"kept {len(kept)} of {counts['generated']} instructions in {counts['rounds']} rounds (dropped: {drops})"
+    print(f"{summary} -> {Path(out) / 'train.jsonl'}")
+    if not kept:
+        print(f"warning: {Path(out) / 'train.jsonl'} is empty; dropped.jsonl and report.json there say why (a weak "
+              "teacher, or too few rounds or tokens)", file=sys.stderr)
     return {"out_dir": str(out), **report, "config": asdict(cfg)}

@@ -26,6 +26,13 @@ class Rewards:
         self.model = load_reward_model(ctx.cfg.reward.model, ctx.device, ctx.tokenizer) \
             if ctx.cfg.reward.model else None
         self.checker = None if self.model is not None else load_checker(ctx.cfg.reward.checker)
+        if self.checker is not None and ctx.cfg.reward.checker == "exact_match" and ctx.cfg.method in ("ppo", "grpo"):
+            for path, examples in ((ctx.cfg.data.train, ctx.train), (ctx.cfg.data.val or ctx.cfg.data.train, ctx.val)):
+                missing = [e.where for e in examples if e.answer is None]
+                if missing:
+                    raise LlmlabError(f"{path}: {len(missing):,} of {len(examples):,} prompts have no `answer` (the "
+                                      f"first at {missing[0]}); reward.checker=exact_match compares each answer with "
+                                      "it (add them, or name a reward.model or a checker of your own)")
 
     @property
     def judge(self) -> str:
@@ -37,7 +44,8 @@ class Rewards:
         if self.model is None:
             prompts = [self.ctx.tokenizer.decode(p) for p, _ in rollout.rows]
             answers = [examples[i].answer for i in rollout.prompt_index]
-            rewards, valid, failures = check_rewards(self.checker, prompts, rollout.texts, answers)
+            rewards, valid, failures = check_rewards(self.checker, prompts, rollout.texts, answers,
+                                                     self.ctx.cfg.reward.timeout)
             return rewards.to(self.ctx.device), valid.to(self.ctx.device), failures
         # the reward model learnt on conversations that end with the end of turn and EOS: score them so
         eos = self.ctx.tokenizer.eos_id

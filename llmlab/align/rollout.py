@@ -3,7 +3,12 @@ as training tensors, and the rewards a checker or a reward model gives them."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import math
+import numbers
+import signal
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -91,22 +96,61 @@ def load_checker(spec: str) -> Checker:
     return fn
 
 
-def check_rewards(checker: Checker, prompts: list[str], texts: list[str],
-                  answers: list[str | None]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+class CheckTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise CheckTimeout in the block after `seconds` (SIGALRM: the main thread of a POSIX process;
+    elsewhere no limit). A checker stuck in Python code or a sleep is stopped; one stuck in C code
+    that ignores signals is not."""
+    if not seconds or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise CheckTimeout(f"took over {seconds:g} s (reward.timeout)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def as_reward(value) -> float | None:
+    """A checker's result as a float: any real number (bool, int, float, numpy scalars, a one-element
+    tensor); an integer too large for a float is +-inf. None for anything else."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if not isinstance(value, numbers.Real):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
+def check_rewards(checker: Checker, prompts: list[str], texts: list[str], answers: list[str | None],
+                  timeout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(rewards (B,), valid (B,) bool, failures): each answer's reward from the checker. An answer whose
-    check raises or returns something other than a number is not valid (left out of the update, and
-    what went wrong is listed in `failures`) rather than stopping the run; a NaN or infinite number is
-    returned as it is, for the loop's `nonfinite` policy."""
+    check raises, exits, takes over `timeout` seconds or returns something other than a number is not
+    valid (left out of the update, and what went wrong is listed in `failures`) rather than stopping
+    the run; a NaN or infinite number is returned as it is, for the loop's `nonfinite` policy."""
     rewards, valid, failures = [], [], []
     for prompt, text, answer in zip(prompts, texts, answers):
+        value = None
         try:
-            value = checker(prompt, text, answer)
-        except Exception as e:  # a user's checker may raise anything: the answer is skipped and counted
-            value = None
+            with time_limit(timeout):
+                value = checker(prompt, text, answer)
+        except (Exception, SystemExit) as e:  # a user's checker may do anything: the answer is skipped and counted
             failures.append(f"{type(e).__name__}: {e}"[:200])
-        good = isinstance(value, (int, float))  # bool is an int: True / False score 1 / 0
-        if not good and value is not None:
+        reward = as_reward(value)
+        if reward is None and value is not None:
             failures.append(f"returned {type(value).__name__}, not a number")
-        rewards.append(float(value) if good else 0.0)
-        valid.append(good)
-    return torch.tensor(rewards), torch.tensor(valid), failures
+        rewards.append(0.0 if reward is None else reward)
+        valid.append(reward is not None)
+    return torch.tensor(rewards, dtype=torch.float64).float(), torch.tensor(valid), failures

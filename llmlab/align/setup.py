@@ -19,6 +19,7 @@ from llmlab.config import save_config
 from llmlab.data.preference import PairExample, PromptExample, build_pairs, build_prompts
 from llmlab.data.sft import hold_out
 from llmlab.eval.lm import resolve_model_dir
+from llmlab.models import require_kind
 from llmlab.models.io import read_config
 from llmlab.peft import trainable_parameters
 from llmlab.tokenizer import load_tokenizer
@@ -96,6 +97,10 @@ def setup(cfg: AlignConfig, *, overwrite: bool) -> Context:
         raise LlmlabError(f"base: {e}") from None
     cfg.system.autocast = resolve_autocast(cfg.system, device, rank, world)
     model_cfg, _ = read_config(cfg.base)
+    try:
+        require_kind(model_cfg, ("decoder",), "llmlab align", f"base={cfg.base}")
+    except ValueError as e:
+        raise LlmlabError(str(e)) from None
     if getattr(model_cfg, "num_labels", 0):
         raise LlmlabError(f"base={cfg.base}: a reward model (score head); align a language model")
     if cfg.seq_len is None:
@@ -127,7 +132,7 @@ def setup(cfg: AlignConfig, *, overwrite: bool) -> Context:
     policy.model.gradient_checkpointing = cfg.system.gradient_checkpointing
     trainee = wrap_model(policy, cfg.system, world)
     optimizer = build_optimizer(policy, cfg.optim, device)
-    settings = run_settings(cfg, world, base=str(Path(cfg.base).resolve()), method=cfg.method, peft=cfg.peft)
+    settings = run_settings(cfg, world, base=str(Path(cfg.base).resolve()), method=cfg.method)
     counters = resume_run(cfg, out / "checkpoints", rank, policy, optimizer, settings, loader(lora is not None))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.system.autocast == "bf16")
     return Context(cfg, device, rank, world, tokenizer, template, policy, trainee, optimizer, counters, settings,

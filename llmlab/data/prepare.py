@@ -55,7 +55,8 @@ from llmlab.data.clean import CleanConfig, normalize, quality_problem
 from llmlab.data.dedup import Deduplicator
 from llmlab.data.ingest import Document, default_corpus, iter_documents, python_sources
 from llmlab.data.shards import MANIFEST, MANIFEST_VERSION, ShardWriter, token_dtype
-from llmlab.tokenizer import check_min_frequency, check_vocab_size, load_tokenizer, train_bpe
+from llmlab.tokenizer import (check_min_frequency, check_unigram_vocab_size, check_vocab_size,
+                              check_wordpiece_vocab_size, load_tokenizer, train_bpe, train_unigram, train_wordpiece)
 
 SPLITS = ("train", "val", "test")
 BATCH_DOCS = 256  # documents per encode_batch call: enough to keep the Rust threads busy
@@ -106,15 +107,29 @@ class TokenizerTrainConfig:
     default: Literal["docs", "python", "docs+python"] = "docs"
     default_bytes: int = 0  # read at most this much of the .py corpus (0: all of its ~30 MB)
     out_dir: str = "runs/tokenizer"  # output folder; must not exist yet (or be empty)
-    vocab_size: int = 4096  # ids, special tokens included
-    min_frequency: int = 2  # a pair seen fewer times than this is never merged
+    kind: Literal["bpe", "wordpiece", "unigram"] = "bpe"  # byte-level BPE (GPT-2), WordPiece (BERT), Unigram (T5)
+    vocab_size: int = 4096  # ids, special tokens (and unigram's sentinels) included
+    min_frequency: int = 2  # bpe and wordpiece: a pair seen fewer times than this is never merged
+    lowercase: bool = True  # wordpiece only: lowercase and strip accents (bert-base-uncased); false: cased
+    sentinels: int = 100  # unigram only: <extra_id_0>... span-corruption tokens, the last ids (T5 has 100)
     text_field: str = "text"  # JSONL field that holds the text
     encoding_errors: Literal["error", "skip", "replace"] = "error"  # invalid UTF-8: stop, skip the file, or U+FFFD
     max_docs: int | None = None  # train on the first max_docs non-empty documents only (None: all)
 
     def __post_init__(self):
         _check_inputs(self.inputs, self.text_field, self.default)
-        check_vocab_size(self.vocab_size)
+        # a setting another kind reads is an error, not silently ignored (compared with its default)
+        for name, kinds in (("min_frequency", ("bpe", "wordpiece")), ("lowercase", ("wordpiece",)),
+                            ("sentinels", ("unigram",))):
+            if self.kind not in kinds and getattr(self, name) != getattr(TokenizerTrainConfig, name):
+                raise ValueError(f"{name} applies to kind={' or kind='.join(kinds)} only, not kind={self.kind}; "
+                                 f"drop {name}")
+        if self.kind == "wordpiece":
+            check_wordpiece_vocab_size(self.vocab_size)
+        elif self.kind == "unigram":
+            check_unigram_vocab_size(self.vocab_size, self.sentinels)
+        else:
+            check_vocab_size(self.vocab_size)
         check_min_frequency(self.min_frequency)
         if self.default_bytes < 0:
             raise ValueError(f"default_bytes must be >= 0, got {self.default_bytes}")
@@ -258,10 +273,11 @@ def run(cfg: PrepareConfig, *, tokenizer: Any = None, overwrite: bool = False) -
 
 
 def train_tokenizer(cfg: TokenizerTrainConfig, *, overwrite: bool = False) -> Path:
-    """Train a byte-level BPE tokenizer on normalized documents (the `llmlab tokenizer train` verb).
+    """Train a tokenizer of `cfg.kind` on normalized documents (the `llmlab tokenizer train` verb).
 
-    Documents stream into `llmlab.tokenizer.train_bpe` one at a time. Prints the vocabulary
-    size and the bytes per token on the first 1 MiB of the training text.
+    Documents stream into `llmlab.tokenizer.train_bpe` (or `train_wordpiece`, `train_unigram`) one
+    at a time. Prints the vocabulary size and the bytes per token on the first 1 MiB of the
+    training text.
 
     Args:
         cfg: The configuration.
@@ -271,7 +287,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig, *, overwrite: bool = False) -> Pa
         tokenizer_config.json, for HF AutoTokenizer, and the resolved config.yaml).
 
     Raises:
-        DataError: the inputs are bad; no non-empty document ("empty corpus"). Nothing is written then.
+        DataError: the inputs are bad; no non-empty document ("empty corpus"); the corpus has more
+            distinct characters than a WordPiece or Unigram `vocab_size` holds. Nothing is written then.
         OutputError: out_dir exists and is not empty (without `overwrite`), is or holds an input, or
             cannot be written.
     """
@@ -300,8 +317,18 @@ def train_tokenizer(cfg: TokenizerTrainConfig, *, overwrite: bool = False) -> Pa
     if first is None:
         where = ", ".join(cfg.inputs) or "the embedded default"
         raise DataError(f"empty corpus: no non-empty documents in {where}{_skipped_note(file_stats)}")
+    corpus = itertools.chain([first], stream)
     with atomic_dir(out, merge=overwrite) as tmp:
-        tokenizer = train_bpe(itertools.chain([first], stream), cfg.vocab_size, min_frequency=cfg.min_frequency)
+        try:
+            if cfg.kind == "wordpiece":
+                tokenizer = train_wordpiece(corpus, cfg.vocab_size, lowercase=cfg.lowercase,
+                                            min_frequency=cfg.min_frequency)
+            elif cfg.kind == "unigram":
+                tokenizer = train_unigram(corpus, cfg.vocab_size, sentinels=cfg.sentinels)
+            else:
+                tokenizer = train_bpe(corpus, cfg.vocab_size, min_frequency=cfg.min_frequency)
+        except ValueError as e:  # the settings were checked: the corpus's alphabet outgrew vocab_size
+            raise DataError(str(e)) from None
         saved = tokenizer.save(tmp)
         save_config(cfg, tmp / "config.yaml")
     path = out / saved.relative_to(tmp)

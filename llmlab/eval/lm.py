@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -37,6 +38,7 @@ from llmlab.generate.scheduler import Sequence as Running
 from llmlab.generate.text import stop_string_check
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm-evaluation-harness's default for generate_until
+MAX_ANSWER = 64 << 20  # bytes of one server answer
 TOKEN_BUDGET = 16384  # tokens of context and continuation scored in one batch
 
 
@@ -216,6 +218,17 @@ class LocalLM:
         torch_dtype = None if dtype in ("auto", "float32", "fp32") else choose_dtype(dtype, dev, "dtype")
         from llmlab.tokenizer.chat import load_chat_template
 
+        from llmlab.models.io import read_config
+
+        from llmlab.models import require_kind
+
+        cfg = read_config(folder)[0]
+        try:
+            require_kind(cfg, ("decoder",), "this evaluator", str(path))
+        except ValueError as e:
+            raise EvalError(str(e)) from None
+        if getattr(cfg, "num_labels", 0):
+            raise EvalError(f"{path}: a reward model or classifier (a score head), not a language model")
         model = load_model(folder, dev, dtype=torch_dtype)
         return cls(model, load_tokenizer(folder), batch_size=batch_size, name=str(path), hash=model_hash(folder),
                    seed=seed, template=load_chat_template(folder))
@@ -351,16 +364,34 @@ class ServerLM:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         request = urllib.request.Request(self.root + route, data=data, method=method, headers=headers)
+        deadline = time.monotonic() + self.timeout * 10
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return json.loads(response.read())
+                return json.loads(self._read(response, route, deadline))
         except urllib.error.HTTPError as e:
-            detail = e.read()[:500].decode(errors="replace")
-            raise EvalError(f"{self.root}{route}: HTTP {e.code}: {detail}") from None
+            detail = " ".join(e.read(2000).decode(errors="replace").split())[:300]
+            raise EvalError(f"{self.root}{route}: HTTP {e.code}" + (f": {detail}" if detail else "")) from None
+        except TimeoutError:
+            raise EvalError(f"{self.root}{route}: the server sent nothing for {self.timeout:g} s") from None
         except (urllib.error.URLError, OSError) as e:
-            raise EvalError(f"{self.root}{route}: cannot reach the server: {getattr(e, 'reason', e)}") from None
+            reason = getattr(e, "reason", e)
+            if isinstance(reason, TimeoutError):
+                raise EvalError(f"{self.root}{route}: no answer within {self.timeout:g} s") from None
+            raise EvalError(f"{self.root}{route}: cannot reach the server: {reason}") from None
         except (ValueError, RecursionError):
             raise EvalError(f"{self.root}{route}: the answer is not JSON (or nests too deeply)") from None
+
+    def _read(self, response, route: str, deadline: float) -> bytes:
+        """The answer's body, refused past the deadline (a server sending a byte at a time) or MAX_ANSWER."""
+        chunks, size = [], 0
+        while chunk := response.read1(1 << 16):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_ANSWER:
+                raise EvalError(f"{self.root}{route}: the answer is over {MAX_ANSWER >> 20} MiB")
+            if time.monotonic() > deadline:
+                raise EvalError(f"{self.root}{route}: the answer took over {self.timeout * 10:g} s to arrive")
+        return b"".join(chunks)
 
     def _optional(self, method: str, route: str, body: dict | None = None) -> dict | None:
         try:
@@ -372,7 +403,8 @@ class ServerLM:
         with _expecting(self.root + "/v1/models", "a list of models in `data`"):
             models = self._call("GET", "/v1/models").get("data") or []
             if not models:
-                raise EvalError(f"{self.root}/v1/models lists no model; name one with --server-model")
+                raise EvalError(f"{self.root}/v1/models lists no model; name the one to use (llmlab eval "
+                                "--server-model, data distill server_model=)")
             return str(models[0]["id"])
 
     def encode(self, text: str) -> list[int]:

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from llmlab.generate.engine import Completion, StopCheck, _ends_with, context_length
+from llmlab.generate.engine import Completion, StopCheck, _ends_with, output_budget
 from llmlab.generate.sampling import SamplingParams
 
 
@@ -37,7 +37,7 @@ def beam_search(model: nn.Module, prompt: list[int], params: SamplingParams, pro
     (called with the beam index and its tokens) finishes a hypothesis like a stop token does."""
     k, penalty = params.num_beams, params.length_penalty
     device = next(model.parameters()).device
-    budget = min(params.max_new_tokens, context_length(model) - len(prompt))
+    budget = output_budget(model, len(prompt), params.max_new_tokens)
     cache = model.make_kv_cache(1, len(prompt) + budget)
     logits = model(torch.tensor([prompt], device=device), kv_cache=cache, logits_to_keep=1)[:, -1]
     cache.select_rows(torch.zeros(k, dtype=torch.long, device=device))

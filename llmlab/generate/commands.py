@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 from llmlab.common import LlmlabError, choose_device, style
-from llmlab.generate.engine import check_prompts
 from llmlab.generate.sampling import GenerationError, SamplingParams
 from llmlab.generate.text import ChatSession, TextGenerator
 
@@ -43,19 +42,19 @@ def add_sampling_arguments(p: argparse.ArgumentParser, default_max_new_tokens: i
                         "compilation of tens of seconds")
 
 
-def sampling_params(ns: argparse.Namespace, context: int | None = None, **extra) -> SamplingParams:
+def sampling_params(ns: argparse.Namespace, limit: tuple[int, str] | None = None, **extra) -> SamplingParams:
     """The decoding options as SamplingParams, checked (without a model: before it loads; with the
-    model's `context`: --max-new-tokens then defaults to what fits and may not exceed it).
+    model's output `limit` (tokens, what sets it): --max-new-tokens then defaults to what fits and may
+    not exceed it).
 
     Raises:
         GenerationError: naming the first option out of range.
     """
     max_new = ns.max_new_tokens
     if max_new is None:
-        max_new = ns.default_max_new_tokens if context is None else min(ns.default_max_new_tokens, context)
-    elif context is not None and max_new > context:
-        raise GenerationError(f"--max-new-tokens {max_new} is more than the model's context window of {context} "
-                              "tokens")
+        max_new = ns.default_max_new_tokens if limit is None else min(ns.default_max_new_tokens, limit[0])
+    elif limit is not None and max_new > limit[0]:
+        raise GenerationError(f"--max-new-tokens {max_new} is more than {limit[1]} of {limit[0]} tokens")
     params = SamplingParams(max_new_tokens=max_new, temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p,
                             min_p=ns.min_p, repetition_penalty=ns.repetition_penalty,
                             frequency_penalty=ns.frequency_penalty, presence_penalty=ns.presence_penalty,
@@ -66,9 +65,13 @@ def sampling_params(ns: argparse.Namespace, context: int | None = None, **extra)
     return params
 
 
-def load_generator(ns: argparse.Namespace) -> TextGenerator:
+def load_generator(ns: argparse.Namespace, kinds: tuple[str, ...] = ("decoder", "encoder-decoder"),
+                   what: str = "generation") -> TextGenerator:
+    """The checkpoint and tokenizer the arguments name, as a TextGenerator; a model of another kind
+    than `kinds` is refused before its weights load."""
     from llmlab.data.ingest import check_input
-    from llmlab.models.io import load_model
+    from llmlab.models import require_kind
+    from llmlab.models.io import load_model, read_config
     from llmlab.tokenizer import load_tokenizer
 
     device = choose_device(ns.device, label="--device")
@@ -79,6 +82,10 @@ def load_generator(ns: argparse.Namespace) -> TextGenerator:
     source = Path(ns.tokenizer or ns.checkpoint)
     if ns.tokenizer is None and not (source / "tokenizer.json").is_file():
         raise LlmlabError(f"{source} has no tokenizer.json; pass --tokenizer PATH")
+    try:
+        require_kind(read_config(checkpoint)[0], kinds, what, str(checkpoint))
+    except ValueError as e:
+        raise LlmlabError(str(e)) from None
     tokenizer = load_tokenizer(source)
     model = load_model(ns.checkpoint, device).eval()
     if tokenizer.vocab_size > model.config.vocab_size:
@@ -104,11 +111,10 @@ def run_generate(ns: argparse.Namespace) -> None:
     extra = dict(n=ns.n, num_beams=ns.num_beams, length_penalty=ns.length_penalty, logprobs=ns.logprobs)
     sampling_params(ns, **extra)  # bad options fail before the model loads
     generator = load_generator(ns)
-    params = sampling_params(ns, generator.context, **extra)
+    params = sampling_params(ns, generator.output_limit, **extra)
     engine = generator.engine
     params.validate(engine.vocab_size)
-    check_prompts([generator.encode(p) for p in prompts], engine.vocab_size, engine.context, params.max_new_tokens,
-                  ns.truncate)  # before anything is printed
+    engine.check([generator.encode(p) for p in prompts], params, ns.truncate)  # before anything is printed
     t0 = time.perf_counter()
     if not ns.json and len(prompts) == 1 and ns.n == 1 and ns.num_beams == 1:
         print(style(prompts[0], "2"), end="", flush=True)
@@ -145,7 +151,7 @@ def run_chat(ns: argparse.Namespace) -> None:
     sampling_params(ns)  # bad options fail before the model loads
     generator = load_generator(ns)
     template = load_chat_template(ns.checkpoint, ns.template)
-    session = ChatSession(generator, template, sampling_params(ns, generator.context), system=ns.system,
+    session = ChatSession(generator, template, sampling_params(ns, generator.output_limit), system=ns.system,
                           stop=ns.stop)
     interactive = sys.stdin.isatty()
     if interactive:

@@ -52,10 +52,24 @@ def context_length(model: nn.Module) -> int:
     return int(model.config.max_seq_len)
 
 
+def is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(model.config, "encoder_decoder", False))
+
+
+def output_budget(model: nn.Module, prompt_len: int, max_new_tokens: int) -> int:
+    """How many tokens a completion of a `prompt_len`-token prompt may have: a decoder's prompt and
+    output share its context; an encoder-decoder's output has the decoder's own limit."""
+    if is_encoder_decoder(model):
+        return min(max_new_tokens, int(model.config.max_target_len))
+    return min(max_new_tokens, context_length(model) - prompt_len)
+
+
 def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, context: int, max_new_tokens: int,
-                  truncate: bool) -> list[list[int]]:
+                  truncate: bool, *, encoder_decoder: bool = False) -> list[list[int]]:
     """Validate token-id prompts; with `truncate`, drop their oldest tokens to leave room for
-    `max_new_tokens` (always keeping at least one)."""
+    `max_new_tokens` (always keeping at least one). An encoder-decoder's prompt (its input) may fill
+    the whole context: the output does not share it."""
+    room = 0 if encoder_decoder else max_new_tokens
     if len(prompts) == 0:
         raise GenerationError("no prompts given")
     out = []
@@ -66,9 +80,9 @@ def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, context: in
         bad = [t for t in prompt if not 0 <= t < vocab_size]
         if bad:
             raise GenerationError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {vocab_size})")
-        if truncate and len(prompt) + max_new_tokens > context:
-            prompt = prompt[-max(1, context - max_new_tokens):]
-        if len(prompt) >= context:
+        if truncate and len(prompt) + room > context:
+            prompt = prompt[-max(1, context - room):]
+        if len(prompt) >= context + (1 if encoder_decoder else 0):
             raise GenerationError(f"prompt {i} has {len(prompt)} tokens but the context window is {context}, "
                                   "leaving no room to generate; shorten it or ask for truncation")
         out.append(prompt)
@@ -93,11 +107,22 @@ class Engine:
     """
 
     def __init__(self, model: nn.Module, *, compile: bool = False):
+        self.encoder_decoder = is_encoder_decoder(model)
+        if self.encoder_decoder:
+            from llmlab.generate.seq2seq import Seq2SeqDecoder
+
+            if compile:
+                raise GenerationError("compiled decoding is for decoder-only models; run T5 without compile")
+            model = Seq2SeqDecoder(model)
         self.model = model
         self.context = context_length(model)
         self.vocab_size = int(model.config.vocab_size)
         self.device = next(model.parameters()).device
         self.compiled = CompiledDecoder(model) if compile else None
+
+    def check(self, prompts: Sequence[Sequence[int]], params: SamplingParams, truncate: bool) -> list[list[int]]:
+        return check_prompts(prompts, self.vocab_size, self.context, params.max_new_tokens, truncate,
+                             encoder_decoder=self.encoder_decoder)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
                  stop_check: StopCheck | None = None, truncate: bool = False) -> list[Completion]:
@@ -106,7 +131,7 @@ class Engine:
             from llmlab.generate.beam import beam_search
 
             params.validate(self.vocab_size)
-            prompts = check_prompts(prompts, self.vocab_size, self.context, params.max_new_tokens, truncate)
+            prompts = self.check(prompts, params, truncate)
             return [c for i, p in enumerate(prompts) for c in beam_search(self.model, p, params, i, stop_check)]
         completions = [Completion(i // params.n, i % params.n) for i in range(len(prompts) * params.n)]
         if params.logprobs is not None:
@@ -132,10 +157,10 @@ class Engine:
         params.validate(self.vocab_size)
         if params.num_beams > 1:
             raise GenerationError("beam search does not stream; use generate()")
-        prompts = check_prompts(prompts, self.vocab_size, self.context, params.max_new_tokens, truncate)
+        prompts = self.check(prompts, params, truncate)
         n_rows, width = len(prompts) * params.n, max(len(p) for p in prompts)
         # row r may add tokens until its prompt plus output fills the context
-        budget = [min(params.max_new_tokens, self.context - len(p)) for p in prompts for _ in range(params.n)]
+        budget = [output_budget(self.model, len(p), params.max_new_tokens) for p in prompts for _ in range(params.n)]
         max_steps = max(budget)
 
         slots = width + max_steps

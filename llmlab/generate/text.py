@@ -136,6 +136,13 @@ class TextGenerator:
     def context(self) -> int:
         return self.engine.context
 
+    @property
+    def output_limit(self) -> tuple[int, str]:
+        """(the most tokens one completion may have, what sets it)."""
+        if self.engine.encoder_decoder:
+            return int(self.engine.model.config.max_target_len), "the decoder's limit (max_target_len)"
+        return self.context, "the model's context window"
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, bos=self.add_bos)
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from llmlab.common import LlmlabError
-from llmlab.models import GPTConfig, LlamaConfig, ModelConfig
+from llmlab.models import BertConfig, GPTConfig, LlamaConfig, ModelConfig, T5Config
 from llmlab.models.layers import RopeScaling
 
 
@@ -49,6 +49,10 @@ class Table:
     rules: tuple[Rule, ...]
     base_prefix: str  # prefix of the base model inside the *ForCausalLM wrapper
     ignored: tuple[str, ...] = ()  # HF buffers that older checkpoints saved and that carry no weights
+    tied_head: str = "lm_head.weight"  # the HF name of the output matrix, left out when it is the embedding
+    # (other name, name the rules use) of one tensor that HF saves under both, or either alone in older
+    # checkpoints: read from the second when present, and written under both
+    aliases: tuple[tuple[str, str], ...] = ()
 
 
 def _qkv(hf: str, ours: str, op: str) -> Rule:
@@ -97,6 +101,99 @@ LLAMA = Table(
 
 TABLES = {"gpt": GPT2, "llama": LLAMA}
 
+# BERT, RoBERTa and ALBERT: one layout of the encoder per variant, and one of each head
+_BERT_LAYER = {"attention.self.query": "attn.q_proj", "attention.self.key": "attn.k_proj",
+               "attention.self.value": "attn.v_proj", "attention.output.dense": "attn.o_proj",
+               "attention.output.LayerNorm": "attn_norm", "intermediate.dense": "mlp.up_proj",
+               "output.dense": "mlp.down_proj", "output.LayerNorm": "mlp_norm"}
+_ALBERT_LAYER = {"attention.query": "attn.q_proj", "attention.key": "attn.k_proj", "attention.value": "attn.v_proj",
+                 "attention.dense": "attn.o_proj", "attention.LayerNorm": "attn_norm", "ffn": "mlp.up_proj",
+                 "ffn_output": "mlp.down_proj", "full_layer_layer_norm": "mlp_norm"}
+# the masked-LM head's HF prefix, and where the pretraining checkpoints keep heads an MLM does not use
+_MLM_HEAD = {"bert": "cls.predictions.", "roberta": "lm_head.", "albert": "predictions."}
+_PRETRAINING_EXTRAS = {"bert": ("bert.pooler.dense.weight", "bert.pooler.dense.bias", "cls.seq_relationship.weight",
+                                "cls.seq_relationship.bias"),
+                       "roberta": ("roberta.pooler.dense.weight", "roberta.pooler.dense.bias"),
+                       "albert": ("albert.pooler.weight", "albert.pooler.bias", "sop_classifier.classifier.weight",
+                                  "sop_classifier.classifier.bias")}
+
+
+def _pairs(hf: str, ours: str) -> tuple[Rule, Rule]:
+    return Rule(f"{hf}.weight", (f"{ours}.weight",)), Rule(f"{hf}.bias", (f"{ours}.bias",))
+
+
+def bert_table(cfg) -> Table:
+    """The HF layout of a `BertConfig`: its variant's encoder and its head's layers."""
+    variant, p = cfg.variant, f"{cfg.variant}."
+    rules = [Rule(f"{p}embeddings.word_embeddings.weight", ("embed_tokens.weight",)),
+             Rule(f"{p}embeddings.position_embeddings.weight", ("embed_positions.weight",)),
+             Rule(f"{p}embeddings.token_type_embeddings.weight", ("embed_types.weight",)),
+             *_pairs(f"{p}embeddings.LayerNorm", "embed_norm")]
+    if variant == "albert":
+        rules += _pairs(f"{p}encoder.embedding_hidden_mapping_in", "embed_proj")
+        layer, names = f"{p}encoder.albert_layer_groups.{{}}.albert_layers.0.", _ALBERT_LAYER
+    else:
+        layer, names = f"{p}encoder.layer.{{}}.", _BERT_LAYER
+    for hf, ours in names.items():
+        rules += _pairs(layer + hf, f"layers.{{}}.{ours}")
+    ignored = [f"{p}embeddings.position_ids"]
+    if cfg.head == "mlm":
+        head = _MLM_HEAD[variant]
+        dense, norm = ("dense", "layer_norm") if variant == "roberta" else \
+            ("transform.dense", "transform.LayerNorm") if variant == "bert" else ("dense", "LayerNorm")
+        rules += [*_pairs(head + dense, "mlm_dense"), *_pairs(head + norm, "mlm_norm"),
+                  Rule(f"{head}decoder.weight", ("lm_head.weight",)), Rule(f"{head}decoder.bias", ("lm_head.bias",))]
+        extras = _PRETRAINING_EXTRAS[variant]
+        if cfg.sentence_head:  # the pooler and the NSP / SOP classifier
+            rules += [*_pairs(extras[0].removesuffix(".weight"), "pooler"),
+                      *_pairs(extras[2].removesuffix(".weight"), "sentence_classifier")]
+        else:
+            ignored += list(extras)
+    elif cfg.head == "classify":
+        pooler = {"bert": "bert.pooler.dense", "roberta": "classifier.dense", "albert": "albert.pooler"}[variant]
+        rules += [*_pairs(pooler, "pooler"),
+                  *_pairs("classifier.out_proj" if variant == "roberta" else "classifier", "classifier")]
+    else:
+        rules += _pairs("qa_outputs" if cfg.head == "span" else "classifier", "classifier")
+        ignored += list(_PRETRAINING_EXTRAS[variant][:2])  # a pooler the head does not use
+    head = _MLM_HEAD[variant]
+    return Table(tuple(rules), p, tuple(ignored), tied_head=f"{head}decoder.weight",
+                 aliases=((f"{head}bias", f"{head}decoder.bias"),) if cfg.head == "mlm" else ())
+
+
+def t5_table(cfg) -> Table:
+    """The HF layout of a `T5Config` (T5ForConditionalGeneration, MT5ForConditionalGeneration)."""
+    mlp = {"wi_0": "gate_proj", "wi_1": "up_proj"} if cfg.mlp == "gated-gelu" else {"wi": "up_proj"}
+    rules = [Rule("shared.weight", ("embed_tokens.weight",)), Rule("lm_head.weight", ("lm_head.weight",))]
+    for stack in ("encoder", "decoder"):
+        block, ours = f"{stack}.block.{{}}.layer.", f"{stack}.layers.{{}}."
+        sublayers = [("0.SelfAttention", "attn", "attn_norm")]
+        if stack == "decoder":
+            sublayers.append(("1.EncDecAttention", "cross_attn", "cross_norm"))
+        for hf, attn, norm in sublayers:
+            rules += [Rule(f"{block}{hf}.{p}.weight", (f"{ours}{attn}.{p}_proj.weight",)) for p in "qkvo"]
+            rules.append(Rule(f"{block}{hf[0]}.layer_norm.weight", (f"{ours}{norm}.weight",)))
+        ff = len(sublayers)
+        rules += [Rule(f"{block}{ff}.DenseReluDense.{hf}.weight", (f"{ours}mlp.{name}.weight",))
+                  for hf, name in {**mlp, "wo": "down_proj"}.items()]
+        rules += [Rule(f"{block}{ff}.layer_norm.weight", (f"{ours}mlp_norm.weight",)),
+                  Rule(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                       (f"{stack}.relative_bias.embedding.weight",)),
+                  Rule(f"{stack}.final_layer_norm.weight", (f"{stack}.norm.weight",))]
+    # older checkpoints store the shared embedding again under each stack
+    return Table(tuple(rules), "", ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"))
+
+
+def table_for(model) -> Table:
+    """The conversion table of a model config, or of a family named by a string (gpt, llama)."""
+    if isinstance(model, str):
+        return TABLES[model]
+    if model.family == "bert":
+        return bert_table(model)
+    if model.family == "t5":
+        return t5_table(model)
+    return TABLES[model.family]
+
 
 def _pattern(name: str) -> re.Pattern:
     return re.compile(re.escape(name).replace(r"\{\}", r"(\d+)") + "$")
@@ -136,37 +233,48 @@ def _convert(state: dict[str, torch.Tensor], table: Table, to_ours: bool) -> dic
     return out
 
 
-def hf_to_llmlab_state(state: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
-    """Rename (and re-lay-out) an HF state dict into llmlab names for `family`.
+def hf_to_llmlab_state(state: dict[str, torch.Tensor], family) -> dict[str, torch.Tensor]:
+    """Rename (and re-lay-out) an HF state dict into llmlab names for `family` (a name, or the model's
+    config where the layout depends on it: an encoder's variant and head).
 
     A checkpoint of the bare base model (no `transformer.` / `model.` prefix, no lm_head) is
     accepted too: the prefix is added before matching.
     """
-    table = TABLES[family]
-    if SCORE_HEAD in state:  # a *ForSequenceClassification model: its score head is llmlab's narrow lm_head
+    table = table_for(family)
+    # a decoder's *ForSequenceClassification model: its score head is llmlab's narrow lm_head
+    if SCORE_HEAD in state and table in TABLES.values():
         state = {("lm_head.weight" if k == SCORE_HEAD else k): v for k, v in state.items()}
     if state and not any(k.startswith(table.base_prefix) or k == "lm_head.weight" for k in state):
         state = {table.base_prefix + k: v for k, v in state.items()}
+    if any(other in state for other, _ in table.aliases):
+        state = dict(state)
+        for other, name in table.aliases:
+            if other in state:
+                state.setdefault(name, state.pop(other))
     return _convert(state, table, to_ours=True)
 
 
-def llmlab_to_hf_state(state: dict[str, torch.Tensor], family: str, *, score_head: bool = False
+def llmlab_to_hf_state(state: dict[str, torch.Tensor], family, *, score_head: bool = False
                        ) -> dict[str, torch.Tensor]:
     """Rename an llmlab state dict into HF names (the inverse of `hf_to_llmlab_state`); with
     `score_head` (a model with num_labels > 0) its lm_head becomes the `score` of HF's
     *ForSequenceClassification layout."""
-    out = _convert(state, TABLES[family], to_ours=False)
+    table = table_for(family)
+    out = _convert(state, table, to_ours=False)
+    for other, name in table.aliases:
+        if name in out:
+            out[other] = out[name].clone()
     if score_head and "lm_head.weight" in out:
         out[SCORE_HEAD] = out.pop("lm_head.weight")
     return out
 
 
-def module_name_map(name: str, family: str, *, to_hf: bool) -> tuple[str, str]:
+def module_name_map(name: str, family, *, to_hf: bool) -> tuple[str, str]:
     """The HF path of llmlab linear layer `name` (or, with to_hf=False, the llmlab path of an HF one),
     with the layout op of its weight ("copy", or "transpose" for a Conv1D): what adapters need, whose
     tensors attach to whole layers. A layer that HF fuses with others (GPT-2's c_attn) has no such
     one-to-one counterpart and is an error."""
-    for rule in TABLES[family].rules:
+    for rule in table_for(family).rules:
         source, target = (rule.ours[0], rule.hf) if to_hf else (rule.hf, rule.ours[0])
         m = _pattern(source).match(name + ".weight")
         if m:
@@ -174,7 +282,7 @@ def module_name_map(name: str, family: str, *, to_hf: bool) -> tuple[str, str]:
                 raise ConversionError(f"{name}: HF fuses this layer into {rule.hf.format(*m.groups())}; an adapter "
                                       "on it has no HF/PEFT counterpart")
             return target.format(*m.groups()).removesuffix(".weight"), rule.op
-    raise ConversionError(f"{name}: no {family} linear layer of that name")
+    raise ConversionError(f"{name}: no {getattr(family, 'family', family)} linear layer of that name")
 
 
 # --------------------------------------------------------------------------- configs
@@ -220,6 +328,10 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     *ForSequenceClassification model (a reward model) keeps its labels as `num_labels`."""
     model_type = hf.get("model_type")
     try:
+        if model_type in BERT_TYPES:
+            return _bert_from_hf(hf, model_type, where)
+        if model_type in T5_TYPES:
+            return _t5_from_hf(hf, where)
         cfg = _config_from_hf(hf, model_type, where)
         if _is_classifier(hf):
             labels = hf.get("id2label")
@@ -281,7 +393,127 @@ def _config_from_hf(hf: dict, model_type: Any, where: str) -> ModelConfig:
                            attention_bias=model_type == "qwen2", sliding_window=sliding,
                            dropout=_field(hf, "attention_dropout", where, float, 0.0))
     raise ConversionError(f"{where}: model_type={model_type!r} is not a supported architecture "
-                          f"(supported: {', '.join(('gpt2',) + LLAMA_TYPES)})")
+                          f"(supported: {', '.join(('gpt2',) + LLAMA_TYPES + BERT_TYPES + T5_TYPES)})")
+
+
+BERT_TYPES = ("bert", "roberta", "albert")
+_BERT_CLASSES = {"bert": "Bert", "roberta": "Roberta", "albert": "Albert"}
+_BERT_HEADS = {"ForMaskedLM": "mlm", "ForPreTraining": "mlm", "Model": "mlm", "ForSequenceClassification": "classify",
+               "ForTokenClassification": "tokens", "ForQuestionAnswering": "span"}  # ForPreTraining: + sentence head
+_HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def _bert_from_hf(hf: dict, model_type: str, where: str) -> BertConfig:
+    """A BertConfig from a BERT, RoBERTa or ALBERT config.json; the head comes from `architectures`."""
+    architectures = hf.get("architectures") or [f"{_BERT_CLASSES[model_type]}ForMaskedLM"]
+    if not isinstance(architectures, list) or not architectures or not isinstance(architectures[0], str):
+        raise _unsupported(where, "architectures", architectures, "a list of class names")
+    suffix = architectures[0].removeprefix(_BERT_CLASSES[model_type])
+    if suffix not in _BERT_HEADS:
+        raise _unsupported(where, "architectures", architectures[0], ", ".join(
+            _BERT_CLASSES[model_type] + k for k in _BERT_HEADS))
+    head = _BERT_HEADS[suffix]
+    if suffix == "ForPreTraining" and model_type == "roberta":
+        raise _unsupported(where, "architectures", architectures[0], "RobertaForMaskedLM (RoBERTa has no NSP head)")
+    act = hf.get("hidden_act", "gelu_new" if model_type == "albert" else "gelu")
+    if act not in _HF_ACTIVATIONS:
+        raise _unsupported(where, "hidden_act", act, ", ".join(_HF_ACTIVATIONS))
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise _unsupported(where, "position_embedding_type", hf["position_embedding_type"], "absolute")
+    n_layers = _field(hf, "num_hidden_layers", where, int)
+    fields = {}
+    if model_type == "albert":
+        groups = _field(hf, "num_hidden_groups", where, int, 1)
+        if groups not in (1, n_layers) or _field(hf, "inner_group_num", where, int, 1) != 1:
+            raise _unsupported(where, "num_hidden_groups / inner_group_num", (groups, hf.get("inner_group_num")),
+                               f"1 / 1 (one shared layer) or {n_layers} / 1 (none shared)")
+        fields = {"embed_dim": _field(hf, "embedding_size", where, int, 128), "share_layers": groups == 1 < n_layers}
+    pad_id = _field(hf, "pad_token_id", where, int, 1 if model_type == "roberta" else 0)
+    positions = _field(hf, "max_position_embeddings", where, int, 512)
+    labels = hf.get("id2label")
+    num_labels = 0 if head == "mlm" else 2 if head == "span" else \
+        len(labels) if isinstance(labels, dict) and labels else _field(hf, "num_labels", where, int, 2)
+    return BertConfig(variant=model_type, vocab_size=_field(hf, "vocab_size", where, int),
+                      dim=_field(hf, "hidden_size", where, int), n_layers=n_layers,
+                      n_heads=_field(hf, "num_attention_heads", where, int),
+                      hidden_dim=_field(hf, "intermediate_size", where, int),
+                      max_seq_len=positions - (pad_id + 1 if model_type == "roberta" else 0),
+                      type_vocab_size=_field(hf, "type_vocab_size", where, int, 2), pad_id=pad_id,
+                      activation=_HF_ACTIVATIONS[act], norm_eps=_field(hf, "layer_norm_eps", where, float, 1e-12),
+                      head=head, num_labels=num_labels,
+                      tie_embeddings=_field(hf, "tie_word_embeddings", where, bool, True),
+                      sentence_head=suffix == "ForPreTraining",
+                      dropout=_field(hf, "hidden_dropout_prob", where, float, 0.1), **fields)
+
+
+def _bert_to_hf(cfg: BertConfig) -> dict:
+    suffix = "ForPreTraining" if cfg.sentence_head else {v: k for k, v in reversed(_BERT_HEADS.items())}[cfg.head]
+    out = {"architectures": [_BERT_CLASSES[cfg.variant] + suffix], "model_type": cfg.variant,
+           "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers,
+           "num_attention_heads": cfg.n_heads, "intermediate_size": cfg.hidden_dim,
+           "max_position_embeddings": cfg.position_rows, "type_vocab_size": cfg.type_vocab_size,
+           "pad_token_id": cfg.pad_id, "hidden_act": {"gelu": "gelu", "gelu_tanh": "gelu_new"}[cfg.activation],
+           "layer_norm_eps": cfg.norm_eps, "hidden_dropout_prob": cfg.dropout,
+           "attention_probs_dropout_prob": cfg.dropout, "position_embedding_type": "absolute",
+           "tie_word_embeddings": cfg.tie_embeddings, "dtype": "float32"}
+    if cfg.variant == "albert":
+        if not cfg.embed_dim:
+            raise ConversionError("an ALBERT export needs embed_dim (the factorised embedding width)")
+        out.update(embedding_size=cfg.embed_dim, num_hidden_groups=1 if cfg.share_layers else cfg.n_layers,
+                   inner_group_num=1, classifier_dropout_prob=cfg.dropout)
+    elif cfg.embed_dim or cfg.share_layers:
+        raise ConversionError(f"embed_dim and share_layers are ALBERT's; variant={cfg.variant} has no HF layout "
+                              "with them")
+    if cfg.head in ("classify", "tokens"):
+        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
+        out["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
+    return out
+
+
+T5_TYPES = ("t5", "mt5")
+
+
+def _t5_from_hf(hf: dict, where: str) -> T5Config:
+    """A T5Config from a T5 or mT5 config.json (T5ForConditionalGeneration and its mT5 twin)."""
+    architectures = hf.get("architectures") or ["T5ForConditionalGeneration"]
+    if architectures[0] not in ("T5ForConditionalGeneration", "MT5ForConditionalGeneration"):
+        raise _unsupported(where, "architectures", architectures[0], "T5ForConditionalGeneration")
+    mlp = hf.get("feed_forward_proj", "relu")
+    if mlp not in ("relu", "gated-gelu"):
+        raise _unsupported(where, "feed_forward_proj", mlp, "relu (T5) or gated-gelu (T5 v1.1, mT5)")
+    if mlp == "gated-gelu" and hf.get("dense_act_fn", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise _unsupported(where, "dense_act_fn", hf["dense_act_fn"], "gelu_new")
+    tie = _field(hf, "tie_word_embeddings", where, bool, True)
+    eos = hf.get("eos_token_id", 1)
+    positions = _field(hf, "n_positions", where, int, 512)
+    return T5Config(vocab_size=_field(hf, "vocab_size", where, int), dim=_field(hf, "d_model", where, int),
+                    n_layers=_field(hf, "num_layers", where, int),
+                    n_decoder_layers=_field(hf, "num_decoder_layers", where, int, None),
+                    n_heads=_field(hf, "num_heads", where, int), head_dim=_field(hf, "d_kv", where, int),
+                    hidden_dim=_field(hf, "d_ff", where, int), mlp=mlp,
+                    relative_buckets=_field(hf, "relative_attention_num_buckets", where, int, 32),
+                    relative_max_distance=_field(hf, "relative_attention_max_distance", where, int, 128),
+                    max_seq_len=positions, max_target_len=positions,
+                    norm_eps=_field(hf, "layer_norm_epsilon", where, float, 1e-6), tie_embeddings=tie,
+                    scale_logits=_field(hf, "scale_decoder_outputs", where, bool, tie),
+                    pad_id=_field(hf, "pad_token_id", where, int, 0),
+                    eos_id=eos[0] if isinstance(eos, list) and eos else _field(hf, "eos_token_id", where, int, 1),
+                    decoder_start_id=_field(hf, "decoder_start_token_id", where, int, 0),
+                    dropout=_field(hf, "dropout_rate", where, float, 0.1),
+                    init_std=_field(hf, "initializer_factor", where, float, 1.0))
+
+
+def _t5_to_hf(cfg: T5Config) -> dict:
+    return {"architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "vocab_size": cfg.vocab_size,
+            "d_model": cfg.dim, "d_kv": cfg.head_dim, "d_ff": cfg.hidden_dim, "num_layers": cfg.n_layers,
+            "num_decoder_layers": cfg.n_decoder_layers, "num_heads": cfg.n_heads,
+            "relative_attention_num_buckets": cfg.relative_buckets,
+            "relative_attention_max_distance": cfg.relative_max_distance, "dropout_rate": cfg.dropout,
+            "layer_norm_epsilon": cfg.norm_eps, "initializer_factor": cfg.init_std, "feed_forward_proj": cfg.mlp,
+            "tie_word_embeddings": cfg.tie_embeddings, "scale_decoder_outputs": cfg.scale_logits,
+            "n_positions": max(cfg.max_seq_len, cfg.max_target_len), "pad_token_id": cfg.pad_id,
+            "eos_token_id": cfg.eos_id, "decoder_start_token_id": cfg.decoder_start_id, "is_encoder_decoder": True,
+            "dtype": "float32"}
 
 
 # the HF rope_parameters fields each scaling kind reads, besides rope_type, rope_theta and factor
@@ -315,6 +547,10 @@ def _scaling_from_hf(scaling: dict | None, where: str) -> RopeScaling | None:
 def config_to_hf(cfg: ModelConfig) -> dict:
     """The HF `config.json` dict for a llmlab config; variants HF has no class for are errors. A model
     with a score head (num_labels > 0) is written as HF's *ForSequenceClassification."""
+    if isinstance(cfg, BertConfig):
+        return _bert_to_hf(cfg)
+    if isinstance(cfg, T5Config):
+        return _t5_to_hf(cfg)
     out = _causal_config_to_hf(cfg)
     if cfg.num_labels:
         out["architectures"] = [HF_CLASSIFIERS[out["model_type"]]]

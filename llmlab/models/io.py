@@ -29,7 +29,8 @@ from torch import nn
 from llmlab import config as configlib
 from llmlab.common import LlmlabError, atomic_path, atomic_write_text
 from llmlab.models import REGISTRY, ModelConfig, build_model
-from llmlab.models.convert import config_from_hf, config_to_hf, hf_to_llmlab_state, llmlab_to_hf_state
+from llmlab.models.convert import (config_from_hf, config_to_hf, hf_to_llmlab_state, llmlab_to_hf_state,
+                                   table_for)
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -333,7 +334,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", *, d
     cfg, kind = read_config(path)
     state = read_state_dict(path, allow_pickle=allow_pickle)
     if kind == "hf":
-        state = hf_to_llmlab_state(state, cfg.family)
+        state = hf_to_llmlab_state(state, cfg)
+        head, embedding = state.get("lm_head.weight"), state.get("embed_tokens.weight")
+        if getattr(cfg, "tie_embeddings", False) and head is not None and embedding is not None and \
+                not torch.equal(head, embedding):
+            cfg.tie_embeddings = False  # a separate head stored beside a tied config: transformers unties too
     with torch.device(device), meta_parameters():  # the file's tensors become the weights: no second copy
         model = build_model(cfg)
     load_state_into(model, state, str(path), assign=True)
@@ -370,9 +375,9 @@ def save_hf(model: nn.Module, path: str | os.PathLike, *, max_shard_bytes: int =
     hf_config = config_to_hf(model.config)
     if pad_token_id is not None:
         hf_config["pad_token_id"] = pad_token_id
-    state = llmlab_to_hf_state(_weights(model), model.config.family, score_head=bool(model.config.num_labels))
+    state = llmlab_to_hf_state(_weights(model), model.config, score_head=bool(model.config.num_labels))
     if model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)
+        state.pop(table_for(model.config).tied_head, None)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, t in state.items():

@@ -29,6 +29,35 @@ def _llama(published: float, source: str, **fields) -> Preset:
     return Preset("llama", {"vocab_size": 32000, **fields}, published, source)
 
 
+def _bert(published: float, source: str, **fields) -> Preset:
+    return Preset("bert", {"vocab_size": 30522, "sentence_head": True, **fields}, published, source)
+
+
+def _roberta(published: float, dim: int, n_layers: int, n_heads: int) -> Preset:
+    return Preset("bert", dict(variant="roberta", vocab_size=50265, pad_id=1, type_vocab_size=1, dim=dim,
+                               n_layers=n_layers, n_heads=n_heads), published, _ROBERTA)
+
+
+def _albert(published: float, dim: int, n_layers: int, n_heads: int, source: str = "") -> Preset:
+    return Preset("bert", dict(variant="albert", vocab_size=30000, embed_dim=128, share_layers=True,
+                               activation="gelu_tanh", sentence_head=True, dropout=0.0, dim=dim, n_layers=n_layers,
+                               n_heads=n_heads), published, source or _ALBERT)
+
+
+def _t5(published: float, source: str, **fields) -> Preset:
+    return Preset("t5", {"vocab_size": 32128, **fields}, published, source)
+
+
+def _mt5(published: float, **fields) -> Preset:
+    return Preset("t5", {"vocab_size": 250112, "mlp": "gated-gelu", "tie_embeddings": False, "dropout": 0.0,
+                         **fields}, published, _MT5)
+
+
+_BERT = "Devlin et al. 2019, BERT, Sec. 3 (counts with the pooler and the NSP head)"
+_ROBERTA = "Liu et al. 2019, RoBERTa, fairseq's released models (BERT's shapes, 50k byte-level BPE)"
+_ALBERT = "Lan et al. 2020, ALBERT, Table 1 (E = 128, all layers shared)"
+_T5 = "Raffel et al. 2020, T5, Sec. 3.7 and the released configs"
+_MT5 = "Xue et al. 2021, mT5, Table 2 and the released configs (T5 v1.1 blocks, 250k vocabulary)"
 _GPT3 = "Brown et al. 2020, GPT-3, Table 2.1"
 _LLAMA1 = "Touvron et al. 2023, LLaMA, Table 2"
 _LLAMA2 = "Touvron et al. 2023, Llama 2, Table 1 and the released config.json"
@@ -97,6 +126,34 @@ PRESETS: dict[str, Preset] = {
                        head_dim=256, hidden_dim=32768, tie_embeddings=True, parallel_block=True),
     "palm-540b": _llama(540.35e9, _PALM, vocab_size=256000, dim=18432, n_layers=118, n_heads=48, n_kv_heads=1,
                         head_dim=256, hidden_dim=73728, tie_embeddings=True, parallel_block=True),
+    # ---- encoders: BERT, RoBERTa, ALBERT (masked-LM heads; BERT and ALBERT with their sentence-pair head)
+    "bert-tiny": Preset("bert", dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, max_seq_len=128)),
+    "bert-base": _bert(110e6, _BERT, dim=768, n_layers=12, n_heads=12),
+    "bert-large": _bert(340e6, _BERT, dim=1024, n_layers=24, n_heads=16),
+    "roberta-base": _roberta(125e6, 768, 12, 12),
+    "roberta-large": _roberta(355e6, 1024, 24, 16),
+    "albert-tiny": Preset("bert", dict(variant="albert", vocab_size=512, embed_dim=32, share_layers=True, dim=64,
+                                       n_layers=4, n_heads=4, max_seq_len=128, activation="gelu_tanh")),
+    "albert-base": _albert(12e6, 768, 12, 12),
+    "albert-large": _albert(18e6, 1024, 24, 16),
+    "albert-xlarge": _albert(60e6, 2048, 24, 16),
+    # Table 1 lists 235M for xxlarge; the released model (these shapes) has 223M
+    "albert-xxlarge": _albert(223e6, 4096, 12, 64, source="Lan et al. 2020, ALBERT, the released xxlarge model"),
+    # ---- encoder-decoders: T5 (v1.0: ReLU, tied head) and mT5 (v1.1 blocks, untied)
+    "t5-tiny": Preset("t5", dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, head_dim=16, hidden_dim=256,
+                                 max_seq_len=128, max_target_len=64)),
+    "t5-small": _t5(60e6, _T5, dim=512, n_layers=6, n_heads=8, head_dim=64, hidden_dim=2048),
+    "t5-base": _t5(220e6, _T5, dim=768, n_layers=12, n_heads=12, head_dim=64, hidden_dim=3072),
+    # the paper names T5-Large "770M"; the released checkpoint of these shapes has 738M
+    "t5-large": _t5(738e6, "Raffel et al. 2020, T5, released t5-large checkpoint (named 770M in Sec. 3.7)",
+                    dim=1024, n_layers=24, n_heads=16, head_dim=64, hidden_dim=4096),
+    "t5-3b": _t5(2.8e9, _T5, dim=1024, n_layers=24, n_heads=32, head_dim=128, hidden_dim=16384),
+    "t5-11b": _t5(11e9, _T5, dim=1024, n_layers=24, n_heads=128, head_dim=128, hidden_dim=65536),
+    "mt5-small": _mt5(300e6, dim=512, n_layers=8, n_heads=6, head_dim=64, hidden_dim=1024),
+    "mt5-base": _mt5(580e6, dim=768, n_layers=12, n_heads=12, head_dim=64, hidden_dim=2048),
+    "mt5-large": _mt5(1.2e9, dim=1024, n_layers=24, n_heads=16, head_dim=64, hidden_dim=2816),
+    "mt5-xl": _mt5(3.7e9, dim=2048, n_layers=24, n_heads=32, head_dim=64, hidden_dim=5120),
+    "mt5-xxl": _mt5(13e9, dim=4096, n_layers=24, n_heads=64, head_dim=64, hidden_dim=10240),
 }
 
 

@@ -42,7 +42,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, cfg: LoraConfig, *, 
     `base_model_name_or_path`. The weights are written before the config, each atomically, so a
     folder with a config always has its weights."""
     path = Path(path)
-    family = model.config.family
+    family = model.config  # the layout may depend on more than the family (an encoder's head)
     tensors, hf_names, ops = {}, [], set()
     for name, layer in lora_layers(model):
         try:
@@ -69,7 +69,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, cfg: LoraConfig, *, 
     return path
 
 
-def _peft_targets(model: nn.Module, family: str, hf_names: list[str]) -> list[str]:
+def _peft_targets(model: nn.Module, family, hf_names: list[str]) -> list[str]:
     """Leaf names (q_proj, v_proj) when they select exactly the adapted layers in the HF model, else
     the full paths (an adapter on some layers only)."""
     leaves = sorted({n.rsplit(".", 1)[-1] for n in hf_names})
@@ -121,7 +121,7 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def read_adapter(path: str | os.PathLike, family: str) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_adapter(path: str | os.PathLike, family) -> tuple[dict, dict[str, torch.Tensor]]:
     """The adapter's config and its tensors under llmlab module names for `family`."""
     path = Path(path)
     config = read_adapter_config(path)
@@ -197,7 +197,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> LoraConfig:
     """Wrap `model`'s layers as the PEFT adapter at `path` says and load its tensors; returns the
     LoRA settings. Errors name the file and the first mismatches: a layer the model lacks, a shape
     that differs (an adapter trained on another base), a missing tensor."""
-    config, state = read_adapter(path, model.config.family)
+    config, state = read_adapter(path, model.config)
     modules = list(dict.fromkeys(key.rsplit(".", 2)[0] for key in state))
     cfg = LoraConfig(r=int(config["r"]), alpha=float(config["lora_alpha"]),
                      dropout=float(config.get("lora_dropout") or 0.0), targets=modules,
@@ -212,5 +212,5 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> LoraConfig:
 
 def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Load an adapter's tensors into a model whose LoRA layers are already in place (resuming)."""
-    _, state = read_adapter(path, model.config.family)
+    _, state = read_adapter(path, model.config)
     load_lora_state(model, state, str(Path(path) / ADAPTER_WEIGHTS))

@@ -208,7 +208,10 @@ def plan(ns: argparse.Namespace) -> dict:
         "flops_6nd": 6 * shape.params * tokens,  # the usual headline figure, without the attention term
         "inference_memory": {
             "weights": {p: est.weight_bytes(shape.params, p) for p in ("fp32", "bf16", "int8", "4bit")},
-            "kv_cache": est.kv_cache_bytes(shape, ns.infer_batch, context, "bf16"),
+            # an encoder reads its input in one pass and keeps no cache; an encoder-decoder's is the
+            # decoder's own keys and values plus the encoder output's, projected once per layer
+            "kv_cache": est.kv_cache_bytes(shape, ns.infer_batch, context, "bf16")
+            if cfg.causal or getattr(cfg, "encoder_decoder", False) else 0.0,
             "kv_cache_for": {"batch": ns.infer_batch, "context": context, "precision": "bf16"},
         },
         "training_memory": {**asdict(memory), "total": memory.total, "device_memory": hw.memory_bytes,
@@ -272,8 +275,9 @@ def run_plan(ns: argparse.Namespace) -> None:
         return
     m, mem, run, hw = result["model"], result["training_memory"], result["run"], result["hardware"]
     c = m["config"]
+    layers = f"{c['n_layers']}+{c['n_decoder_layers']}" if "n_decoder_layers" in c else c["n_layers"]
     print(f"model      {m['source']}: {_size(m['params'])} parameters ({_size(m['non_embedding_params'])} "
-          f"non-embedding), {c['family']} dim {c['dim']}, {c['n_layers']} layers, {c['n_heads']} heads")
+          f"non-embedding), {c['family']} dim {c['dim']}, {layers} layers, {c['n_heads']} heads")
     if "compute_optimal" in result:
         opt = result["compute_optimal"]
         print(f"budget     {opt['budget_flops']:.3g} FLOPs, compute-optimal (N params, D tokens):")

@@ -51,9 +51,13 @@ class Shape(NamedTuple):
 
 
 def shape_of(cfg) -> Shape:
-    """The Shape of any model config (`llmlab.models.ModelConfig`)."""
+    """The Shape of any model config (`llmlab.models.ModelConfig`). An encoder-decoder counts the
+    blocks of both stacks as its layers: a batch of input and target pairs of seq_len tokens each
+    holds the activations of the encoder's layers over the inputs and the decoder's over the targets
+    (the decoder's cross-attention is not counted separately)."""
     count, attention = cfg.num_params(), cfg.attention_shape()
-    return Shape(count.total, count.non_embedding, cfg.dim, cfg.n_layers, attention.n_heads, attention.n_kv_heads,
+    layers = cfg.n_layers + (cfg.n_decoder_layers if getattr(cfg, "encoder_decoder", False) else 0)
+    return Shape(count.total, count.non_embedding, cfg.dim, layers, attention.n_heads, attention.n_kv_heads,
                  attention.head_dim, cfg.hidden_dim, cfg.vocab_size, attention.gated_mlp)
 
 

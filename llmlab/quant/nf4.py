@@ -31,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from llmlab.models import build_model
-from llmlab.models.convert import TABLES, ConversionError, hf_to_llmlab_state
+from llmlab.models.convert import ConversionError, hf_to_llmlab_state, table_for
 from llmlab.models.io import (INDEX, WEIGHTS, CheckpointError, check_state, meta_parameters, read_config,
                               read_shard_index)
 
@@ -286,16 +286,16 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
 
     # stored key -> the llmlab names (and layouts) it becomes; GPT-2's fused qkv gives three
     if kind == "hf":
-        table = TABLES[cfg.family]
+        table = table_for(cfg)
         if stored and not any(k.startswith(table.base_prefix) or k == "lm_head.weight" for k in stored):
             renamed = {table.base_prefix + k: k for k in stored}  # a bare base model, as hf_to_llmlab_state
         else:
             renamed = {k: k for k in stored}
         try:  # on meta tensors: checks every name before any data is read
-            provided = hf_to_llmlab_state({k: stored[v] for k, v in renamed.items()}, cfg.family)
+            provided = hf_to_llmlab_state({k: stored[v] for k, v in renamed.items()}, cfg)
         except ConversionError as e:
             raise CheckpointError(f"{source}: {e}") from None
-        convert = {v: (lambda t, k=k: hf_to_llmlab_state({k: t}, cfg.family)) for k, v in renamed.items()}
+        convert = {v: (lambda t, k=k: hf_to_llmlab_state({k: t}, cfg)) for k, v in renamed.items()}
     else:
         provided = stored
         convert = {k: (lambda t, k=k: {k: t}) for k in stored}

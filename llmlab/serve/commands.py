@@ -42,7 +42,7 @@ def build(ns: argparse.Namespace):
             raise LlmlabError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(ns, name)}")
     if ns.max_tokens is not None and ns.max_tokens < 1:
         raise LlmlabError(f"--max-tokens must be at least 1, got {ns.max_tokens}")
-    generator = load_generator(ns)
+    generator = load_generator(ns, ("decoder",), "llmlab serve")
     model, tokenizer = generator.engine.model, generator.tokenizer
     context = int(model.config.max_seq_len)
     limits = Limits(context=context, max_tokens=min(ns.max_tokens or context, context), max_n=ns.max_n,

@@ -1,10 +1,12 @@
 """Byte-level BPE: train one with HF `tokenizers`, load any tokenizer.json, save in HF layout.
 
-`Tokenizer` is a thin wrapper over a Rust `tokenizers.Tokenizer`. It adds no post-processing
-template: BOS/EOS are added only when `encode` is asked to, so `decode(encode(s)) == s` holds for
-every string a byte-level tokenizer can see. Literal special-token text in the input ("<|eos|>")
-is matched as the special token, as HF does by default: the text still round-trips through
-`decode(..., skip_special=False)`, but its ids are the special id, not the bytes of the text.
+`Tokenizer` is a thin wrapper over a Rust `tokenizers.Tokenizer` of any kind (BPE, and the
+WordPiece and Unigram ones of `llmlab.tokenizer.trainers`, BERT's and T5's). It adds no
+post-processing template: BOS/EOS are added only when `encode` is asked to, so
+`decode(encode(s)) == s` holds for every string a byte-level tokenizer can see. Literal
+special-token text in the input ("<|eos|>") is matched as the special token, as HF does by
+default: the text still round-trips through `decode(..., skip_special=False)`, but its ids are
+the special id, not the bytes of the text.
 
 A tokenizer also carries its model's BOS convention: `add_bos` says whether the model saw BOS
 before every document (llmlab's `data prepare` puts none by default: EOS after each document is
@@ -35,14 +37,19 @@ SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|
 # after llmlab's own, so that a foreign tokenizer still reports its BOS/EOS/PAD ids.
 _BOS_NAMES = ("<|bos|>", "<s>", "<|begin_of_text|>", "<|endoftext|>")
 _EOS_NAMES = ("<|eos|>", "</s>", "<|end_of_text|>", "<|endoftext|>")
-_PAD_NAMES = ("<|pad|>", "<pad>")
+_PAD_NAMES = ("<|pad|>", "<pad>", "[PAD]")
+_UNK_NAMES = ("<unk>", "[UNK]")
+_CLS_NAMES = ("[CLS]",)  # BERT's sequence start and classification token; not a BOS (HF's bos_token_id is None)
+_SEP_NAMES = ("[SEP]",)  # BERT's sequence end and separator; not an EOS
+_MASK_NAMES = ("[MASK]", "<mask>")
+SENTINEL = "<extra_id_{}>"  # T5's span-corruption sentinels: <extra_id_0> has the highest id
 _N_BYTES = 256  # the byte-level alphabet: one symbol per byte value
 MAX_VOCAB_SIZE = 2**20  # what BPE training may ask for: the trainer allocates about 70 bytes per id up front
 MAX_MIN_FREQUENCY = 2**32  # counts are unsigned 64-bit in the trainer; past this no pair of any corpus qualifies
 
 
 class Tokenizer:
-    """Wraps a `tokenizers.Tokenizer` (byte-level BPE or any tokenizer.json).
+    """Wraps a `tokenizers.Tokenizer` (byte-level BPE, WordPiece, Unigram: any tokenizer.json).
 
     Args:
         tok: the Rust tokenizer to wrap; it is used as is, never copied.
@@ -62,6 +69,12 @@ class Tokenizer:
         return self._tok
 
     @property
+    def kind(self) -> str:
+        """The model type of the tokenizer.json, lowercased: "bpe" (byte-level or not), "wordpiece",
+        "unigram" or "wordlevel"."""
+        return type(self._tok.model).__name__.lower()
+
+    @property
     def vocab_size(self) -> int:
         """Number of ids, added tokens included: the smallest embedding table that fits every id."""
         return self._tok.get_vocab_size(with_added_tokens=True)
@@ -78,8 +91,38 @@ class Tokenizer:
 
     @property
     def pad_id(self) -> int | None:
-        """Id of <|pad|>, else of <pad>; else None."""
+        """Id of <|pad|>, else of <pad>, else of [PAD]; else None."""
         return self._first_id(_PAD_NAMES)
+
+    @property
+    def unk_id(self) -> int | None:
+        """Id of <unk>, else of [UNK]; None for a byte-level BPE, which has no unknown token."""
+        return self._first_id(_UNK_NAMES)
+
+    @property
+    def cls_id(self) -> int | None:
+        """Id of [CLS], which BERT's template puts before a text; else None."""
+        return self._first_id(_CLS_NAMES)
+
+    @property
+    def sep_id(self) -> int | None:
+        """Id of [SEP], which BERT's template puts after each text; else None."""
+        return self._first_id(_SEP_NAMES)
+
+    @property
+    def mask_id(self) -> int | None:
+        """Id of [MASK], else of <mask>: what masked-language-model training puts in place of a token."""
+        return self._first_id(_MASK_NAMES)
+
+    @property
+    def sentinel_ids(self) -> tuple[int, ...]:
+        """Ids of <extra_id_0>, <extra_id_1>, ... (T5's span-corruption sentinels), in that order
+        and as far as the run goes unbroken; empty when there are none. In T5's layout they are the
+        last ids, <extra_id_0> the highest, so the tuple counts down."""
+        ids = []
+        while (token_id := self._tok.token_to_id(SENTINEL.format(len(ids)))) is not None:
+            ids.append(token_id)
+        return tuple(ids)
 
     @property
     def bos_token(self) -> str | None:
@@ -191,6 +234,11 @@ class Tokenizer:
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos["bos_token"],
                   "eos_token": self._first_token(_EOS_NAMES), "pad_token": self._first_token(_PAD_NAMES),
                   "add_bos_token": bos["add_bos_token"], "model_max_length": model_max_length}
+        # the roles a BPE has none of (BERT's, T5's), named only when present so a BPE's config stays as it was
+        roles = {"unk_token": _UNK_NAMES, "cls_token": _CLS_NAMES, "sep_token": _SEP_NAMES, "mask_token": _MASK_NAMES}
+        config |= {key: token for key, names in roles.items() if (token := self._first_token(names)) is not None}
+        if sentinels := self.sentinel_ids:  # the key transformers 4 reads, and 5 reads as its extra_special_tokens
+            config["additional_special_tokens"] = [SENTINEL.format(i) for i in range(len(sentinels))]
         target = self._save_backend(folder)
         atomic_write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
         return target
@@ -205,7 +253,7 @@ class Tokenizer:
         tokenizer is left as it is; llmlab's own `encode` ignores post-processors)."""
         tok = self._tok
         current = _processor_state(tok)
-        if _adds_bos(current) != self.add_bos:
+        if _adds_bos(current, self.bos_token) != self.add_bos:
             spec = json.loads(tok.to_str())
             bos = self.bos_token
             spec["post_processor"] = (_with_bos(current, bos, self._tok.token_to_id(bos)) if self.add_bos
@@ -255,11 +303,13 @@ def _processor_parts(state: dict | None) -> list[dict]:
     return list(state.get("processors") or []) if state.get("type") == "Sequence" else [state]
 
 
-def _adds_bos(state: dict | None) -> bool:
-    """Whether a post-processor (a tokenizer.json object) puts a special token before the text: a
-    TemplateProcessing, alone or in a Sequence, whose single-text template starts with one."""
-    return any(p.get("type") == "TemplateProcessing" and p.get("single") and "SpecialToken" in p["single"][0]
-               for p in _processor_parts(state))
+def _adds_bos(state: dict | None, bos_token: str | None = None) -> bool:
+    """Whether a post-processor (a tokenizer.json object) puts a BOS before the text: a
+    TemplateProcessing, alone or in a Sequence, whose single-text template starts with `bos_token`
+    or a token of _BOS_NAMES. BERT's [CLS] starts a text too but is no BOS: HF declares none."""
+    names = {*_BOS_NAMES, bos_token} - {None}
+    return any(p.get("type") == "TemplateProcessing" and p.get("single")
+               and p["single"][0].get("SpecialToken", {}).get("id") in names for p in _processor_parts(state))
 
 
 def _without_bos(state: dict | None) -> dict | None:
@@ -398,5 +448,5 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         raise LlmlabError(f"{file}: not a valid tokenizer.json: {e}") from None
     add_bos, bos_token = _bos_convention(path) if path.is_dir() else (False, None)
     if add_bos is None:
-        add_bos = _adds_bos(_processor_state(tok))
+        add_bos = _adds_bos(_processor_state(tok), bos_token)
     return Tokenizer(tok, add_bos=add_bos, bos_token=bos_token)

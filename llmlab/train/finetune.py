@@ -31,6 +31,7 @@ from llmlab.eval.loss import token_loss
 from llmlab.eval.metrics import exact_match
 from llmlab.generate import SamplingParams
 from llmlab.generate.text import TextGenerator
+from llmlab.models import require_kind
 from llmlab.models.io import copy_tokenizer_files, load_model, read_config, save_model
 from llmlab.peft import (LoraConfig, apply_lora, freeze, merge_and_unload, save_adapter, trainable_parameters)
 from llmlab.peft.io import load_adapter_weights
@@ -135,6 +136,10 @@ def run(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict:
                   overwrite=overwrite, rank=rank)
     cfg.base = str(_base_checkpoint(cfg.base))
     model_cfg, _ = read_config(cfg.base)
+    try:
+        require_kind(model_cfg, ("decoder",), "llmlab finetune", f"base={cfg.base}")
+    except ValueError as e:
+        raise LlmlabError(str(e)) from None
     if cfg.seq_len is None:
         cfg.seq_len = model_cfg.max_seq_len
     if cfg.seq_len > model_cfg.max_seq_len:

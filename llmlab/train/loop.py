@@ -29,13 +29,16 @@ from llmlab.train.config import TrainConfig
 
 
 class StopSignals:
-    """Turn SIGINT/SIGTERM into a flag the loop checks after each step (then it saves and exits)."""
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each step (then it saves and exits). A
+    second signal stops at once, without saving (KeyboardInterrupt), for a step that does not end."""
 
     def __init__(self):
         self.received: int | None = None
         self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
         self.received = signum
 
     def restore(self):
@@ -84,9 +87,18 @@ def run_settings(cfg: TrainConfig, world: int, **more) -> dict:
     """What a resume must keep from the run that saved the checkpoint: the batches each step sees
     (`BATCH_SHAPE`, changeable with ckpt.allow_batch_change), the optimizer (only its own kind reads
     its saved state) and whatever `more` names. A step's batches are its grad_accum x processes
-    micro-batches, numbered rank by rank, so 2 processes x 1 resume as 1 process x 2 and back."""
-    return {"batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "micro_batches": cfg.grad_accum * world,
-            "optim.name": cfg.optim.name, **more}
+    micro-batches, numbered rank by rank, so 2 processes x 1 resume as 1 process x 2 and back. A run
+    with adapters (`peft`) keeps their kind and shape: rank, scale, targets."""
+    settings = {"batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "micro_batches": cfg.grad_accum * world,
+                "optim.name": cfg.optim.name}
+    peft = getattr(cfg, "peft", None)
+    if peft is not None:
+        settings["peft"] = peft
+    if peft in ("lora", "qlora"):
+        lora = cfg.lora
+        settings["lora"] = (f"r={lora.r}, alpha={lora.alpha:g}, targets={list(lora.targets)}"
+                            + (", rslora" if lora.rslora else ""))
+    return {**settings, **more}
 
 
 def resume_from(cfg: TrainConfig, ckpt_dir: Path, rank: int) -> tuple[Path | None, dict | None]:

@@ -23,7 +23,7 @@ from llmlab.data.fim import FimSpec
 from llmlab.data.shards import TokenShards, prepared_dir
 from llmlab.data.windows import sample_batch
 from llmlab.eval.loss import token_loss
-from llmlab.models import LlamaConfig, ModelConfig, build_model
+from llmlab.models import LlamaConfig, ModelConfig, build_model, require_kind
 from llmlab.models.kernels import LOSS_BLOCK_ELEMENTS_CPU, LOSS_BLOCK_ELEMENTS_GPU
 from llmlab.plan.estimate import TrainingMemory, cpu_runtime_bytes, shape_of, training_memory
 from llmlab.train.checkpoint import latest_checkpoint, save_checkpoint, save_sharded_checkpoint
@@ -80,6 +80,10 @@ def run(cfg: PretrainConfig, *, overwrite: bool = False) -> dict:
     """Pretrain; returns {"step", "tokens", "val_loss", "stopped", "checkpoint", "exit_code"}.
     `overwrite` starts over in an out_dir that holds an earlier run's checkpoints or other files."""
     # ---- setup
+    try:
+        require_kind(cfg.model, ("decoder",), "llmlab pretrain (next-token prediction)", "model")
+    except ValueError as e:
+        raise LlmlabError(str(e)) from None
     device = choose_device(cfg.system.device, "system.device")
     rank, world = init_distributed(device)
     cfg.system.autocast = resolve_autocast(cfg.system, device, rank, world)  # config.yaml records it

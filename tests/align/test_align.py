@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from llmlab.align.config import AlignConfig
+from llmlab.align.rollout import check_rewards
 from llmlab.align.run import run
 from llmlab.cli import main
 from llmlab.common import LlmlabError
@@ -188,6 +189,50 @@ def test_a_checker_that_scores_nothing_is_an_error_naming_its_failure(chat_base,
     with pytest.raises(LlmlabError, match=r"scored none of the \d+ answers of step 1 \(KeyError: 'expected'\)"):
         run(cfg)
     assert list_checkpoints(tmp_path / "checkpoints") == []
+
+
+def test_check_rewards_takes_any_real_number_and_survives_what_a_checker_does():
+    import time
+
+    import numpy as np
+
+    def checker(prompt, completion, answer):
+        if completion == "sleep":
+            time.sleep(30)
+        if completion == "exit":
+            raise SystemExit(3)
+        return {"np": np.float32(0.5), "tensor": torch.tensor([2.0]), "huge": 10**400, "-huge": -10**400,
+                "true": True, "text": "1.0"}[completion]
+
+    texts = ["np", "tensor", "huge", "-huge", "true", "text", "sleep", "exit"]
+    started = time.perf_counter()
+    rewards, valid, failures = check_rewards(checker, [""] * len(texts), texts, [None] * len(texts), timeout=0.5)
+    assert time.perf_counter() - started < 10
+    assert rewards[:5].tolist() == [0.5, 2.0, float("inf"), float("-inf"), 1.0]
+    assert valid.tolist() == [True] * 5 + [False] * 3
+    assert failures == ["returned str, not a number", "CheckTimeout: took over 0.5 s (reward.timeout)",
+                        "SystemExit: 3"]
+
+
+def test_exact_match_needs_every_prompt_to_have_an_answer(chat_base, align_data, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Reverse: a b c", "answer": "c b a"}) + "\n"
+                       + "".join(json.dumps({"prompt": f"Reverse: {x}"}) + "\n" for x in "abcdef"))
+    cfg = _cfg(chat_base, align_data, tmp_path / "out", "grpo", **{"data.train": str(prompts)})
+    with pytest.raises(LlmlabError, match=r"prompts.jsonl: 6 of 7 prompts have no `answer` \(the first at "
+                                          r".*prompts.jsonl:2\)"):
+        run(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_refuses_other_adapter_settings(chat_base, align_data, tmp_path):
+    run(_cfg(chat_base, align_data, tmp_path, "dpo", max_steps=2))
+    for override, saved in (({"lora.alpha": 4}, "alpha=8"), ({"lora.r": 2}, "r=4"),
+                            ({"lora.targets": ["q_proj"]}, "all-linear"), ({"peft": "none"}, "peft=none")):
+        overrides = {"max_steps": 3, "ckpt.resume": "auto", **override}
+        with pytest.raises(LlmlabError, match="set it back") as e:
+            run(_cfg(chat_base, align_data, tmp_path, "dpo", **overrides))
+        assert saved in str(e.value) and len(str(e.value)) < 400
 
 
 @pytest.mark.parametrize("override, message", [

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import threading
+import time
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -13,7 +15,11 @@ from llmlab.align.distill import (CODE_LIST_HEADER, LIST_HEADER, TESTS_HEADER, D
                                   Novelty, clean_tests, instruction_prompt, parse_instructions, read_seeds, run,
                                   screen)
 from llmlab.cli import main
+from llmlab.common import LlmlabError
 from llmlab.data.sft import read_records, record_messages
+from llmlab.eval.lm import ServerLM
+from llmlab.models import LlamaConfig, build_model
+from llmlab.models.io import copy_tokenizer_files, save_model
 
 SEEDS = [
     {"instruction": "Give three tips for staying healthy.", "input": "", "output": "Sleep, eat well, move."},
@@ -50,6 +56,7 @@ def _complete(prompt: str) -> str:
 
 class _Teacher(BaseHTTPRequestHandler):
     requests: list[dict] = []
+    mute = False  # answer every prompt with nothing
 
     def log_message(self, *args):
         pass
@@ -72,12 +79,13 @@ class _Teacher(BaseHTTPRequestHandler):
         if self.path != "/v1/completions":
             return self.send_error(404)
         self.requests.append(body)
-        self._send({"choices": [{"index": 0, "text": _complete(body["prompt"]), "finish_reason": "stop"}]})
+        text = "" if self.mute else _complete(body["prompt"])
+        self._send({"choices": [{"index": 0, "text": text, "finish_reason": "stop"}]})
 
 
 @pytest.fixture
 def teacher_url():
-    _Teacher.requests = []
+    _Teacher.requests, _Teacher.mute = [], False
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Teacher)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -98,14 +106,14 @@ def _read(path):
 
 def test_parse_instructions_reads_inputs_and_drops_the_cut_off_task():
     parsed, cut = parse_instructions(TEXT_TASKS, 5)
-    assert cut == 1
+    assert cut == [("Describe the weather on", "")]
     assert parsed[0] == ("Name the capital city of Spain.", "")
     assert parsed[4] == ("Explain why the sky appears blue during the day.", "")  # <noinput> is no input
     assert parsed[5] == ("Count the vowels in the word given.", "banana")
     assert len(parsed) == 6
     # one task, or a completion whose last line ended, loses nothing
-    assert parse_instructions(" Say hi to the user politely", 2) == ([("Say hi to the user politely", "")], 0)
-    assert parse_instructions(CODE_TASKS, 5)[1] == 0
+    assert parse_instructions(" Say hi to the user politely", 2) == ([("Say hi to the user politely", "")], [])
+    assert parse_instructions(CODE_TASKS, 5)[1] == []
 
 
 def test_instruction_prompt_numbers_the_demos_and_leaves_the_next_open():
@@ -153,12 +161,13 @@ def test_distill_from_a_server_keeps_checked_novel_tasks_with_provenance(tmp_pat
     assert add["provenance"]["teacher"] == f"{teacher_url.removesuffix('/v1')} (teacher-1)"
     for record in kept:
         meta = record["provenance"]
-        assert meta["round"] == 0 and meta["demos"] and all(d.startswith("seed-") for d in meta["demos"])
+        assert meta["round"] == 1 and meta["demos"] and all(d.startswith("seed-") for d in meta["demos"])
         assert 0 <= meta["rouge_l_max"] <= cfg.rouge_threshold
     reasons = {(r["instruction"], r["reason"]) for r in dropped}
     assert ("Give three tips for staying healthy.", "near_duplicate") in reasons
     assert ("Draw a picture of a cat sitting on a mat.", "unseen_modality") in reasons
     assert ("Hi there", "too_short") in reasons
+    assert ("Describe the weather on", "cut_off") in reasons
     # every code sample of `halve` fails its test: tried code_samples times, then dropped
     failed = [r for r in dropped if r["reason"] == "failed_tests"]
     assert {r["instruction"] for r in failed} == {"Implement halve(n), giving n divided by two and rounded down."}
@@ -169,6 +178,7 @@ def test_distill_from_a_server_keeps_checked_novel_tasks_with_provenance(tmp_pat
     assert saved["kept"] == len(kept) == report["kept"] == 4
     assert saved["generated"] == saved["kept"] + sum(saved["dropped"].values())
     assert saved["dropped"]["cut_off"] >= 1
+    assert saved["dropped"] == dict(sorted(Counter(r["reason"] for r in dropped).items()))
     # instructions are sampled at the configured temperature, answers greedily
     list_requests = [r for r in _Teacher.requests if r["prompt"].startswith((LIST_HEADER, CODE_LIST_HEADER))]
     assert list_requests and all(r["temperature"] == 1.0 for r in list_requests)
@@ -229,3 +239,61 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, teacher_url, se
     assert main(args) == 1 and "--overwrite" in capsys.readouterr().err
     assert (out / "train.jsonl").read_text() == first
     assert main(args + ["--overwrite"]) == 0
+
+
+def test_teachers_it_cannot_use_are_refused(tmp_path, chat_base, teacher_url, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(DistillError, match="http:// or https://"):
+        run(DistillConfig(teacher="ftp://127.0.0.1/v1", out_dir=str(out)))
+    reward_model = tmp_path / "rm"
+    save_model(build_model(LlamaConfig(vocab_size=300, dim=16, n_layers=1, n_heads=2, hidden_dim=32, max_seq_len=32,
+                                       num_labels=1)), reward_model)
+    copy_tokenizer_files(chat_base, reward_model)
+    with pytest.raises(LlmlabError, match="reward model or classifier"):
+        run(DistillConfig(teacher=str(reward_model), out_dir=str(out)))
+    with pytest.raises(ValueError, match="seed"):
+        DistillConfig(seed=-3)
+    assert not out.exists()
+    # a teacher whose every completion is empty: a warning on stderr, with the drops written to look at
+    _Teacher.mute = True
+    assert main(["data", "distill", f"teacher={teacher_url}", f"out_dir={out}", "rounds=2"]) == 0
+    captured = capsys.readouterr()
+    assert "kept 0 of" in captured.out and "warning:" in captured.err and "dropped.jsonl" in captured.err
+    assert json.loads((out / "report.json").read_text())["kept"] == 0
+
+
+class _Broken(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        if self.path == "/v1/models":  # an HTML error page over several lines
+            body = b"<html>\n<body>\n<h1>Not Found</h1>\n</body>\n</html>\n"
+            self.send_response(404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            return self.wfile.write(body)
+        self.send_response(200)  # a body that drips in a byte at a time
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        for _ in range(1000):
+            self.wfile.write(b" ")
+            self.wfile.flush()
+            time.sleep(0.05)
+
+
+def test_a_broken_server_is_one_line_and_a_slow_one_has_a_deadline():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Broken)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(LlmlabError, match=r"HTTP 404: <html> <body> <h1>Not Found") as e:
+            ServerLM(url + "/v1")
+        assert "\n" not in str(e.value)
+        lm = ServerLM(url + "/v1", model="m", timeout=0.2)
+        started = time.perf_counter()
+        with pytest.raises(LlmlabError, match="took over 2 s"):
+            lm._call("GET", "/slow")
+        assert time.perf_counter() - started < 10
+    finally:
+        server.shutdown()

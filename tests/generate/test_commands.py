@@ -107,3 +107,49 @@ def test_compiled_decoding_from_the_cli_gives_the_eager_tokens(checkpoint, capsy
     eager = run_json(capsys, *args)
     compiled = run_json(capsys, *args, "--compile")
     assert [c["token_ids"] for c in compiled["completions"]] == [c["token_ids"] for c in eager["completions"]]
+
+
+@pytest.fixture(scope="module")
+def encoder_decoder(tmp_path_factory):
+    from llmlab.models import T5Config
+
+    folder = tmp_path_factory.mktemp("t5")
+    tok = train_bpe([f"def f{i}(x): return x * {i}  # the value" for i in range(300)], vocab_size=300)
+    torch.manual_seed(0)
+    model = build_model(T5Config(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4, head_dim=8, hidden_dim=64,
+                                 max_seq_len=24, max_target_len=10, eos_id=tok.eos_id, dropout=0.0))
+    save_model(model, folder)
+    tok.save(folder)
+    return folder
+
+
+def test_an_encoder_decoder_generates_from_the_cli(encoder_decoder, capsys):
+    from llmlab.generate import SamplingParams
+    from llmlab.generate.engine import Engine
+    from llmlab.models.io import load_model
+    from llmlab.tokenizer import load_tokenizer
+
+    out = run_json(capsys, encoder_decoder, "--prompt", "def f1(x):", "--prompt", "return", "--temperature", "0")
+    tok = load_tokenizer(encoder_decoder)
+    want = Engine(load_model(encoder_decoder)).generate(
+        [tok.encode("def f1(x):"), tok.encode("return")],
+        SamplingParams(max_new_tokens=10, temperature=0.0, stop_token_ids=[tok.eos_id]))
+    assert [c["token_ids"] for c in out["completions"]] == [c.token_ids for c in want]
+    assert all(len(c["token_ids"]) <= 10 for c in out["completions"])  # the decoder's own limit, not the input's
+    assert main(["generate", str(encoder_decoder), "--prompt", "x", "--max-new-tokens", "11"]) == 1
+    assert "more than the decoder's limit (max_target_len) of 10 tokens" in capsys.readouterr().err
+    beams = run_json(capsys, encoder_decoder, "--prompt", "def", "--num-beams", "3", "--max-new-tokens", "4")
+    assert len(beams["completions"][0]["token_ids"]) <= 4
+
+
+def test_an_encoder_cannot_generate_or_serve(tmp_path, encoder_decoder, capsys):
+    from llmlab.models import BertConfig
+
+    bert = tmp_path / "bert"
+    save_model(build_model(BertConfig(vocab_size=300, dim=16, n_layers=1, n_heads=2, max_seq_len=16)), bert)
+    train_bpe(["some text to learn from"] * 20, vocab_size=280).save(bert)
+    assert main(["generate", str(bert), "--prompt", "x"]) == 1
+    assert "an encoder (family=bert, head=mlm); generation takes decoder models or encoder-decoder" in \
+        capsys.readouterr().err
+    assert main(["serve", str(encoder_decoder), "--port", "65431"]) == 1
+    assert "an encoder-decoder (family=t5); llmlab serve takes decoder models" in capsys.readouterr().err

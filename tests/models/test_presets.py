@@ -20,10 +20,13 @@ def test_every_published_preset_is_within_3_percent():
         if abs(total / preset.published_params - 1) > 0.03:
             off[name] = (total, preset.published_params)
     assert not off, off
-    assert len(PUBLISHED) == 27  # GPT-1, GPT-2 x4, GPT-3 x7, Gopher, Chinchilla, BLOOM, LLaMA x4, 2 x3, ...
+    # GPT-1, GPT-2 x4, GPT-3 x7, Gopher, Chinchilla, BLOOM, LLaMA x4, 2 x3, ...; BERT x2, RoBERTa x2,
+    # ALBERT x4, T5 x5, mT5 x5
+    assert len(PUBLISHED) == 27 + 18
     named = {"gpt1", "gpt2-124m", "gpt2-355m", "gpt2-774m", "gpt2-1.5b", "gpt3-175b", "llama-7b", "llama-13b",
              "llama-33b", "llama-65b", "llama-2-7b", "llama-2-13b", "llama-2-70b", "chinchilla-70b",
-             "gopher-280b", "palm-540b", "bloom-176b"}
+             "gopher-280b", "palm-540b", "bloom-176b", "bert-base", "bert-large", "roberta-base", "roberta-large",
+             "albert-base", "albert-xxlarge", "t5-small", "t5-11b", "mt5-small", "mt5-xxl"}
     assert named <= PUBLISHED.keys()
 
 
@@ -31,6 +34,8 @@ def test_well_known_counts_exactly():
     assert get_preset("gpt2-124m").num_params().total == 124_439_808  # the released GPT-2 small
     assert get_preset("llama-7b").num_params().total == 6_738_415_616  # the released LLaMA 7B
     assert get_preset("llama-2-70b").num_params().total == 68_976_648_192
+    assert get_preset("t5-small").num_params().total == 60_506_624  # the released t5-small
+    assert get_preset("t5-large").num_params().total == 737_668_096
 
 
 @pytest.mark.parametrize("name", sorted(TINY))

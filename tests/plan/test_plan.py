@@ -274,3 +274,18 @@ def test_the_plan_for_several_devices_says_which_parallelism_fits(capsys, args, 
     assert main(["plan", *args, "--hardware", "a100-80gb", "--gpus", "8"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("parallel"))
     assert (f"use system.parallel={choice}" in line) if choice else ("neither fits" in line)
+
+
+def test_encoders_and_encoder_decoders(capsys):
+    # an encoder keeps no KV cache; T5's activations and cache count the layers of both stacks
+    bert = plan_json(capsys, "bert-base", "--seq-len", 128)
+    assert bert["inference_memory"]["kv_cache"] == 0
+    t5 = get_preset("t5-base")
+    shape = est.shape_of(t5)
+    assert shape.n_layers == t5.n_layers + t5.n_decoder_layers == 24
+    out = plan_json(capsys, "t5-base", "--seq-len", 128, "--context", 128)
+    # self-attention keys and values over the output plus cross-attention ones over the input, per decoder layer
+    assert out["inference_memory"]["kv_cache"] == 2 * 2 * 12 * 768 * 128 * 2
+    # training FLOPs per token count the encoder's and decoder's matmuls once for an input and target pair
+    params = t5.num_params().non_embedding
+    assert 6 * params / 2 < out["flops_per_token"] < 6 * (params + t5.vocab_size * t5.dim) / 2 * 1.2

@@ -155,6 +155,23 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus_dir, tmp_path):
     assert int(ckpt.name[5:]) == max(r["step"] for r in _metrics(tmp_path / "run"))
 
 
+def test_a_second_signal_stops_at_once():
+    import os
+
+    from llmlab.train.loop import StopSignals
+
+    signals = StopSignals()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # the first: a flag the loop reads after the step
+        assert signals.received == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):  # the second: out of a step that does not end
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+    finally:
+        signals.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_non_finite_loss_stops_or_skips(corpus_dir, tmp_path):
     with pytest.raises(LlmlabError, match="non-finite loss"):
         run(_cfg(corpus_dir, tmp_path / "stop", **{"optim.lr": 1e12, "optim.warmup_steps": 0,

@@ -7,6 +7,8 @@ The stages, one file each and usable on their own:
 - `clean`: Unicode/whitespace normalization and language-agnostic quality rules;
 - `dedup`: exact (sha256) and near (MinHash LSH) duplicate removal;
 - `shards`: raw little-endian token arrays on disk with a checksummed `manifest.json`;
+- `windows`, `fim`, `masking`: what training reads from the shards (random windows, their
+  fill-in-the-middle reordering, and the masking of encoders' and T5's objectives);
 - `prepare`: the `llmlab data prepare` and `llmlab tokenizer train` verbs that chain them.
 
 Only the shared error type lives here, so that `import llmlab.data.shards` in a training loop

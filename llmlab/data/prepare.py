@@ -82,7 +82,7 @@ class PrepareConfig:
     seed: int = 0  # seed of the split hash: another seed draws another split
     shard_tokens: int = 2**24  # tokens per shard file (32 MiB of uint16)
     bos: bool = False  # put BOS before every document
-    eos: bool = True  # put EOS after every document, so the model learns where documents end
+    eos: bool = True  # put EOS ([SEP] for WordPiece) after every document: the model learns where documents end
 
     def __post_init__(self):
         _check_inputs(self.inputs, self.text_field, self.default)
@@ -194,7 +194,7 @@ def run(cfg: PrepareConfig, *, tokenizer: Any = None, overwrite: bool = False) -
             raise DataError("no tokenizer: set tokenizer=PATH to a tokenizer.json or its folder "
                             "(train one with `llmlab tokenizer train`)")
         tokenizer = load_tokenizer(cfg.tokenizer)
-    for flag, token_id in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id)):
+    for flag, token_id in (("bos", tokenizer.bos_id), ("eos", getattr(tokenizer, "document_end_id", tokenizer.eos_id))):
         if getattr(cfg, flag) and token_id is None:
             raise DataError(f"{flag}=true but the tokenizer has no {flag.upper()} token; set {flag}=false")
     dtype = token_dtype(tokenizer.vocab_size)
@@ -256,7 +256,7 @@ def run(cfg: PrepareConfig, *, tokenizer: Any = None, overwrite: bool = False) -
             "tokenizer_path": str(Path(cfg.tokenizer).resolve()) if cfg.tokenizer else "",
             "vocab_size": tokenizer.vocab_size,
             "dtype": dtype.name,
-            "eos_id": tokenizer.eos_id,
+            "eos_id": getattr(tokenizer, "document_end_id", tokenizer.eos_id),  # what ends each document
             "bos_id": tokenizer.bos_id,
             "fim_ids": list(tokenizer.fim_ids) if getattr(tokenizer, "fim_ids", None) else None,
             "config": to_dict(cfg),

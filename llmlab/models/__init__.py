@@ -44,12 +44,16 @@ def model_kind(cfg: ModelConfig) -> str:
     return "decoder" if cfg.causal else "encoder"
 
 
+def with_article(kind: str) -> str:
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
 def require_kind(cfg: ModelConfig, kinds: tuple[str, ...], what: str, where: str) -> None:
     """Refuse a model that `what` (a verb, in words) cannot drive: a ValueError naming the model's kind."""
     kind = model_kind(cfg)
     if kind not in kinds:
         head = f", head={cfg.head}" if kind == "encoder" else ""
-        raise ValueError(f"{where}: an {kind} (family={cfg.family}{head}); {what} takes "
+        raise ValueError(f"{where}: {with_article(kind)} (family={cfg.family}{head}); {what} takes "
                          f"{' or '.join(f'{k} models' for k in kinds)}")
 
 
@@ -61,4 +65,4 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 
 
 __all__ = ["Bert", "BertConfig", "GPT", "GPTConfig", "Llama", "LlamaConfig", "ModelConfig", "REGISTRY", "T5",
-           "T5Config", "build_model", "model_kind", "require_kind"]
+           "T5Config", "build_model", "model_kind", "require_kind", "with_article"]

@@ -7,7 +7,11 @@ every token sees every other real token of its row. Heads on the last hidden sta
 - head="mlm": the masked-LM head, dense + GELU + LayerNorm, then the output matrix tied to the
   token embedding plus a bias (Sec. 3.1, Task #1); with sentence_head, also the pooler and a
   two-way classifier of the segment pair, trained beside it: next-sentence prediction (BERT,
-  Task #2) or sentence-order prediction (ALBERT, Sec. 4.1), as the pretraining checkpoints hold;
+  Task #2) or sentence-order prediction (ALBERT, Sec. 3.1), as the pretraining checkpoints hold;
+  with span_boundary_head, SpanBERT's span boundary objective (Joshi et al. 2020, Sec. 3.2): each
+  masked token of a span is also predicted from the two tokens just outside the span and its
+  place in it, y = LN(GELU(W2 LN(GELU(W1 [x_{s-1}; x_{e+1}; p_{i-s+1}])))), through the same
+  output matrix;
 - head="classify": the pooler (dense + tanh on the first token, [CLS]) and a linear classifier
   (Sec. 4.1); RoBERTa's classification head is the same two layers on <s>;
 - head="tokens": a linear classifier on every token (NER, Sec. 5.3);
@@ -57,6 +61,8 @@ class BertConfig:
     head: Literal["mlm", "classify", "tokens", "span"] = "mlm"
     num_labels: int = 0  # classes of the classify / tokens head (1 with classify: a regression); span: 2
     sentence_head: bool = False  # head=mlm: the pooler and a 2-way segment-pair classifier (NSP / SOP)
+    span_boundary_head: bool = False  # head=mlm: SpanBERT's span boundary objective
+    max_span: int = 10  # span_boundary_head: the longest span (its position table's rows)
     tie_embeddings: bool = True  # the MLM output matrix is the token embedding (other heads have none)
     dropout: float = 0.1  # embeddings, attention probabilities, residual branches and the classifier's input
     init_std: float = 0.02
@@ -76,11 +82,12 @@ class BertConfig:
         if self.sentence_head and self.variant == "roberta":
             raise ValueError("sentence_head: RoBERTa is pretrained without a sentence-pair task")
         if self.head != "mlm":
-            if self.sentence_head:
-                raise ValueError(f"sentence_head goes with head=mlm (pretraining), not head={self.head}")
+            if self.sentence_head or self.span_boundary_head:
+                raise ValueError(f"sentence_head and span_boundary_head go with head=mlm (pretraining), not "
+                                 f"head={self.head}")
             self.tie_embeddings = False  # no output matrix to tie
         check_config_ranges(self, ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim", "embed_dim",
-                                   "max_seq_len", "type_vocab_size"))
+                                   "max_seq_len", "type_vocab_size", "max_span"))
         if self.hidden_dim is None:
             self.hidden_dim = 4 * self.dim
         if self.dim % self.n_heads:
@@ -106,6 +113,7 @@ class BertConfig:
         if self.head == "mlm":
             body += d * e + e + 2 * e + v  # transform, its LayerNorm, output bias
             body += (d * d + d + 2 * d + 2) if self.sentence_head else 0
+            body += (self.max_span * d + 3 * d * d + d + 2 * d + d * e + e + 2 * e) if self.span_boundary_head else 0
         elif self.head == "classify":
             body += d * d + d + d * self.num_labels + self.num_labels
         else:
@@ -199,6 +207,12 @@ class Bert(nn.Module):
             if cfg.sentence_head:
                 self.pooler = Linear(cfg.dim, cfg.dim)
                 self.sentence_classifier = Linear(cfg.dim, 2)
+            if cfg.span_boundary_head:
+                self.sbo_positions = nn.Embedding(cfg.max_span, cfg.dim)
+                self.sbo_up = Linear(3 * cfg.dim, cfg.dim)
+                self.sbo_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+                self.sbo_down = Linear(cfg.dim, e)
+                self.sbo_out_norm = nn.LayerNorm(e, eps=cfg.norm_eps)
         elif cfg.head == "classify":
             self.pooler = Linear(cfg.dim, cfg.dim)
             self.classifier = Linear(cfg.dim, cfg.num_labels)
@@ -266,9 +280,25 @@ class Bert(nn.Module):
             raise ValueError("this model has no sentence head (sentence_head=false)")
         return self.sentence_classifier(self.pooled(self.encode(input_ids, attention_mask, token_type_ids)))
 
+    def span_boundary_loss(self, x: torch.Tensor, targets: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
+                           position: torch.Tensor) -> torch.Tensor:
+        """SpanBERT's span boundary loss: the mean cross-entropy of each masked span token predicted
+        from the hidden states x (B, T, dim) at its span's boundaries and its place in the span."""
+        keep = (position >= 0) & (targets != -100)
+        if not bool(keep.any()):
+            return x.new_zeros(())
+        rows = torch.arange(x.size(0), device=x.device)[:, None].expand_as(position)[keep]
+        T = x.size(1)
+        h = torch.cat([x[rows, left[keep].clamp(0, T - 1)], x[rows, right[keep].clamp(0, T - 1)],
+                       self.sbo_positions(position[keep].clamp(max=self.config.max_span - 1))], dim=-1)
+        act = gelu(self.config)
+        y = self.sbo_out_norm(act(self.sbo_down(self.sbo_norm(act(self.sbo_up(h))))))
+        return F.cross_entropy(self.lm_head(y).float(), targets[keep])
+
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, targets: torch.Tensor | None = None,
-                sentence_targets: torch.Tensor | None = None) -> torch.Tensor:
+                sentence_targets: torch.Tensor | None = None,
+                span_boundaries: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The head's logits, or with `targets` its mean loss.
 
         Args:
@@ -280,6 +310,10 @@ class Bert(nn.Module):
                 start and end positions.
             sentence_targets: with sentence_head and targets, (B,) the segment pair's class (BERT: 1 = B
                 is a random sentence; ALBERT: 1 = the segments are swapped); its loss is added.
+            span_boundaries: with span_boundary_head and targets, (left, right, position), each (B, T):
+                for a token of a masked span s..e the positions s - 1 and e + 1 and its place i - s in
+                the span, -1 elsewhere (`llmlab.data.masking.span_mask`); the span boundary loss is
+                added.
 
         Returns:
             mlm (B, T, vocab_size); classify (B, num_labels); tokens (B, T, num_labels); span
@@ -290,14 +324,18 @@ class Bert(nn.Module):
         if cfg.head == "mlm":
             if sentence_targets is not None and (targets is None or not cfg.sentence_head):
                 raise ValueError("sentence_targets need targets and a model with sentence_head")
-            sentence = 0.0
+            if span_boundaries is not None and (targets is None or not cfg.span_boundary_head):
+                raise ValueError("span_boundaries need targets and a model with span_boundary_head")
+            extra = 0.0
             if sentence_targets is not None:
-                sentence = F.cross_entropy(self.sentence_classifier(self.pooled(x)).float(), sentence_targets)
+                extra = F.cross_entropy(self.sentence_classifier(self.pooled(x)).float(), sentence_targets)
+            if span_boundaries is not None:
+                extra = extra + self.span_boundary_loss(x, targets, *span_boundaries)
             if targets is not None:  # only the predicted positions go through the head
                 keep = targets != -100
                 x, targets = x[keep], targets[keep]
             logits = self.lm_head(self.mlm_norm(gelu(cfg)(self.mlm_dense(x))))
-            return logits if targets is None else F.cross_entropy(logits.float(), targets) + sentence
+            return logits if targets is None else F.cross_entropy(logits.float(), targets) + extra
         if cfg.head == "classify":
             logits = self.classifier(self.dropout(self.pooled(x)))
             if targets is None:

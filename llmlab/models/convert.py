@@ -53,6 +53,9 @@ class Table:
     # (other name, name the rules use) of one tensor that HF saves under both, or either alone in older
     # checkpoints: read from the second when present, and written under both
     aliases: tuple[tuple[str, str], ...] = ()
+    # llmlab parameters that HF has no place for and an export leaves out (SpanBERT's span boundary
+    # head: its released models leave it out too)
+    not_exported: tuple[str, ...] = ()
 
 
 def _qkv(hf: str, ours: str, op: str) -> Rule:
@@ -157,8 +160,11 @@ def bert_table(cfg) -> Table:
         rules += _pairs("qa_outputs" if cfg.head == "span" else "classifier", "classifier")
         ignored += list(_PRETRAINING_EXTRAS[variant][:2])  # a pooler the head does not use
     head = _MLM_HEAD[variant]
+    span_boundary = ("sbo_positions.weight", *(f"{n}.{w}" for n in ("sbo_up", "sbo_norm", "sbo_down", "sbo_out_norm")
+                                               for w in ("weight", "bias")))
     return Table(tuple(rules), p, tuple(ignored), tied_head=f"{head}decoder.weight",
-                 aliases=((f"{head}bias", f"{head}decoder.bias"),) if cfg.head == "mlm" else ())
+                 aliases=((f"{head}bias", f"{head}decoder.bias"),) if cfg.head == "mlm" else (),
+                 not_exported=span_boundary if cfg.span_boundary_head else ())
 
 
 def t5_table(cfg) -> Table:
@@ -260,7 +266,7 @@ def llmlab_to_hf_state(state: dict[str, torch.Tensor], family, *, score_head: bo
     `score_head` (a model with num_labels > 0) its lm_head becomes the `score` of HF's
     *ForSequenceClassification layout."""
     table = table_for(family)
-    out = _convert(state, table, to_ours=False)
+    out = _convert({k: v for k, v in state.items() if k not in table.not_exported}, table, to_ours=False)
     for other, name in table.aliases:
         if name in out:
             out[other] = out[name].clone()

@@ -133,6 +133,13 @@ class Tokenizer:
         return self._first_token(_BOS_NAMES) if self.add_bos else None
 
     @property
+    def document_end_id(self) -> int | None:
+        """The id `encode(..., eos=True)` puts after a text: EOS, else BERT's [SEP] (a WordPiece
+        vocabulary has no EOS; [SEP] ends its segments)."""
+        eos = self.eos_id
+        return eos if eos is not None else self.sep_id
+
+    @property
     def document_start_id(self) -> int | None:
         """The id that precedes a document: the declared BOS (`bos_token`), else EOS, which ends the
         document before it in llmlab's shards. What HF's `bos_token_id or eos_token_id` gives for a
@@ -195,7 +202,10 @@ class Tokenizer:
         if bos:
             ids.insert(0, self._required_id(_BOS_NAMES))
         if eos:
-            ids.append(self._required_id(_EOS_NAMES))
+            end = self.document_end_id
+            if end is None:
+                raise ValueError(f"this tokenizer has none of the tokens {', '.join(_EOS_NAMES + _SEP_NAMES)}")
+            ids.append(end)
         return ids
 
     def _required_id(self, names: Sequence[str]) -> int:

@@ -83,7 +83,8 @@ def wrap_model(model: nn.Module, system: SystemConfig, world: int) -> Trainee:
         policy = MixedPrecisionPolicy()
         if device.type == "cuda" and system.autocast == "bf16":
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for block in model.layers:
+        stacks = [model.encoder, model.decoder] if hasattr(model, "encoder") else [model]  # T5: two stacks
+        for block in [b for stack in stacks for b in stack.layers]:
             fully_shard(block, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
     forward = torch.compile(model) if system.compile else model

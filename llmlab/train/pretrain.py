@@ -23,14 +23,16 @@ from llmlab.data.fim import FimSpec
 from llmlab.data.shards import TokenShards, prepared_dir
 from llmlab.data.windows import sample_batch
 from llmlab.eval.loss import token_loss
-from llmlab.models import LlamaConfig, ModelConfig, build_model, require_kind
+from llmlab.models import LlamaConfig, ModelConfig, build_model
 from llmlab.models.kernels import LOSS_BLOCK_ELEMENTS_CPU, LOSS_BLOCK_ELEMENTS_GPU
 from llmlab.plan.estimate import TrainingMemory, cpu_runtime_bytes, shape_of, training_memory
+from llmlab.tokenizer import load_tokenizer
 from llmlab.train.checkpoint import latest_checkpoint, save_checkpoint, save_sharded_checkpoint
 from llmlab.train.config import (CheckpointConfig, EvalConfig, OptimConfig, SystemConfig, check_at_least,
                                  check_probability, check_seed)
 from llmlab.train.core import accumulate, clip_gradients, open_run, resolve_autocast, wrap_model
 from llmlab.train.loop import available_memory, check_run_dir, resume_run, run_settings, truncate_metrics
+from llmlab.train.objectives import Batches, MaskingConfig, resolve_objective
 from llmlab.train.optim import build_optimizer
 
 
@@ -47,6 +49,10 @@ class PretrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 1000  # optimizer steps; the schedule ends here
     max_minutes: float = 0.0  # also stop (with a checkpoint) after this much wall time; 0 = no limit
+    # what the model learns to predict: auto = the next token (decoders), masked tokens (encoders: mlm),
+    # corrupted spans (encoder-decoders: span_corruption); see llmlab/train/objectives.py
+    objective: Literal["auto", "clm", "mlm", "span_corruption"] = "auto"
+    masking: MaskingConfig = field(default_factory=MaskingConfig)  # mlm and span_corruption
     fim_rate: float = 0.0  # fraction of training documents reordered for fill-in-the-middle (code models)
     fim_spm_rate: float = 0.5  # of those, the fraction in SPM rather than PSM order
     nonfinite: Literal["stop", "skip"] = "stop"  # on a NaN/inf loss: stop the run, or skip the batch
@@ -65,11 +71,16 @@ class PretrainConfig:
 
 
 @torch.no_grad()
-def evaluate(model, shards: TokenShards, cfg: PretrainConfig, device: torch.device) -> float:
-    """Loss per token (nats, `llmlab.eval.loss`) over the same `eval.batches` validation batches every time."""
+def evaluate(model, shards: TokenShards, cfg: PretrainConfig, device: torch.device,
+             objective: Batches | None = None) -> float:
+    """Loss per predicted token (nats, `llmlab.eval.loss`) over the same `eval.batches` validation
+    batches every time (masked statically: the same predictions at every evaluation)."""
 
     def batches():
         for i in range(cfg.eval.batches):
+            if objective is not None:
+                yield objective.batch(shards, (cfg.seed, 1, i), device, static=True)
+                continue
             x, y = sample_batch(shards, cfg.batch_size, cfg.seq_len, (cfg.seed, 1, i), device)
             yield {"input_ids": x, "targets": y}
 
@@ -80,10 +91,9 @@ def run(cfg: PretrainConfig, *, overwrite: bool = False) -> dict:
     """Pretrain; returns {"step", "tokens", "val_loss", "stopped", "checkpoint", "exit_code"}.
     `overwrite` starts over in an out_dir that holds an earlier run's checkpoints or other files."""
     # ---- setup
-    try:
-        require_kind(cfg.model, ("decoder",), "llmlab pretrain (next-token prediction)", "model")
-    except ValueError as e:
-        raise LlmlabError(str(e)) from None
+    objective_name = resolve_objective(cfg.objective, cfg.masking, cfg.model)
+    if cfg.fim_rate and objective_name != "clm":
+        raise LlmlabError(f"fim_rate reorders documents for next-token prediction; objective={objective_name}")
     device = choose_device(cfg.system.device, "system.device")
     rank, world = init_distributed(device)
     cfg.system.autocast = resolve_autocast(cfg.system, device, rank, world)  # config.yaml records it
@@ -95,6 +105,7 @@ def run(cfg: PretrainConfig, *, overwrite: bool = False) -> dict:
     _resolve(cfg, manifest, {"train": train_data, "val": val_data})
     fim = _fim_spec(cfg, manifest)
     tokenizer_dir = _tokenizer_dir(manifest)
+    objective = _objective(cfg, objective_name, tokenizer_dir, fim, {"train": train_data, "val": val_data})
     add_bos = bool(manifest["config"].get("bos", False))  # the shards' convention, which checkpoints record
     if cfg.system.preflight:
         preflight(cfg, device, processes=world if device.type == "cpu" else 1)
@@ -109,7 +120,9 @@ def run(cfg: PretrainConfig, *, overwrite: bool = False) -> dict:
     model.gradient_checkpointing = cfg.system.gradient_checkpointing
     trainee = wrap_model(model, cfg.system, world)
     optimizer = build_optimizer(model, cfg.optim, device)
-    settings = run_settings(cfg, world)
+    masking = ", ".join(f"{k}={v}" for k, v in vars(cfg.masking).items())
+    settings = run_settings(cfg, world, objective=objective_name, **({"masking": masking} if objective_name != "clm"
+                                                                       else {}))
     counters = resume_run(cfg, ckpt_dir, rank, model, optimizer, settings)
     if rank == 0:
         save_config(cfg, out / "config.yaml")
@@ -118,15 +131,14 @@ def run(cfg: PretrainConfig, *, overwrite: bool = False) -> dict:
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
     bytes_per_token = _bytes_per_token(manifest, "val")
 
-    def next_token_loss(batch):  # the mean loss over the batch's B x T predicted tokens
-        x, y = batch
-        return trainee.forward(x, targets=y), y.numel()
+    def predicted_token_loss(batch):  # the mean loss over the batch's predicted tokens
+        return trainee.forward(**batch), (batch["targets"] != -100).sum()
 
     def evaluation() -> dict:
-        val_loss = evaluate(model, val_data, cfg, device)
+        val_loss = evaluate(model, val_data, cfg, device, objective)
         ppl = math.exp(min(val_loss, 50))
-        return {"val_loss": val_loss, "val_ppl": ppl, "val_bpb": val_loss / math.log(2) / bytes_per_token,
-                "text": f"val_loss {val_loss:.4f}  ppl {ppl:.2f}"}
+        bpb = {"val_bpb": val_loss / math.log(2) / bytes_per_token} if objective_name == "clm" else {}
+        return {"val_loss": val_loss, "val_ppl": ppl, **bpb, "text": f"val_loss {val_loss:.4f}  ppl {ppl:.2f}"}
 
     def save(state: dict) -> None:
         if trainee.sharded:  # every rank writes its shards
@@ -143,10 +155,9 @@ def run(cfg: PretrainConfig, *, overwrite: bool = False) -> dict:
             t0 = time.time()
             lr = run.begin_step(step, optimizer)
             # batch k of the step's grad_accum x world; so 2 ranks x 1 equals 1 process x 2 micro-batches
-            batches = [sample_batch(train_data, cfg.batch_size, cfg.seq_len,
-                                    (cfg.seed, 0, step, rank * cfg.grad_accum + micro), device, fim)
+            batches = [objective.batch(train_data, (cfg.seed, 0, step, rank * cfg.grad_accum + micro), device)
                        for micro in range(cfg.grad_accum)]
-            loss = accumulate(trainee, batches, next_token_loss, autocast)
+            loss = accumulate(trainee, batches, predicted_token_loss, autocast)
             grad_norm = clip_gradients(trainee, cfg.optim.grad_clip)
             record = None
             if run.optimizer_step(step, loss.loss, grad_norm, optimizer):
@@ -227,6 +238,24 @@ def _resolve(cfg: PretrainConfig, manifest: dict, splits: dict[str, TokenShards 
             raise LlmlabError(f"{cfg.data}: the {name} split has {len(shards)} tokens, fewer than seq_len+1="
                               f"{cfg.seq_len + 1}{'' if given else ' (seq_len unset: model.max_seq_len)'}; lower "
                               "seq_len or add data")
+
+
+def _objective(cfg: PretrainConfig, name: str, tokenizer_dir: Path | None, fim: FimSpec | None,
+               splits: dict[str, TokenShards | None]) -> Batches:
+    """The objective's batch maker, checked against the data: the tokenizer's special tokens, and
+    a sequence or more in each split."""
+    tokenizer = None
+    if name != "clm":
+        if tokenizer_dir is None:
+            raise LlmlabError(f"objective={name} needs the tokenizer's special tokens, and {cfg.data} names no "
+                              "tokenizer folder; prepare the data with tokenizer=PATH")
+        tokenizer = load_tokenizer(tokenizer_dir)
+    objective = Batches(name, cfg.masking, cfg.seq_len, cfg.batch_size, cfg.model, tokenizer, cfg.seed, fim)
+    for split, shards in splits.items():
+        if shards is not None and objective.sequences(shards) < 1:
+            raise LlmlabError(f"{cfg.data}: the {split} split has {len(shards)} tokens, fewer than one sequence of "
+                              f"{objective.row}; lower seq_len or add data")
+    return objective
 
 
 def _fim_spec(cfg: PretrainConfig, manifest: dict) -> FimSpec | None:

@@ -211,3 +211,35 @@ def test_a_checkpoint_of_one_family_read_as_another_names_the_keys(tmp_path):
 def test_only_albert_exports_factorised_or_shared_layers(tmp_path):
     with pytest.raises(ConversionError, match="ALBERT's"):
         save_hf(build_model(_tiny(embed_dim=8)), tmp_path)
+
+
+def test_span_boundary_objective_is_its_formula():
+    torch.manual_seed(0)
+    model = build_model(_tiny(span_boundary_head=True, max_span=4)).eval()
+    ids = torch.randint(3, V, (1, 10))
+    targets = torch.full_like(ids, -100)
+    targets[0, 4:6] = ids[0, 4:6]  # one span, tokens 4 and 5, between boundaries 3 and 6
+    left, right, position = (torch.full_like(ids, -1) for _ in range(3))
+    left[0, 4:6], right[0, 4:6], position[0, 4:6] = 3, 6, torch.tensor([0, 1])
+    with torch.no_grad():
+        x = model.encode(ids)
+        mlm = model(ids, targets=targets)
+        both = model(ids, targets=targets, span_boundaries=(left, right, position))
+        act = torch.nn.functional.gelu
+        want = []
+        for i, p in ((4, 0), (5, 1)):  # y = LN(GELU(W2 LN(GELU(W1 [x_{s-1}; x_{e+1}; p])))), scored like the MLM
+            h = torch.cat([x[0, 3], x[0, 6], model.sbo_positions.weight[p]])
+            y = model.sbo_out_norm(act(model.sbo_down(model.sbo_norm(act(model.sbo_up(h))))))
+            want.append(-torch.log_softmax(model.lm_head(y), -1)[ids[0, i]])
+    torch.testing.assert_close(both - mlm, torch.stack(want).mean(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="span_boundaries need targets"):
+        build_model(_tiny())(ids, targets=targets, span_boundaries=(left, right, position))
+
+
+def test_a_span_boundary_head_is_left_out_of_hf_exports(tmp_path):
+    model = build_model(_tiny(span_boundary_head=True)).eval()
+    save_hf(model, tmp_path)
+    back = tf.BertForMaskedLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(3, V, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids), atol=1e-5, rtol=0)

@@ -75,6 +75,8 @@ TINY = {
     # 60-150 steps -> 2 of 2 pairs or prompts; rollouts of 24 tokens -> 6; 200 before/after answers -> 4
     "align": ["max_steps=2", "batch_size=2", "eval.batches=1", "eval.answers=4", "rollout.max_new_tokens=6",
               "grpo.group_size=2"],
+    # 2,000 / 200 / 200 records -> 24 / 4 / 4
+    "data tasks": ["train=24", "val=4", "test=4"],
     # 200 instructions -> 2, in one round of 2 prompts of 16 tokens
     "data distill": ["instructions=2", "rounds=1", "prompts_per_round=2", "max_new_tokens=16", "code_samples=1"],
     # every document of every task -> 6 of each; 1000 bootstrap resamples -> 10
@@ -262,7 +264,7 @@ def test_command_line_examples_run(tmp_path, monkeypatch, capsys):
     read what earlier ones wrote. Each must exit 0 with no traceback and no internal error."""
     pytest.importorskip("openai")
     commands = _readme_commands()
-    assert len(commands) == 40, [" ".join(c) for c in commands]
+    assert len(commands) == 46, [" ".join(c) for c in commands]
     monkeypatch.chdir(tmp_path)
     _make_inputs(tmp_path)
     log, failures = [], []

@@ -43,6 +43,12 @@ def _normalize_words(text: str) -> list[str]:
     return re.sub(r"\b(a|an|the)\b", " ", text).split()
 
 
+def squad_exact_match(prediction: str, reference: str) -> bool:
+    """SQuAD's exact match: equal after lowercasing and dropping punctuation, articles and extra
+    whitespace (Rajpurkar et al. 2016's evaluation script)."""
+    return _normalize_words(prediction) == _normalize_words(reference)
+
+
 def token_f1(prediction: str, reference: str) -> float:
     """Word-overlap F1 of SQuAD (Rajpurkar et al. 2016): 2PR / (P + R) over the bags of normalised
     words; 1.0 when both are empty, 0.0 when only one is."""

@@ -56,6 +56,10 @@ class DataConfig:
     template: str = ""  # chat template: a built-in name or a Jinja file; "" = the base's own, else llmlab's
     packing: bool = True  # several examples per row (attention stays within each) instead of one, padded
     verify: bool = True  # a prepared folder: check its shards' SHA-256 and token ids first (~1 s per GB)
+    # task=classify / tokens: the label (tag) set, by index; [] = the training file's values in sorted order
+    labels: list[str] = field(default_factory=list)
+    text_fields: list[str] = field(default_factory=list)  # task=classify: the TSV columns / JSON fields of the text(s)
+    label_field: str = "label"  # task=classify: the column / field of the label
 
     def __post_init__(self):
         if not self.train:
@@ -79,6 +83,8 @@ class FinetuneEvalConfig:
 @dataclass
 class FinetuneConfig:
     base: str = "runs/demo/pretrain"  # model to adapt: a checkpoint, HF folder or run directory (its newest checkpoint)
+    # sft: instruction data for decoders; classify, tokens, span (encoders) or seq2seq (T5): llmlab/train/tasks.py
+    task: Literal["sft", "classify", "tokens", "span", "seq2seq"] = "sft"
     out_dir: str = "runs/finetune"  # run directory: config.yaml, metrics.jsonl, checkpoints/, final/, adapter/
     data: DataConfig = field(default_factory=DataConfig)
     peft: Literal["none", "lora", "qlora"] = "lora"  # none = full fine-tuning (minus `freeze`)
@@ -102,6 +108,8 @@ class FinetuneConfig:
         check_at_least(self, seq_len=1, batch_size=1, grad_accum=1, max_steps=1, epochs=0, max_minutes=0,
                        log_every=1)
         check_seed(self.seed)
+        if self.task == "sft" and (self.data.labels or self.data.text_fields):
+            raise ValueError("data.labels and data.text_fields are for task=classify or tokens, not task=sft")
 
 
 class TokenWindows:
@@ -120,7 +128,12 @@ class TokenWindows:
 
 def run(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict:
     """Fine-tune; returns {"step", "tokens", "val_loss", "exact_match", "stopped", "final", "adapter", ...}.
-    `overwrite` starts over in an out_dir that holds an earlier run's checkpoints or other files."""
+    `overwrite` starts over in an out_dir that holds an earlier run's checkpoints or other files. Tasks
+    of encoders and encoder-decoders run `llmlab.train.tasks`."""
+    if cfg.task != "sft":
+        from llmlab.train import tasks
+
+        return tasks.run(cfg, overwrite=overwrite)
     # ---- setup
     device = choose_device(cfg.system.device, "system.device")
     rank, world = init_distributed(device)

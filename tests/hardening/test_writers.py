@@ -37,6 +37,7 @@ WRITERS = {
     "tokenizer-train": Writer("tokenizer train inputs=[{corpus}] vocab_size=300 out_dir={out}", inside="{corpus}/tok",
                               contains="{ws}"),
     "data-synth": Writer("data synth out_dir={out} train=10 val=2 test=2 tasks=[reverse]"),
+    "data-tasks": Writer("data tasks out_dir={out} train=10 val=2 test=2"),
     "pretrain": Writer("pretrain {pt} out_dir={out}", inside="{data}/run", contains="{ws}"),
     "finetune": Writer("finetune {ft} out_dir={out}", inside="{ckpt}/ft", contains="{synth}"),
     "plan-write-config": Writer("plan {pt} --write-config {out}", folder=False, inside="{pt}"),

@@ -10,6 +10,8 @@ import torch
 from llmlab.align.config import AlignConfig
 from llmlab.align.run import run as align
 from llmlab.config import load_config
+from llmlab.data.prepare import PrepareConfig, TokenizerTrainConfig, train_tokenizer
+from llmlab.data.prepare import run as prepare
 from llmlab.data.synth import SynthConfig
 from llmlab.data.synth import run as synth
 from llmlab.train.finetune import FinetuneConfig
@@ -27,7 +29,7 @@ def _configs() -> list[Path]:
 
 def test_every_config_loads_and_names_its_verb():
     found = _configs()
-    assert len(found) == 9, [str(p) for p in found]
+    assert len(found) == 11, [str(p) for p in found]
     for path in found:
         verb = path.parent.name
         assert verb in VERBS, f"{path}: configs/<verb>/NAME.yaml, with verb one of {', '.join(VERBS)}"
@@ -61,7 +63,15 @@ def test_the_cpu_configs_train(corpus_dir, base, synth_dir, tmp_path):
                 "batch_size=2", "rollout.max_new_tokens=4", "grpo.group_size=2", "reward.model=''",
                 f"ppo.ptx_data={synth_dir / 'train.jsonl'}"]))
         elif path.parent.name == "pretrain":
-            result = pretrain(load_config(PretrainConfig, path, [f"data={corpus_dir}", f"out_dir={out}", "max_steps=3",
+            data = corpus_dir
+            if load_config(PretrainConfig, path).model.family == "bert":  # masked LM: a WordPiece vocabulary
+                data = tmp_path / "data-wp"
+                if not data.exists():
+                    docs = str(corpus_dir.parent / "docs")
+                    tok = train_tokenizer(TokenizerTrainConfig(inputs=[docs], kind="wordpiece", vocab_size=300,
+                                                               out_dir=str(tmp_path / "tok-wp")))
+                    prepare(PrepareConfig(inputs=[docs], tokenizer=str(tok), out_dir=str(data), val_frac=0.2))
+            result = pretrain(load_config(PretrainConfig, path, [f"data={data}", f"out_dir={out}", "max_steps=3",
                                                                  "eval.every=3", "eval.batches=1"]))
         else:
             result = finetune(load_config(FinetuneConfig, path, [
@@ -70,4 +80,4 @@ def test_the_cpu_configs_train(corpus_dir, base, synth_dir, tmp_path):
                 "eval.exact_match=2"]))
         assert result["step"] == 3 and result["stopped"] == "max_steps", path
         ran += 1
-    assert ran == 6
+    assert ran == 8

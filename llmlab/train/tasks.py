@@ -1,0 +1,390 @@
+"""`llmlab finetune CONFIG task=classify|tokens|span|seq2seq`: fine-tuning encoders and encoder-decoders.
+
+An encoder (BERT, RoBERTa, ALBERT: usually one pretrained with `objective=mlm`) gets the head of
+its task in place of the masked-LM head, with the encoder's weights, full or with LoRA (the new
+head then trains whole beside the adapters):
+- classify: the pooler and a classifier on [CLS] (sentiment, NLI): accuracy and macro F1;
+- tokens: a classifier on every token (NER), each word's tag learnt on its first piece: entity F1
+  (seqeval's rules);
+- span: start and end logits over the context (extractive QA, SQuAD): exact match and F1 of the
+  best span (a context longer than the window is cut at its end);
+- seq2seq: T5 on source/target pairs (translation, summarisation), teacher forcing, then greedy
+  decoding: exact match and BLEU.
+Rows are [CLS] text [SEP] (a pair or the question: [CLS] a [SEP] b [SEP], token types 0 and 1),
+padded per batch; batches follow a seeded shuffle per epoch, a pure function of the step, so
+resume is exact. The loop, checkpoints, signals and early stopping are the training core's.
+
+    run_dir/  config.yaml  metrics.jsonl  checkpoints/  final/ (the model with its tokenizer)  labels.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmlab.common import LlmlabError, atomic_dir, atomic_write_text, choose_device, init_distributed, seed_everything
+from llmlab.config import save_config
+from llmlab.data.tasks import (align_tags, answer_token_span, best_span, read_classification, read_seq2seq,
+                               read_squad, read_token_classification, word_predictions)
+from llmlab.eval.metrics import bleu, classification_report, exact_match, squad_exact_match, token_f1
+from llmlab.eval.seqeval import entity_scores
+from llmlab.models import build_model, model_kind, with_article
+from llmlab.models.io import copy_tokenizer_files, load_model, read_config, save_model
+from llmlab.peft import apply_lora, merge_and_unload, trainable_parameters
+from llmlab.tokenizer import load_tokenizer
+from llmlab.train.checkpoint import save_checkpoint
+from llmlab.train.core import accumulate, clip_gradients, open_run, resolve_autocast, wrap_model
+from llmlab.train.loop import check_run_dir, resume_run, run_settings, truncate_metrics
+from llmlab.train.optim import build_optimizer
+
+IGNORE = -100
+TASKS = {"classify": "encoder", "tokens": "encoder", "span": "encoder", "seq2seq": "encoder-decoder"}
+HEAD_KEYS = ("mlm_", "lm_head.", "sentence_classifier.", "sbo_", "classifier.", "pooler.")  # what a new head replaces
+
+
+@dataclass
+class Row:
+    """One example as the model reads it, and what scoring it needs."""
+
+    input_ids: list[int]
+    types: list[int]
+    target: object  # classify: label; tokens: per-token tags; span: (start, end); seq2seq: target ids
+    meta: dict
+
+
+def run(cfg, *, overwrite: bool = False) -> dict:
+    """Fine-tune `cfg.base` on `cfg.task` (a `FinetuneConfig` whose task is not sft); returns
+    {"step", "val_loss", "metrics", "stopped", "final", ...}."""
+    from llmlab.train.finetune import _base_checkpoint
+
+    device = choose_device(cfg.system.device, "system.device")
+    rank, world = init_distributed(device)
+    if world > 1 and cfg.system.parallel == "fsdp":
+        raise LlmlabError(f"task={cfg.task} fine-tuning runs data-parallel (system.parallel=ddp)")
+    if cfg.peft == "qlora":
+        raise LlmlabError(f"task={cfg.task}: use peft=lora or none (QLoRA quantizes decoders)")
+    cfg.system.autocast = resolve_autocast(cfg.system, device, rank, world)
+    out = Path(cfg.out_dir)
+    check_run_dir(out, resume=cfg.ckpt.resume, overwrite=overwrite, rank=rank,
+                  inputs=[cfg.base, cfg.data.train, cfg.data.val or None])
+    base = str(_base_checkpoint(cfg.base))
+    base_cfg, _ = read_config(base)
+    if model_kind(base_cfg) != TASKS[cfg.task]:
+        raise LlmlabError(f"base={cfg.base} is {with_article(model_kind(base_cfg))} (family={base_cfg.family}); "
+                          f"task={cfg.task} fine-tunes {TASKS[cfg.task]} models")
+    if cfg.seq_len is None:
+        cfg.seq_len = base_cfg.max_seq_len
+    if cfg.seq_len > base_cfg.max_seq_len:
+        raise LlmlabError(f"seq_len={cfg.seq_len} exceeds the base model's {base_cfg.max_seq_len} positions")
+    tokenizer = load_tokenizer(base)
+    data = TaskData(cfg, tokenizer, base_cfg)
+    if cfg.epochs > 0:
+        cfg.max_steps = max(1, math.ceil(cfg.epochs * len(data.train) / (cfg.batch_size * cfg.grad_accum * world)))
+
+    seed_everything(cfg.seed)
+    model = task_model(base, base_cfg, cfg.task, len(data.labels), device)
+    if cfg.peft == "lora":
+        apply_lora(model, cfg.lora)
+        for name, p in model.named_parameters():  # the new head trains whole beside the adapters
+            if name.startswith(("classifier.", "pooler.")):
+                p.requires_grad_(True)
+    trained, total = trainable_parameters(model)
+    if rank == 0:
+        print(f"{cfg.task}: {len(data.train):,} training and {len(data.val):,} validation examples; training "
+              f"{trained:,} of {total:,} parameters ({100 * trained / total:.2f}%)")
+    trainee = wrap_model(model, cfg.system, world)
+    optimizer = build_optimizer(model, cfg.optim, device)
+    settings = run_settings(cfg, world, base=str(Path(base).resolve()), task=cfg.task, labels=data.labels)
+    counters = resume_run(cfg, out / "checkpoints", rank, model, optimizer, settings)
+    if rank == 0:
+        save_config(cfg, out / "config.yaml")
+        truncate_metrics(out / "metrics.jsonl", counters.step)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.system.autocast == "bf16")
+    scores: dict = {}
+
+    def loss_fn(batch):
+        units = (batch["targets"] != IGNORE).sum() if cfg.task in ("tokens", "seq2seq") else len(batch["targets"])
+        return trainee.forward(**batch), units
+
+    def evaluation() -> dict:
+        nonlocal scores
+        val_loss, scores = data.evaluate(model, device, cfg.eval.batches)
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in scores.items())
+        return {"val_loss": val_loss, **scores, "text": f"val_loss {val_loss:.4f}  {shown}"}
+
+    def save(state: dict) -> None:
+        if rank == 0:
+            save_checkpoint(out / "checkpoints", counters.step, model, optimizer, {**state, "settings": settings},
+                            cfg.ckpt.keep_last, base)
+
+    with open_run(cfg, counters, out, rank, world, device) as loop:
+        model.train()
+        for step in range(counters.step, cfg.max_steps):
+            t0 = time.time()
+            lr = loop.begin_step(step, optimizer)
+            batches = [data.batch(step * cfg.grad_accum * world + rank * cfg.grad_accum + micro, device)
+                       for micro in range(cfg.grad_accum)]
+            loss = accumulate(trainee, batches, loss_fn, autocast)
+            grad_norm = clip_gradients(trainee, cfg.optim.grad_clip)
+            record = None
+            if loop.optimizer_step(step, loss.loss, grad_norm, optimizer):
+                tokens = sum(int(b["input_ids"].numel()) for b in batches)  # padding included
+                counters.tokens += tokens
+                record = {"loss": loss.loss.item(), "lr": lr, "tokens_per_s": tokens / (time.time() - t0),
+                          "grad_norm": grad_norm.item()}
+            if loop.after_step(step + 1, record, evaluate=evaluation if data.val else None, save=save):
+                break
+    stopped = loop.stopped or "max_steps"
+    final = None
+    if rank == 0:
+        final = export(cfg, model, base, data.labels)
+        print(f"stopped after step {counters.step} ({stopped}); model {final}")
+    return {"step": counters.step, "val_loss": loop.val_loss, "metrics": scores, "stopped": stopped,
+            "final": final, "skipped": counters.skipped, "exit_code": loop.exit_code}
+
+
+def task_model(base: str, base_cfg, task: str, n_labels: int, device: torch.device):
+    """The base with the task's head: T5 as it is (seq2seq); an encoder with a new classify, tokens
+    or span head in place of its pretraining heads (a base that already has this head keeps it)."""
+    if task == "seq2seq":
+        model = load_model(base, device)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model.train()
+    head = {"classify": "classify", "tokens": "tokens", "span": "span"}[task]
+    fields = {f.name: getattr(base_cfg, f.name) for f in dataclasses.fields(base_cfg)}
+    fields.update(head=head, num_labels=2 if task == "span" else n_labels, sentence_head=False,
+                  span_boundary_head=False, tie_embeddings=False)
+    cfg = type(base_cfg)(**fields)
+    model = build_model(cfg).to(device)
+    state = load_model(base, device).state_dict()
+    same_head = base_cfg.head == head and base_cfg.num_labels == cfg.num_labels
+    kept = {k: v for k, v in state.items() if same_head or not k.startswith(HEAD_KEYS)
+            or (k.startswith("pooler.") and head == "classify")}  # a pretrained pooler serves the classifier
+    missing, unexpected = model.load_state_dict(kept, strict=False)
+    if unexpected or any(not k.startswith(HEAD_KEYS) for k in missing):
+        raise LlmlabError(f"base={base}: its encoder does not fit the task model (missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]})")
+    return model.train()
+
+
+def export(cfg, model, base: str, labels: list[str]) -> str:
+    """`final/`: the fine-tuned model (LoRA merged) with the base's tokenizer and labels.json (the
+    label or tag names by index), which `llmlab.load_model` and `llmlab convert --to hf` read."""
+    if cfg.peft == "lora":
+        model = merge_and_unload(model)
+    out = Path(cfg.out_dir)
+    with atomic_dir(out / "final", merge=True) as tmp:
+        save_model(model.eval(), tmp)
+        copy_tokenizer_files(base, tmp)
+        if labels:
+            atomic_write_text(tmp / "labels.json", json.dumps(labels, indent=2) + "\n")
+    return str(out / "final")
+
+
+# --------------------------------------------------------------------------- data
+
+
+class TaskData:
+    """The task's examples, encoded as rows; seeded batches; validation loss and scores."""
+
+    def __init__(self, cfg, tokenizer, model_cfg):
+        self.cfg, self.tok, self.task = cfg, tokenizer, cfg.task
+        self.pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+        self.labels: list[str] = []
+        if self.task != "seq2seq":
+            self.cls, self.sep = tokenizer.cls_id, tokenizer.sep_id
+            if self.cls is None or self.sep is None:
+                self.cls, self.sep = tokenizer.bos_id, tokenizer.eos_id  # RoBERTa's <s> and </s>
+            if self.cls is None or self.sep is None:
+                raise LlmlabError(f"task={self.task} frames texts as [CLS] ... [SEP]; the tokenizer of {cfg.base} "
+                                  "has neither [CLS]/[SEP] nor <s>/</s>")
+        else:
+            self.eos, self.max_target = tokenizer.eos_id, model_cfg.max_target_len
+        train, val = self._read(cfg.data.train), None
+        if cfg.data.val:
+            val = self._read(cfg.data.val)
+        else:
+            rng = np.random.default_rng((cfg.seed, 11))
+            order = rng.permutation(len(train)).tolist()
+            n_val = int(len(train) * cfg.data.val_fraction)
+            train, val = [train[i] for i in order[n_val:]], [train[i] for i in order[:n_val]]
+        if not train:
+            raise LlmlabError(f"data.train={cfg.data.train}: no training examples left after holding out validation")
+        if cfg.batch_size > len(train):
+            raise LlmlabError(f"batch_size={cfg.batch_size} is more than the {len(train):,} training examples")
+        self.train, self.val = train, val
+
+    # ---- reading and encoding
+
+    def _read(self, path: str) -> list[Row]:
+        task, data = self.task, self.cfg.data
+        if task == "classify":
+            examples, self.labels = read_classification(path, self.labels or data.labels or None,
+                                                        text_fields=data.text_fields or None,
+                                                        label_field=data.label_field)
+            if len(self.labels) < 2:
+                raise LlmlabError(f"{path}: one label ({self.labels[0]!r}) only; classification needs two or more")
+            return [self._classify(e) for e in examples]
+        if task == "tokens":
+            examples, self.labels = read_token_classification(path, self.labels or data.labels or None)
+            return [self._tokens(e) for e in examples]
+        if task == "span":
+            return [self._span(e) for e in read_squad(path)]
+        return [self._seq2seq(e) for e in read_seq2seq(path)]
+
+    def _frame(self, first: list[int], second: list[int] | None = None) -> tuple[list[int], list[int]]:
+        """[CLS] first [SEP] (second [SEP]) within seq_len: the longer part is cut at its end."""
+        room = self.cfg.seq_len - (3 if second is not None else 2)
+        second = list(second) if second is not None else None
+        first = list(first)
+        while len(first) + len(second or []) > room:
+            (first if second is None or len(first) > len(second) else second).pop()
+        ids = [self.cls, *first, self.sep]
+        types = [0] * len(ids)
+        if second is not None:
+            ids += [*second, self.sep]
+            types += [1] * (len(second) + 1)
+        return ids, types
+
+    def _classify(self, e) -> Row:
+        pair = self.tok.encode(e.text_pair) if e.text_pair is not None else None
+        ids, types = self._frame(self.tok.encode(e.text), pair)
+        return Row(ids, types, e.label, {"label": e.label})
+
+    def _tokens(self, e) -> Row:
+        pieces, word_ids = [], []
+        for w, word in enumerate(e.tokens):
+            encoded = self.tok.encode(word) or [self.tok.unk_id if self.tok.unk_id is not None else self.pad]
+            pieces += encoded
+            word_ids += [w] * len(encoded)
+        ids, types = self._frame(pieces)
+        word_ids = [None, *word_ids[:len(ids) - 2], None]
+        return Row(ids, types, align_tags(e.tags, word_ids), {"tags": e.tags, "word_ids": word_ids})
+
+    def _span(self, e) -> Row:
+        question = self.tok.encode(e.question)
+        encoding = self.tok.backend.encode(e.context, add_special_tokens=False)
+        room = self.cfg.seq_len - 3 - len(question)
+        if room < 1:
+            raise LlmlabError(f"{e.where}: the question fills the {self.cfg.seq_len}-token window")
+        context, offsets = encoding.ids[:room], [tuple(o) for o in encoding.offsets[:room]]
+        ids, types = self._frame(question, context)
+        full = [None] * (len(question) + 2) + offsets + [None]  # the context's tokens sit after [CLS] q [SEP]
+        answer = None if e.is_impossible or not e.answers else (e.answer_starts[0],
+                                                                 e.answer_starts[0] + len(e.answers[0]))
+        start, end = answer_token_span(full, answer)
+        return Row(ids, types, (start, end), {"offsets": full, "context": e.context, "answers": e.answers})
+
+    def _seq2seq(self, e) -> Row:
+        source = self.tok.encode(e.source)[:self.cfg.seq_len - (self.eos is not None)]
+        target = self.tok.encode(e.target)
+        end = [self.eos] if self.eos is not None else []
+        if len(target) + len(end) > self.max_target:
+            raise LlmlabError(f"{e.where}: the target is {len(target) + len(end)} tokens, more than the model's "
+                              f"max_target_len={self.max_target}")
+        return Row(source + end, [], target + end, {"target": e.target, "task": e.task})
+
+    # ---- batches
+
+    def batch(self, index: int, device: torch.device) -> dict:
+        """Micro-batch `index` of training: rows of a seeded shuffle per epoch, in order."""
+        size = self.cfg.batch_size
+        first, rows = index * size, []
+        while len(rows) < size:
+            epoch, at = divmod(first + len(rows), len(self.train))
+            order = np.random.default_rng((self.cfg.seed, 5, epoch)).permutation(len(self.train))
+            rows += [self.train[i] for i in order[at:at + size - len(rows)]]
+        return self.collate(rows, device)
+
+    def collate(self, rows: list[Row], device: torch.device) -> dict:
+        width = max(len(r.input_ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r.input_ids)] = torch.tensor(r.input_ids)
+            mask[i, :len(r.input_ids)] = 1
+        out = {"input_ids": ids, "attention_mask": mask}
+        if self.task == "seq2seq":
+            length = max(len(r.target) for r in rows)
+            targets = torch.full((len(rows), length), IGNORE, dtype=torch.long)
+            for i, r in enumerate(rows):
+                targets[i, :len(r.target)] = torch.tensor(r.target)
+        else:
+            types = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, r in enumerate(rows):
+                types[i, :len(r.types)] = torch.tensor(r.types)
+            out["token_type_ids"] = types
+            if self.task == "tokens":
+                targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+                for i, r in enumerate(rows):
+                    targets[i, :len(r.target)] = torch.tensor(r.target)
+            else:
+                targets = torch.tensor([r.target for r in rows], dtype=torch.long)
+        out["targets"] = targets
+        return {k: v.to(device) for k, v in out.items()}
+
+    # ---- evaluation
+
+    @torch.no_grad()
+    def evaluate(self, model, device: torch.device, batches: int) -> tuple[float, dict]:
+        """(loss per unit, the task's scores) over the first `batches` x batch_size validation examples."""
+        rows = self.val[:batches * self.cfg.batch_size]
+        training = model.training
+        model.eval()
+        total, units, preds = 0.0, 0, []
+        try:
+            for i in range(0, len(rows), self.cfg.batch_size):
+                chunk = rows[i:i + self.cfg.batch_size]
+                batch = self.collate(chunk, device)
+                n = int((batch["targets"] != IGNORE).sum()) if self.task in ("tokens", "seq2seq") else len(chunk)
+                total += float(model(**batch)) * n
+                units += n
+                if self.task != "seq2seq":
+                    logits = model(**{k: v for k, v in batch.items() if k != "targets"}).float().cpu()
+                    preds += list(logits)
+            scores = self._scores(model, rows, preds, device)
+        finally:
+            model.train(training)
+        return total / max(units, 1), scores
+
+    def _scores(self, model, rows: list[Row], preds: list, device: torch.device) -> dict:
+        if self.task == "classify":
+            report = classification_report([self.labels[r.target] for r in rows],
+                                           [self.labels[int(p.argmax())] for p in preds])
+            return {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"]}
+        if self.task == "tokens":
+            golds, guesses = [], []
+            for r, p in zip(rows, preds):
+                words = word_predictions(p[:len(r.input_ids)].argmax(-1).tolist(), r.meta["word_ids"])
+                golds.append([self.labels[t] for t in r.meta["tags"][:len(words)]])
+                guesses.append([self.labels[t] for t in words])
+            report = entity_scores(golds, guesses)
+            return {"entity_f1": report["f1"], "tag_accuracy": report["accuracy"]}
+        if self.task == "span":
+            em, f1 = [], []
+            for r, p in zip(rows, preds):
+                n = len(r.input_ids)
+                span = best_span(p[:n, 0], p[:n, 1], r.meta["offsets"])
+                text = r.meta["context"][span.start_char:span.end_char] if span is not None else ""
+                answers = r.meta["answers"] or [""]
+                em.append(max(float(squad_exact_match(text, a)) for a in answers))
+                f1.append(max(token_f1(text, a) for a in answers))
+            return {"exact_match": float(np.mean(em)), "f1": float(np.mean(f1))}
+        from llmlab.generate import SamplingParams
+        from llmlab.generate.engine import Engine
+
+        params = SamplingParams(max_new_tokens=self.max_target, temperature=0.0,
+                                stop_token_ids=[self.eos] if self.eos is not None else [])
+        done = Engine(model).generate([r.input_ids for r in rows], params)
+        texts = [self.tok.decode(c.token_ids, skip_special=True).strip() for c in done]
+        refs = [r.meta["target"] for r in rows]
+        return {"exact_match": float(np.mean([exact_match(t, g, ignore_whitespace=True) for t, g in zip(texts, refs)])),
+                "bleu": bleu(texts, refs)}

@@ -220,6 +220,8 @@ def _convert(ns: argparse.Namespace) -> None:
             raise LlmlabError(f"--out {out}: holds {', '.join(shadowed)}, which loaders would read instead of "
                               "the new weights; remove them yourself or choose another folder")
     extra = f" (+ {', '.join(copied)})" if copied else ""
+    if ns.to == "hf" and getattr(model.config, "span_boundary_head", False):
+        print("note: the span boundary head (SpanBERT's, 9 tensors) is left out: HF's BERT has no place for it")
     print(f"wrote {ns.to} checkpoint {out}{extra}")
 
 

@@ -150,9 +150,10 @@ def run(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict:
     cfg.base = str(_base_checkpoint(cfg.base))
     model_cfg, _ = read_config(cfg.base)
     try:
-        require_kind(model_cfg, ("decoder",), "llmlab finetune", f"base={cfg.base}")
+        require_kind(model_cfg, ("decoder",), "task=sft (instruction data)", f"base={cfg.base}")
     except ValueError as e:
-        raise LlmlabError(str(e)) from None
+        hint = "task=seq2seq" if getattr(model_cfg, "encoder_decoder", False) else "task=classify, tokens or span"
+        raise LlmlabError(f"{e}; fine-tune it with {hint}") from None
     if cfg.seq_len is None:
         cfg.seq_len = model_cfg.max_seq_len
     if cfg.seq_len > model_cfg.max_seq_len:

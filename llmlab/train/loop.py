@@ -169,10 +169,14 @@ def resume_run(cfg: TrainConfig, ckpt_dir: Path, rank: int, model, optimizer, se
     for name, value in settings.items():
         if name not in saved or saved[name] == value or (name in BATCH_SHAPE and cfg.ckpt.allow_batch_change):
             continue
+        was = saved[name]
+        if isinstance(value, dict) and isinstance(was, dict):  # a section (model=): name the first field that differs
+            key = next(k for k in sorted(set(value) | set(was)) if value.get(k) != was.get(k))
+            name, value, was = f"{name}.{key}", value.get(key), was.get(key)
         what = f"{value} micro-batches per step (grad_accum x processes)" if name == "micro_batches" \
             else f"{name}={value}"
         hint = ", or pass ckpt.allow_batch_change=true to resume with other batches" if name in BATCH_SHAPE else ""
-        raise LlmlabError(f"{what}, but the checkpoint {path} was trained with {saved[name]}; set it back{hint}")
+        raise LlmlabError(f"{what}, but the checkpoint {path} was trained with {was}; set it back{hint}")
     load_checkpoint(path, model, optimizer, load_weights, state)
     try:
         counters = Counters(state["step"], state["tokens"], state["skipped"], state["best_val_loss"],

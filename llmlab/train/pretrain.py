@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 
 from llmlab.common import LlmlabError, choose_device, init_distributed, seed_everything
-from llmlab.config import save_config
+from llmlab.config import save_config, to_dict
 from llmlab.data.fim import FimSpec
 from llmlab.data.shards import TokenShards, prepared_dir
 from llmlab.data.windows import sample_batch
@@ -121,8 +121,8 @@ def run(cfg: PretrainConfig, *, overwrite: bool = False) -> dict:
     trainee = wrap_model(model, cfg.system, world)
     optimizer = build_optimizer(model, cfg.optim, device)
     masking = ", ".join(f"{k}={v}" for k, v in vars(cfg.masking).items())
-    settings = run_settings(cfg, world, objective=objective_name, **({"masking": masking} if objective_name != "clm"
-                                                                       else {}))
+    settings = run_settings(cfg, world, objective=objective_name, model=to_dict(cfg.model),
+                            **({"masking": masking} if objective_name != "clm" else {}))
     counters = resume_run(cfg, ckpt_dir, rank, model, optimizer, settings)
     if rank == 0:
         save_config(cfg, out / "config.yaml")

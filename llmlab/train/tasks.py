@@ -208,6 +208,10 @@ class TaskData:
                                   "has neither [CLS]/[SEP] nor <s>/</s>")
         else:
             self.eos, self.max_target = tokenizer.eos_id, model_cfg.max_target_len
+        if cfg.data.val and Path(cfg.data.train).is_dir() and \
+                Path(cfg.data.train).resolve() in Path(cfg.data.val).resolve().parents:
+            raise LlmlabError(f"data.val={cfg.data.val} lies inside data.train={cfg.data.train}, whose every file is "
+                              "read for training; name the training file")
         train, val = self._read(cfg.data.train), None
         if cfg.data.val:
             val = self._read(cfg.data.val)
@@ -235,6 +239,11 @@ class TaskData:
             return [self._classify(e) for e in examples]
         if task == "tokens":
             examples, self.labels = read_token_classification(path, self.labels or data.labels or None)
+            bad = next((t for t in self.labels if t != "O" and not (t[:2] in ("B-", "I-") and len(t) > 2)), None)
+            if bad is not None:
+                first = next(e.where for e in examples if self.labels.index(bad) in e.tags)
+                raise LlmlabError(f"{first}: tag {bad!r} (in this sentence) is not O, B-TYPE or I-TYPE; token "
+                                  "classification reads BIO tags (the tag is a line's last column)")
             return [self._tokens(e) for e in examples]
         if task == "span":
             return [self._span(e) for e in read_squad(path)]

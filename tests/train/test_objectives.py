@@ -166,6 +166,9 @@ def test_bert_pretrains_and_resumes_exactly(wordpiece_data, tmp_path):
     with pytest.raises(LlmlabError, match="masking=.*set it back"):
         _pretrain(wordpiece_data, tmp_path / "part", BERT, max_steps=10, masking={"static": True},
                   ckpt={"every": 4, "keep_last": 5, "resume": "auto"})
+    with pytest.raises(LlmlabError, match="model.activation=gelu_tanh, but .* was trained with gelu; set it back"):
+        _pretrain(wordpiece_data, tmp_path / "part", {**BERT, "activation": "gelu_tanh"}, max_steps=10,
+                  ckpt={"every": 4, "keep_last": 5, "resume": "auto"})
 
 
 def test_t5_pretrains_with_span_corruption(unigram_data, tmp_path):

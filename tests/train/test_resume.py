@@ -135,7 +135,10 @@ def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(corpus_dir, fin
 def test_every_checkpoint_records_its_settings_and_checksums(finished):
     last = list_checkpoints(finished / "checkpoints")[-1]
     state = json.loads((last / "state.json").read_text())
-    assert state["settings"] == {"batch_size": 4, "seq_len": 32, "micro_batches": 1, "optim.name": "adamw"}
+    model = state["settings"].pop("model")
+    assert model == json.loads((last / "config.json").read_text())["llmlab"]  # the model the checkpoint holds
+    assert state["settings"] == {"batch_size": 4, "seq_len": 32, "micro_batches": 1, "optim.name": "adamw",
+                                 "objective": "clm"}
     assert set(state["files"]) >= {"model.safetensors", "optimizer.safetensors", "rng.safetensors", "config.json"}
 
 

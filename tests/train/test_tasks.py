@@ -139,6 +139,12 @@ def test_bad_input_is_named(sets, bert_base, t5_base, tmp_path, capsys):
     conll.write_text("Anna B-PER\nlives\nthere O\n")
     with pytest.raises(LlmlabError, match=r"bad.conll:2"):
         run(_cfg(bert_base, tmp_path / "b", "tokens", conll, conll))
+    tags = tmp_path / "tags.conll"
+    tags.write_text("Alice B-PER extra more\nworks O\n\nBob I-PER\n")  # the last column is the tag
+    with pytest.raises(LlmlabError, match=r"tags.conll:1: tag 'more' .* is not O, B-TYPE or I-TYPE"):
+        run(_cfg(bert_base, tmp_path / "b2", "tokens", tags, tags))
+    with pytest.raises(LlmlabError, match="lies inside data.train"):
+        run(_cfg(t5_base, tmp_path / "b3", "seq2seq", sets / "translate", sets / "translate" / "val.jsonl"))
     long = tmp_path / "long.jsonl"
     long.write_text(json.dumps({"source": "a b", "target": " ".join(["word"] * 80)}) + "\n")
     with pytest.raises(LlmlabError, match=r"long.jsonl:1: the target is \d+ tokens, more than the model's "

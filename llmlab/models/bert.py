@@ -331,6 +331,8 @@ class Bert(nn.Module):
                 extra = F.cross_entropy(self.sentence_classifier(self.pooled(x)).float(), sentence_targets)
             if span_boundaries is not None:
                 extra = extra + self.span_boundary_loss(x, targets, *span_boundaries)
+            if isinstance(extra, torch.Tensor):
+                self.aux_loss = extra.detach()  # the sentence-pair and span boundary losses, logged apart
             if targets is not None:  # only the predicted positions go through the head
                 keep = targets != -100
                 x, targets = x[keep], targets[keep]

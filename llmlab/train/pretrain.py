@@ -74,12 +74,14 @@ class PretrainConfig:
 def evaluate(model, shards: TokenShards, cfg: PretrainConfig, device: torch.device,
              objective: Batches | None = None) -> float:
     """Loss per predicted token (nats, `llmlab.eval.loss`) over the same `eval.batches` validation
-    batches every time (masked statically: the same predictions at every evaluation)."""
+    batches every time (masked statically: the same predictions at every evaluation; for encoders the
+    masked-LM loss alone, so perplexity means the same with or without the auxiliary tasks)."""
 
     def batches():
         for i in range(cfg.eval.batches):
-            if objective is not None:
-                yield objective.batch(shards, (cfg.seed, 1, i), device, static=True)
+            if objective is not None:  # the masked tokens alone: a sentence-pair or span boundary loss is left out
+                batch = objective.batch(shards, (cfg.seed, 1, i), device, static=True)
+                yield {k: v for k, v in batch.items() if k not in ("sentence_targets", "span_boundaries")}
                 continue
             x, y = sample_batch(shards, cfg.batch_size, cfg.seq_len, (cfg.seed, 1, i), device)
             yield {"input_ids": x, "targets": y}

@@ -171,6 +171,17 @@ def test_bert_pretrains_and_resumes_exactly(wordpiece_data, tmp_path):
                   ckpt={"every": 4, "keep_last": 5, "resume": "auto"})
 
 
+def test_auxiliary_losses_are_logged_apart_and_left_out_of_validation(wordpiece_data, tmp_path):
+    model = {**BERT, "variant": "albert", "embed_dim": 16, "share_layers": True, "sentence_head": True,
+             "span_boundary_head": True}
+    result = _pretrain(wordpiece_data, tmp_path / "albert", model, masking={"unit": "span", "sentence_order": True})
+    lines = [json.loads(x) for x in (tmp_path / "albert" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in lines if "loss" in r]
+    assert all(r["aux_loss"] > 0 for r in train)  # sentence order + span boundary, apart from the total
+    # validation scores the masked tokens only: about ln(V) for an untrained model, not twice it plus SOP's
+    assert result["val_loss"] < train[0]["loss"] - train[0]["aux_loss"] + 1.0
+
+
 def test_t5_pretrains_with_span_corruption(unigram_data, tmp_path):
     model = {"family": "t5", "vocab_size": None, "dim": 32, "n_layers": 1, "n_heads": 2, "head_dim": 16,
              "hidden_dim": 64, "max_seq_len": 48, "max_target_len": 24, "dropout": 0.0}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from llmlab.align.logprobs import token_logprobs
@@ -14,6 +13,7 @@ from llmlab.align.rollout import Rollout, check_rewards, layout, load_checker, s
 from llmlab.align.setup import Context
 from llmlab.common import LlmlabError
 from llmlab.data.preference import PromptExample
+from llmlab.data.sft import epoch_batch
 from llmlab.generate import SamplingParams
 from llmlab.train.loop import step_seed
 
@@ -62,13 +62,8 @@ def prompt_batch(ctx: Context, step: int) -> list[PromptExample]:
     """This rank's prompts for `step`: a seeded shuffle of the training prompts per epoch, cut in
     batches in order (a pure function of the step, so a resumed run sees the same prompts)."""
     size = ctx.cfg.batch_size
-    first = (step * ctx.world + ctx.rank) * size
-    out = []
-    while len(out) < size:
-        epoch, at = divmod(first + len(out), len(ctx.train))
-        order = np.random.default_rng((ctx.cfg.seed, 7, epoch)).permutation(len(ctx.train))
-        out += [ctx.train[i] for i in order[at:at + size - len(out)]]
-    return out
+    chosen = epoch_batch(len(ctx.train), (step * ctx.world + ctx.rank) * size, size, (ctx.cfg.seed, 7))
+    return [ctx.train[i] for i in chosen]
 
 
 def rollout(ctx: Context, examples: list[PromptExample], step: int, n: int) -> Rollout:

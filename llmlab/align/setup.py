@@ -97,10 +97,7 @@ def setup(cfg: AlignConfig, *, overwrite: bool) -> Context:
         raise LlmlabError(f"base: {e}") from None
     cfg.system.autocast = resolve_autocast(cfg.system, device, rank, world)
     model_cfg, _ = read_config(cfg.base)
-    try:
-        require_kind(model_cfg, ("decoder",), "llmlab align", f"base={cfg.base}")
-    except ValueError as e:
-        raise LlmlabError(str(e)) from None
+    require_kind(model_cfg, ("decoder",), "llmlab align", f"base={cfg.base}")
     if getattr(model_cfg, "num_labels", 0):
         raise LlmlabError(f"base={cfg.base}: a reward model (score head); align a language model")
     if cfg.seq_len is None:

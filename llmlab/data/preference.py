@@ -27,7 +27,7 @@ import torch
 
 from llmlab.data import DataError
 from llmlab.data.ingest import json_type
-from llmlab.data.sft import IGNORE, read_records, record_messages
+from llmlab.data.sft import IGNORE, epoch_batch, read_records, record_messages
 from llmlab.tokenizer.chat import ChatTemplate, ChatTemplateError, check_messages, encode_chat
 
 HUMAN, ASSISTANT = "\n\nHuman: ", "\n\nAssistant: "
@@ -293,15 +293,8 @@ class PairBatches:
     def rows_per_epoch(self) -> int:
         return len(self.pairs)
 
-    def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng((self.seed, 9, epoch)).permutation(len(self.pairs))
-
     def indices(self, index: int) -> list[int]:
-        first, out = index * self.batch_size, []
-        while len(out) < self.batch_size:
-            epoch, at = divmod(first + len(out), len(self.pairs))
-            out += self._order(epoch)[at:at + self.batch_size - len(out)].tolist()
-        return out
+        return epoch_batch(len(self.pairs), index * self.batch_size, self.batch_size, (self.seed, 9))
 
     def batch(self, index: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         chosen = self.indices(index)

@@ -180,6 +180,17 @@ def hold_out(examples: list, fraction: float, seed: int) -> tuple[list, list]:
     return [examples[i] for i in sorted(order[n_val:])], [examples[i] for i in order[:n_val]]
 
 
+def epoch_batch(count: int, first: int, size: int, seed: tuple[int, ...]) -> list[int]:
+    """Items [first, first + size) of the endless sequence epoch 0, epoch 1, ... of `count` items, each
+    epoch a permutation seeded by (*seed, epoch): a pure function of `first`, so a resumed run sees the
+    same batches."""
+    out: list[int] = []
+    while len(out) < size:
+        epoch, at = divmod(first + len(out), count)
+        out += np.random.default_rng((*seed, epoch)).permutation(count)[at:at + size - len(out)].tolist()
+    return out
+
+
 def pack(lengths: list[int], order: np.ndarray, seq_len: int) -> list[list[int]]:
     """Rows of example indices, filled in `order` while the next example's `lengths` fits in seq_len."""
     rows, row, used = [], [], 0

@@ -210,23 +210,16 @@ class LocalLM:
     def from_path(cls, path: str | os.PathLike, *, device: str = "cpu", dtype: str = "auto",
                   batch_size: int = 32, seed: int = 1234) -> LocalLM:
         from llmlab.common import choose_device, choose_dtype
-        from llmlab.models.io import load_model
+        from llmlab.models import require_kind
+        from llmlab.models.io import load_model, read_config
         from llmlab.tokenizer import load_tokenizer
+        from llmlab.tokenizer.chat import load_chat_template
 
         folder = resolve_model_dir(path)
         dev = choose_device(device, "device")
         torch_dtype = None if dtype in ("auto", "float32", "fp32") else choose_dtype(dtype, dev, "dtype")
-        from llmlab.tokenizer.chat import load_chat_template
-
-        from llmlab.models.io import read_config
-
-        from llmlab.models import require_kind
-
         cfg = read_config(folder)[0]
-        try:
-            require_kind(cfg, ("decoder",), "this evaluator", str(path))
-        except ValueError as e:
-            raise EvalError(str(e)) from None
+        require_kind(cfg, ("decoder",), "this evaluator", str(path))
         if getattr(cfg, "num_labels", 0):
             raise EvalError(f"{path}: a reward model or classifier (a score head), not a language model")
         model = load_model(folder, dev, dtype=torch_dtype)

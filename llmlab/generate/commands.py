@@ -82,10 +82,7 @@ def load_generator(ns: argparse.Namespace, kinds: tuple[str, ...] = ("decoder", 
     source = Path(ns.tokenizer or ns.checkpoint)
     if ns.tokenizer is None and not (source / "tokenizer.json").is_file():
         raise LlmlabError(f"{source} has no tokenizer.json; pass --tokenizer PATH")
-    try:
-        require_kind(read_config(checkpoint)[0], kinds, what, str(checkpoint))
-    except ValueError as e:
-        raise LlmlabError(str(e)) from None
+    require_kind(read_config(checkpoint)[0], kinds, what, str(checkpoint))
     tokenizer = load_tokenizer(source)
     model = load_model(ns.checkpoint, device).eval()
     if tokenizer.vocab_size > model.config.vocab_size:

@@ -22,6 +22,8 @@ from typing import Union
 
 from torch import nn
 
+from llmlab.common import LlmlabError
+
 from llmlab.models.bert import Bert, BertConfig
 from llmlab.models.gpt import GPT, GPTConfig
 from llmlab.models.llama import Llama, LlamaConfig
@@ -49,11 +51,11 @@ def with_article(kind: str) -> str:
 
 
 def require_kind(cfg: ModelConfig, kinds: tuple[str, ...], what: str, where: str) -> None:
-    """Refuse a model that `what` (a verb, in words) cannot drive: a ValueError naming the model's kind."""
+    """Refuse a model that `what` (a verb, in words) cannot drive: an LlmlabError naming the model's kind."""
     kind = model_kind(cfg)
     if kind not in kinds:
         head = f", head={cfg.head}" if kind == "encoder" else ""
-        raise ValueError(f"{where}: {with_article(kind)} (family={cfg.family}{head}); {what} takes "
+        raise LlmlabError(f"{where}: {with_article(kind)} (family={cfg.family}{head}); {what} takes "
                          f"{' or '.join(f'{k} models' for k in kinds)}")
 
 

@@ -338,18 +338,22 @@ class Bert(nn.Module):
                 x, targets = x[keep], targets[keep]
             logits = self.lm_head(self.mlm_norm(gelu(cfg)(self.mlm_dense(x))))
             return logits if targets is None else F.cross_entropy(logits.float(), targets) + extra
-        if cfg.head == "classify":
-            logits = self.classifier(self.dropout(self.pooled(x)))
-            if targets is None:
-                return logits
-            if cfg.num_labels == 1:
+        pooled = self.pooled(x) if cfg.head == "classify" else x
+        logits = self.classifier(self.dropout(pooled))
+        return logits if targets is None else self.head_loss(logits, targets)
+
+    def head_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean loss of a classify, tokens or span head's logits (as `forward` returns them) on
+        `targets` (as `forward` takes them)."""
+        head = self.config.head
+        if head == "classify":
+            if self.config.num_labels == 1:
                 return F.mse_loss(logits.float().squeeze(-1), targets.float())
             return F.cross_entropy(logits.float(), targets)
-        logits = self.classifier(self.dropout(x))
-        if targets is None:
-            return logits
-        if cfg.head == "tokens":
+        if head == "tokens":
             return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        if head != "span":
+            raise ValueError(f"head_loss scores the classify, tokens and span heads, not head={head}")
         # span: positions outside the row are clamped to T, which no logit covers (ignored), as SQuAD
         # training treats an answer that the window cut off
         T = logits.size(1)

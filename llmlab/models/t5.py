@@ -179,6 +179,10 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         return proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
 
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values (B, nh, S, hs) of x (B, S, dim): a cross-attention's, of the encoder output."""
+        return self.heads(self.k_proj, x), self.heads(self.v_proj, x)
+
     def forward(self, x: torch.Tensor, bias: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         """Self-attention over x (appending to `cache`), or cross-attention over the given keys and
@@ -186,7 +190,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q = self.heads(self.q_proj, x)
         if kv is None:
-            k, v = self.heads(self.k_proj, x), self.heads(self.v_proj, x)
+            k, v = self.keys_values(x)
             if cache is not None:
                 k, v = cache.update(layer, k, v)
         else:
@@ -339,8 +343,7 @@ class T5(nn.Module):
         decoder layer, projected once, and room for max_len decoder tokens."""
         cfg = self.config
         B = encoder_out.size(0)
-        cross = [(layer.cross_attn.heads(layer.cross_attn.k_proj, encoder_out),
-                  layer.cross_attn.heads(layer.cross_attn.v_proj, encoder_out)) for layer in self.decoder.layers]
+        cross = [layer.cross_attn.keys_values(encoder_out) for layer in self.decoder.layers]
         kv = KVCache(cfg.n_decoder_layers, B, cfg.n_heads, cfg.head_dim, max_len or cfg.max_target_len,
                      encoder_out.device, encoder_out.dtype)
         return Seq2SeqCache(kv, cross, encoder_mask)
@@ -371,8 +374,7 @@ class T5(nn.Module):
             if cache is not None:
                 x = layer(x, bias, cross_bias, cache.cross[i], cache.self_attn, i)
                 continue
-            attn = layer.cross_attn
-            kv = (attn.heads(attn.k_proj, encoder_out), attn.heads(attn.v_proj, encoder_out))
+            kv = layer.cross_attn.keys_values(encoder_out)
             if dec.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, bias, cross_bias, kv, use_reentrant=False)
             else:

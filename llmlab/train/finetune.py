@@ -151,7 +151,7 @@ def run(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict:
     model_cfg, _ = read_config(cfg.base)
     try:
         require_kind(model_cfg, ("decoder",), "task=sft (instruction data)", f"base={cfg.base}")
-    except ValueError as e:
+    except LlmlabError as e:
         hint = "task=seq2seq" if getattr(model_cfg, "encoder_decoder", False) else "task=classify, tokens or span"
         raise LlmlabError(f"{e}; fine-tune it with {hint}") from None
     if cfg.seq_len is None:

@@ -51,12 +51,11 @@ def resolve_objective(objective: str, masking: MaskingConfig, model_cfg) -> str:
     """The objective to train (`auto`: the one the model's kind is made for), checked against the
     model: what it predicts, and the heads the masking options need."""
     kind = model_kind(model_cfg)
-    if objective == "auto":
-        objective = next(o for o, k in OBJECTIVES.items() if k == kind)
-    if OBJECTIVES[objective] != kind:
+    native = next(o for o, k in OBJECTIVES.items() if k == kind)
+    objective = native if objective == "auto" else objective
+    if objective != native:
         raise LlmlabError(f"objective={objective} trains {OBJECTIVES[objective]} models; model.family="
-                          f"{model_cfg.family} is {with_article(kind)}: use objective="
-                          f"{next(o for o, k in OBJECTIVES.items() if k == kind)}")
+                          f"{model_cfg.family} is {with_article(kind)}: use objective={native}")
     if objective == "mlm":
         if model_cfg.head != "mlm":
             raise LlmlabError(f"objective=mlm needs model.head=mlm, got {model_cfg.head}")

@@ -31,6 +31,7 @@ import torch
 
 from llmlab.common import LlmlabError, atomic_dir, atomic_write_text, choose_device, init_distributed, seed_everything
 from llmlab.config import save_config
+from llmlab.data.sft import epoch_batch, hold_out
 from llmlab.data.tasks import (align_tags, answer_token_span, best_span, read_classification, read_seq2seq,
                                read_squad, read_token_classification, word_predictions)
 from llmlab.eval.metrics import bleu, classification_report, exact_match, squad_exact_match, token_f1
@@ -110,8 +111,7 @@ def run(cfg, *, overwrite: bool = False) -> dict:
     scores: dict = {}
 
     def loss_fn(batch):
-        units = (batch["targets"] != IGNORE).sum() if cfg.task in ("tokens", "seq2seq") else len(batch["targets"])
-        return trainee.forward(**batch), units
+        return trainee.forward(**batch), data.units(batch)
 
     def evaluation() -> dict:
         nonlocal scores
@@ -216,10 +216,7 @@ class TaskData:
         if cfg.data.val:
             val = self._read(cfg.data.val)
         else:
-            rng = np.random.default_rng((cfg.seed, 11))
-            order = rng.permutation(len(train)).tolist()
-            n_val = int(len(train) * cfg.data.val_fraction)
-            train, val = [train[i] for i in order[n_val:]], [train[i] for i in order[:n_val]]
+            train, val = hold_out(train, cfg.data.val_fraction, cfg.seed)
         if not train:
             raise LlmlabError(f"data.train={cfg.data.train}: no training examples left after holding out validation")
         if cfg.batch_size > len(train):
@@ -306,12 +303,8 @@ class TaskData:
     def batch(self, index: int, device: torch.device) -> dict:
         """Micro-batch `index` of training: rows of a seeded shuffle per epoch, in order."""
         size = self.cfg.batch_size
-        first, rows = index * size, []
-        while len(rows) < size:
-            epoch, at = divmod(first + len(rows), len(self.train))
-            order = np.random.default_rng((self.cfg.seed, 5, epoch)).permutation(len(self.train))
-            rows += [self.train[i] for i in order[at:at + size - len(rows)]]
-        return self.collate(rows, device)
+        chosen = epoch_batch(len(self.train), index * size, size, (self.cfg.seed, 5))
+        return self.collate([self.train[i] for i in chosen], device)
 
     def collate(self, rows: list[Row], device: torch.device) -> dict:
         width = max(len(r.input_ids) for r in rows)
@@ -340,6 +333,11 @@ class TaskData:
         out["targets"] = targets
         return {k: v.to(device) for k, v in out.items()}
 
+    def units(self, batch: dict) -> int:
+        """What a batch's mean loss is over: its predicted tokens (tokens, seq2seq) or its rows."""
+        targets = batch["targets"]
+        return int((targets != IGNORE).sum()) if self.task in ("tokens", "seq2seq") else len(targets)
+
     # ---- evaluation
 
     @torch.no_grad()
@@ -353,12 +351,15 @@ class TaskData:
             for i in range(0, len(rows), self.cfg.batch_size):
                 chunk = rows[i:i + self.cfg.batch_size]
                 batch = self.collate(chunk, device)
-                n = int((batch["targets"] != IGNORE).sum()) if self.task in ("tokens", "seq2seq") else len(chunk)
-                total += float(model(**batch)) * n
+                n = self.units(batch)
+                if self.task == "seq2seq":  # scored by greedy decoding below
+                    loss = model(**batch)
+                else:  # one forward: the logits for the scores, the loss from them
+                    logits = model(**{k: v for k, v in batch.items() if k != "targets"})
+                    loss = model.head_loss(logits, batch["targets"])
+                    preds += list(logits.float().cpu())
+                total += float(loss) * n
                 units += n
-                if self.task != "seq2seq":
-                    logits = model(**{k: v for k, v in batch.items() if k != "targets"}).float().cpu()
-                    preds += list(logits)
             scores = self._scores(model, rows, preds, device)
         finally:
             model.train(training)

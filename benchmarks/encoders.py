@@ -14,7 +14,9 @@ Every run is a `llmlab` command's config, run in this process:
    accuracy;
 4. `llmlab data tasks task=summarize` (keep the capitalised names of a sentence), and a T5 (3 + 3
    layers, width 128, GEGLU) from random weights with a byte-level BPE, `llmlab finetune
-   task=seq2seq`: held-out exact match of greedy decoding.
+   task=seq2seq`: held-out exact match of greedy decoding;
+5. `llmlab eval`: the three masked LMs and a random BERT on `pydoc-cloze` (four choices, scored by
+   pseudo-log-likelihood), and the T5 on the summaries' test file (exact match, BLEU, ROUGE).
 
     python benchmarks/encoders.py                    # ~15 minutes on 2 cores
     python benchmarks/encoders.py --steps 100 --ft-steps 40 --t5-steps 100   # a smoke run
@@ -34,6 +36,8 @@ from llmlab.data.prepare import PrepareConfig, TokenizerTrainConfig, train_token
 from llmlab.data.prepare import run as prepare
 from llmlab.data.synth_tasks import TaskSynthConfig
 from llmlab.data.synth_tasks import run as synth_tasks
+from llmlab.eval.run import EvalConfig
+from llmlab.eval.run import run as evaluate
 from llmlab.models import T5Config, build_model
 from llmlab.models.io import copy_tokenizer_files, read_config, save_model
 from llmlab.tokenizer import train_bpe
@@ -61,6 +65,13 @@ def _finetune(base: Path, out: Path, task: str, train: Path, val: Path, steps: i
                                              f"eval.every={steps}", f"eval.batches={batches}", f"optim.lr={lr}",
                                              f"optim.warmup_steps={max(1, steps // 10)}"])
     return finetune(cfg)
+
+
+def _eval(models: list[Path], tasks: list[str], out: Path) -> dict:
+    """{(model's folder name, task, metric): value} of `llmlab eval MODELS tasks=TASKS`."""
+    results = evaluate(load_config(EvalConfig, None, [f"tasks=[{','.join(tasks)}]", f"out_dir={out}",
+                                                      "bootstrap_iters=0"]), [str(m) for m in models], quiet=True)
+    return {(Path(r["model"]).name, r["task"], r["metric"]): r["value"] for r in results["rows"]}
 
 
 def main() -> None:
@@ -96,6 +107,10 @@ def main() -> None:
         print(f"\nsentiment (synthetic, 2,000 training reviews), {args.ft_steps} steps of 32, full fine-tuning:")
         for name, m in scores.items():
             print(f"  BERT {name:20s} accuracy {m['accuracy']:.3f}   macro F1 {m['macro_f1']:.3f}")
+        cloze = _eval([random, root / "static", root / "dynamic", root / "albert"], ["pydoc-cloze"], root / "ev-mlm")
+        print("\npydoc-cloze (200 four-choice questions), scored by pseudo-log-likelihood: accuracy")
+        for name in ("bert-random", "static", "dynamic", "albert"):
+            print(f"  {name:12s} {cloze[(name, 'pydoc-cloze', 'acc')]:.3f}")
 
         summarize = root / "summarize"
         synth_tasks(TaskSynthConfig(task="summarize", out_dir=str(summarize)))
@@ -113,6 +128,8 @@ def main() -> None:
                       1e-3, 7)
         print(f"\nT5 from random weights, summarize (keep the names), {args.t5_steps} steps of 32: "
               f"held-out exact match {r['metrics']['exact_match']:.3f}, BLEU {r['metrics']['bleu']:.1f}")
+        test = _eval([root / "t5"], [f"seq2seq:{summarize / 'test.jsonl'}"], root / "ev-t5")
+        print("  llmlab eval on the test file: " + "  ".join(f"{m} {v:.3f}" for (_, _, m), v in test.items()))
 
 
 if __name__ == "__main__":

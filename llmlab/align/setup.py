@@ -18,9 +18,8 @@ from llmlab.common import LlmlabError, choose_device, init_distributed, seed_eve
 from llmlab.config import save_config
 from llmlab.data.preference import PairExample, PromptExample, build_pairs, build_prompts
 from llmlab.data.sft import hold_out
-from llmlab.eval.lm import resolve_model_dir
 from llmlab.models import require_kind
-from llmlab.models.io import read_config
+from llmlab.models.io import read_config, resolve_model_dir
 from llmlab.peft import trainable_parameters
 from llmlab.tokenizer import load_tokenizer
 from llmlab.tokenizer.chat import load_chat_template

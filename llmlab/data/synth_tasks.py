@@ -282,6 +282,9 @@ class TaskSynthConfig:
                 raise ValueError(f"{name} must be >= {least} and at most {MAX_RECORDS:,}, got {getattr(self, name)}")
         if not 0.0 <= self.unanswerable <= 1.0:
             raise ValueError(f"unanswerable must be between 0 and 1, got {self.unanswerable}")
+        if self.unanswerable and self.task != "qa":
+            raise ValueError(f"unanswerable is the share of questions without an answer (task=qa); task={self.task} "
+                             "has none")
 
 
 def draw_splits(cfg: TaskSynthConfig) -> dict[str, list[dict]]:

@@ -7,6 +7,8 @@ every machine.
 - `pydoc-cloze`: the same held-out text as multiple choice: a sentence cut before one of its
   words, the word against three others of the documentation (accuracy, length-normalised
   accuracy, calibration);
+- `pydoc-fill-mask`: the cloze's sentences for a masked LM: the word as [MASK], the text after it
+  kept, the word's tokens predicted at once (an encoder with its masked-LM head);
 - `synth`, `synth-fewshot`, `synth-cot`, `synth-sc`: the eight synthetic instruction tasks' test
   split (as `llmlab data synth` writes it with its defaults) by generation: zero-shot through the
   checkpoint's chat template (what `llmlab finetune` trains), 3-shot Q/A prompts for a base model,
@@ -46,9 +48,9 @@ def pydoc_ppl() -> list[Task]:
 _WORD = re.compile(r"[A-Za-z]{4,12}")
 
 
-def pydoc_cloze(n: int = 200) -> list[Task]:
-    """Sentences of the held-out sections, each cut before a word of 4-12 letters that is not among
-    its first three, with three distractors of similar length drawn from the documentation's words."""
+def _cloze_sentences(n: int) -> tuple[list[tuple[str, list[re.Match]]], dict[int, list[str]], random.Random]:
+    """n held-out sentences of 40 characters or more with their words of 4-12 letters (five or more),
+    in a seeded order; the documentation's words by length; the generator (seed 0) to go on with."""
     rng = random.Random(0)
     sections = _held_out_sections()
     vocab = sorted({w for t in sections for w in _WORD.findall(t)})
@@ -63,8 +65,15 @@ def pydoc_cloze(n: int = 200) -> list[Task]:
                 continue
             candidates.append((sentence, words))
     rng.shuffle(candidates)
+    return candidates[:n], by_length, rng
+
+
+def pydoc_cloze(n: int = 200) -> list[Task]:
+    """Sentences of the held-out sections, each cut before a word of 4-12 letters that is not among
+    its first three, with three distractors of similar length drawn from the documentation's words."""
+    sentences, by_length, rng = _cloze_sentences(n)
     docs = []
-    for sentence, words in candidates[:n]:
+    for sentence, words in sentences:
         m = rng.choice(words[3:])
         answer = m.group(0)
         pool = [w for d in (0, 1, -1, 2, -2) for w in by_length.get(len(answer) + d, []) if w.lower() != answer.lower()]
@@ -73,6 +82,21 @@ def pydoc_cloze(n: int = 200) -> list[Task]:
         docs.append({"context": sentence[:m.start()].rstrip(), "choices": choices, "gold": choices.index(answer)})
     return [Task("pydoc-cloze", "multiple_choice", docs, doc_to_text="context", doc_to_choice="choices",
                  doc_to_target="gold", metrics=[("acc", {}), ("acc_norm", {}), ("ece", {})], version=1)]
+
+
+def pydoc_fill_mask(n: int = 200) -> list[Task]:
+    """The cloze's sentences and words for a masked LM: the word replaced by [MASK] with the text
+    after it kept, predicted from both sides (accuracy of the top token(s) and within the top 5)."""
+    sentences, _, rng = _cloze_sentences(n)
+    docs = []
+    for sentence, words in sentences:
+        whole = [w for w in words[3:]  # whole words, not pieces of a longer one
+                 if not sentence[w.end():w.end() + 1].isalpha() and not sentence[w.start() - 1:w.start()].isalpha()]
+        if not whole:
+            continue
+        m = rng.choice(whole)
+        docs.append({"text": sentence[:m.start()] + "[MASK]" + sentence[m.end():], "answer": m.group(0)})
+    return [Task("pydoc-fill-mask", "fill_mask", docs, doc_to_text="text", doc_to_target="answer", version=1)]
 
 
 # --------------------------------------------------------------------------- synthetic instructions
@@ -214,6 +238,7 @@ def bias() -> list[Task]:
 
 
 BUILTIN_TASKS: dict[str, Callable[[], list[Task]]] = {
-    "pydoc-ppl": pydoc_ppl, "pydoc-cloze": pydoc_cloze, "synth": synth, "synth-fewshot": synth_fewshot,
+    "pydoc-ppl": pydoc_ppl, "pydoc-cloze": pydoc_cloze, "pydoc-fill-mask": pydoc_fill_mask, "synth": synth,
+    "synth-fewshot": synth_fewshot,
     "synth-cot": synth_cot, "synth-sc": synth_sc, "code": code, "bias": bias,
 }

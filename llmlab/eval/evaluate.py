@@ -38,6 +38,7 @@ def evaluate_task(task: Task, lm, *, renderer: Renderer | None = None, num_fewsh
                   code_timeout: float = 5.0, prepared: Prepared | None = None) -> TaskResult:
     """Score `lm` (a `LocalLM` or `ServerLM`) on `task`; `seed` draws the few-shot examples. `prepared`
     is what `prepare` gave for these settings, when the caller has it already."""
+    check_task(task, lm)
     if prepared is None:
         prepared = prepare(task, renderer or Renderer(), num_fewshot=num_fewshot, limit=limit, seed=seed)
     if any(isinstance(c, list) for c in prepared.contexts):  # chat messages: this model's own template
@@ -45,7 +46,9 @@ def evaluate_task(task: Task, lm, *, renderer: Renderer | None = None, num_fewsh
                                                for c in prepared.contexts], stops=[lm.chat_stop])
     result = TaskResult(task.name, task.output_type, len(prepared.docs), prepared.fewshot, seed, version=task.version)
     scorer = {"multiple_choice": _multiple_choice, "loglikelihood": _loglikelihood,
-              "loglikelihood_rolling": _rolling, "generate_until": _generate, "tokens": _tokens}[task.output_type]
+              "loglikelihood_rolling": _rolling, "generate_until": _generate, "tokens": _tokens,
+              "fill_mask": _fill_mask, "classification": _classification,
+              "token_classification": _token_classification, "extractive_qa": _extractive_qa}[task.output_type]
     per_sample, aggregates = scorer(task, prepared, lm, result, code_timeout)
     for key, (values, aggregate) in aggregates.items():
         result.metrics[key] = aggregate(values)
@@ -158,10 +161,13 @@ def _tokens(task: Task, p: Prepared, lm, _result, _code_timeout):
                         "text itself instead (a task of its files), or prepare it with the model's tokenizer")
     docs = [([int(shards.get(d["start"] - 1, 1)[0]) if d["start"] else lm.prefix_id],
              shards.get(d["start"], d["tokens"]).tolist()) for d in p.docs]
-    model = getattr(lm, "model", None)
-    if model is not None:  # in process: training's own loss, computed blockwise without the logits
-        lls = [-token_loss(model, [_windows(prefix + ids, lm.max_length, next(model.parameters()).device)]).nats
-               for prefix, ids in docs]
+    kind = getattr(lm, "kind", None)
+    if kind == "decoder":  # in process: training's own loss, computed blockwise without the logits
+        device = next(lm.model.parameters()).device
+        lls = [-token_loss(lm.model, [_windows(prefix + ids, lm.max_length, device)]).nats for prefix, ids in docs]
+    elif kind is not None:  # T5 and encoders score a long text in pieces, each after the text before it
+        lls = [s.logprob for s in lm.score_tokens([(prefix if d["start"] else [], ids)
+                                                   for (prefix, ids), d in zip(docs, p.docs)])]
     else:
         windows, owner = [], []
         for i, (prefix, ids) in enumerate(docs):
@@ -198,6 +204,106 @@ def _windows(seq: list[int], length: int, device) -> dict:
 def _n_tokens(lm, text: str) -> int:
     encode = getattr(lm, "encode", None)
     return len(encode(text)) if encode is not None else 0
+
+
+# --------------------------------------------------------------------------- encoders and task files
+
+
+SCORED_BY_MLM = ("multiple_choice", "loglikelihood", "loglikelihood_rolling", "tokens", "fill_mask")
+HEAD_TASKS = {"classification": "classify", "token_classification": "tokens", "extractive_qa": "span"}
+
+
+def check_task(task: Task, lm) -> None:
+    """Refuse, before anything is scored, a task this model cannot answer: generation from an
+    encoder, fill-mask from anything but a masked LM, a task file that needs a head the model lacks,
+    or a head without its labels.json."""
+    kind, head, t = getattr(lm, "kind", "server"), getattr(lm, "head", None), task.output_type
+    name = getattr(lm, "name", "the model")
+    has = f"{name} has the {head} head" if head else f"{name} is {_a(kind)}"
+    if kind != "encoder":
+        if t in ("fill_mask", "token_classification"):
+            what = "its masked-LM head" if t == "fill_mask" else "the tokens head of `llmlab finetune task=tokens`"
+            raise EvalError(f"{t} tasks need an encoder with {what}; {has}")
+        return
+    if t == "generate_until":
+        raise EvalError(f"an encoder does not generate text, and {t} tasks need a decoder or T5 ({has}); an encoder "
+                        "with its masked-LM head takes multiple_choice, loglikelihood, perplexity and fill_mask tasks, "
+                        "and a fine-tuned head the task file of its task (classify:, tokens: or span:)")
+    if t in SCORED_BY_MLM:
+        need = "mlm"
+    elif t == "classification":  # by its classify head, or zero-shot by a masked LM
+        need = None if head in ("classify", "mlm") else "classify"
+    else:
+        need = HEAD_TASKS.get(t)
+    if need is not None and head != need:
+        what = "its masked-LM head" if need == "mlm" else f"the {need} head of `llmlab finetune task={need}`"
+        raise EvalError(f"{t} tasks need an encoder with {what}; {has}")
+    if head in ("classify", "tokens") and lm.labels is None:
+        raise EvalError(f"{name} has no labels.json naming its labels by index (task fine-tuning writes one "
+                        "beside the model); without it, the file's labels cannot be matched to the model's outputs")
+
+
+def _a(kind: str) -> str:
+    return ("an " if kind[0] in "aeiou" else "a ") + kind + " model"
+
+
+def _fill_mask(task: Task, p: Prepared, lm, _result, _code_timeout):
+    answers = lm.fill_mask(list(zip(p.contexts, [str(t) for t in p.targets])), p.where)
+    samples = [_sample(p, i, target=p.targets[i], **a) for i, a in enumerate(answers)]
+    return samples, {m: ([a[m] for a in answers], M.mean) for m, _ in task.metrics}
+
+
+def _classification(task: Task, p: Prepared, lm, result: TaskResult, code_timeout):
+    """A classify head's labels; any other model picks the label whose name it finds most likely."""
+    if getattr(lm, "head", None) != "classify":
+        return _multiple_choice(task, p, lm, result, code_timeout)
+    examples = task.examples[:len(p.docs)]
+    golds = [task.labels[e.label] for e in examples]
+    unknown = [(g, e.where) for g, e in zip(golds, examples) if g not in lm.labels]
+    if unknown:
+        raise EvalError(f"{unknown[0][1]}: label {unknown[0][0]!r} is not one the model was trained on "
+                        f"({', '.join(lm.labels)})"[:400])
+    preds = lm.classify(examples)
+    samples = [_sample(p, i, target=g, pred=q, acc=float(g == q)) for i, (g, q) in enumerate(zip(golds, preds))]
+    result.extra["classification"] = M.classification_report(golds, preds)
+    pairs = list(zip(golds, preds))
+    aggregates = {"acc": ([float(g == q) for g, q in pairs], M.mean),
+                  "f1": (pairs, lambda ps: M.classification_report([g for g, _ in ps], [q for _, q in ps])["macro_f1"])}
+    return samples, {m: aggregates[m] for m, _ in task.metrics}
+
+
+def _token_classification(task: Task, p: Prepared, lm, result: TaskResult, _code_timeout):
+    from llmlab.eval.heads import tagging_scores
+
+    examples = task.examples[:len(p.docs)]
+    golds = [[task.labels[t] for t in e.tags] for e in examples]
+    unknown = [(t, e.where) for g, e in zip(golds, examples) for t in g if t not in lm.labels]
+    if unknown:
+        raise EvalError(f"{unknown[0][1]}: tag {unknown[0][0]!r} is not one the model was trained on "
+                        f"({', '.join(lm.labels)})"[:400])
+    preds = lm.tag(examples)
+    samples = [_sample(p, i, tokens=e.tokens, target=g, pred=q) for i, (e, g, q) in enumerate(zip(examples, golds,
+                                                                                                   preds))]
+    result.extra["tagging"] = tagging_scores(golds, preds)
+    pairs = list(zip(golds, preds))
+    return samples, {m: (pairs, lambda ps, m=m: tagging_scores([g for g, _ in ps], [q for _, q in ps])[m])
+                     for m, _ in task.metrics}
+
+
+def _extractive_qa(task: Task, p: Prepared, lm, _result, _code_timeout):
+    """A span head's answers; any other model answers by greedy generation after the QA prompt."""
+    from llmlab.eval.heads import qa_scores
+
+    examples = task.examples[:len(p.docs)]
+    if getattr(lm, "head", None) == "span":
+        answers = lm.answer(examples, allow_null=any(e.is_impossible for e in task.examples))
+    else:
+        answers = [a.strip() for a in lm.generate_until([(c, task.generation_kwargs) for c in p.contexts])]
+    scores = [qa_scores(a, e.answers) for a, e in zip(answers, examples)]
+    samples = [_sample(p, i, target=e.answers, pred=a, exact_match=em, f1=f1)
+               for i, (e, a, (em, f1)) in enumerate(zip(examples, answers, scores))]
+    columns = {"exact_match": [em for em, _ in scores], "f1": [f1 for _, f1 in scores]}
+    return samples, {m: (columns[m], M.mean) for m, _ in task.metrics}
 
 
 # --------------------------------------------------------------------------- generation

@@ -33,7 +33,7 @@ from torch import nn
 from llmlab.common import LlmlabError
 from llmlab.generate.engine import Score, context_length, score_continuations
 from llmlab.generate.sampling import SamplingParams
-from llmlab.generate.scheduler import Scheduler
+from llmlab.generate.scheduler import make_scheduler
 from llmlab.generate.scheduler import Sequence as Running
 from llmlab.generate.text import stop_string_check
 
@@ -44,28 +44,6 @@ TOKEN_BUDGET = 16384  # tokens of context and continuation scored in one batch
 
 class EvalError(LlmlabError):
     """A model or a request the evaluator cannot use; the message says why."""
-
-
-def resolve_model_dir(path: str | os.PathLike) -> Path:
-    """The checkpoint folder that `path` names: a folder with config.json (llmlab or HF format), or a
-    run directory, whose newest complete checkpoint (or `final/` folder) is used."""
-    path = Path(path)
-    if not path.exists():
-        raise EvalError(f"{path}: no such checkpoint or run directory")
-    if not path.is_dir():
-        raise EvalError(f"{path}: is a file; give a checkpoint folder or a run directory")
-    if (path / "config.json").is_file():
-        return path
-    if (path / "final" / "config.json").is_file():
-        return path / "final"
-    ckpts = sorted(p for p in (path / "checkpoints").glob("step-*") if (p / "config.json").is_file()) \
-        if (path / "checkpoints").is_dir() else []
-    if ckpts:
-        return ckpts[-1]
-    if (path / "adapter_config.json").is_file():
-        raise EvalError(f"{path}: holds a LoRA adapter only; merge it into its base first "
-                        f"(`llmlab convert BASE --adapter {path} --to llmlab --out MERGED`)")
-    raise EvalError(f"{path}: not a checkpoint (no config.json) nor a run directory (no checkpoints/ inside)")
 
 
 def model_hash(folder: Path) -> str:
@@ -127,8 +105,13 @@ def score_pairs(pairs: Sequence[tuple[list[int], list[int]]], max_len: int,
     """`score` (which takes pairs that fit the context) applied to any pairs: fitted by `fit_pairs`,
     and the windows of one pair summed back into one score."""
     fitted, owner = fit_pairs(pairs, max_len)
-    out: list = [None] * len(pairs)
-    for i, s in zip(owner, score(fitted)):
+    return sum_scores(len(pairs), owner, score(fitted))
+
+
+def sum_scores(n: int, owner: Sequence[int], scores: Sequence[Score]) -> list[Score]:
+    """The scores of the pieces of n pairs (piece k belongs to pair owner[k]) summed back per pair."""
+    out: list = [None] * n
+    for i, s in zip(owner, scores):
         out[i] = s if out[i] is None else Score(out[i].logprob + s.logprob, out[i].greedy and s.greedy,
                                                 out[i].token_logprobs + s.token_logprobs)
     return out
@@ -193,7 +176,10 @@ def cut_at_stops(text: str, stops: Sequence[str]) -> str:
 
 
 class LocalLM:
-    """An llmlab model and its tokenizer, answering the evaluator's requests in batches."""
+    """An llmlab decoder and its tokenizer, answering the evaluator's requests in batches;
+    `from_path` gives the class of the checkpoint's kind (`llmlab.eval.encoders`)."""
+
+    kind = "decoder"
 
     def __init__(self, model: nn.Module, tokenizer, *, batch_size: int = 32, name: str = "model",
                  hash: str | None = None, seed: int = 1234, template=None):
@@ -209,9 +195,12 @@ class LocalLM:
     @classmethod
     def from_path(cls, path: str | os.PathLike, *, device: str = "cpu", dtype: str = "auto",
                   batch_size: int = 32, seed: int = 1234) -> LocalLM:
+        """The model a checkpoint, run directory or HF folder holds: a decoder as a LocalLM, an
+        encoder-decoder as a Seq2SeqLM, an encoder as an EncoderLM."""
         from llmlab.common import choose_device, choose_dtype
-        from llmlab.models import require_kind
-        from llmlab.models.io import load_model, read_config
+        from llmlab.eval.encoders import EncoderLM, Seq2SeqLM, model_framing, model_labels
+        from llmlab.models import model_kind
+        from llmlab.models.io import load_model, read_config, resolve_model_dir
         from llmlab.tokenizer import load_tokenizer
         from llmlab.tokenizer.chat import load_chat_template
 
@@ -219,12 +208,23 @@ class LocalLM:
         dev = choose_device(device, "device")
         torch_dtype = None if dtype in ("auto", "float32", "fp32") else choose_dtype(dtype, dev, "dtype")
         cfg = read_config(folder)[0]
-        require_kind(cfg, ("decoder",), "this evaluator", str(path))
-        if getattr(cfg, "num_labels", 0):
+        kind = model_kind(cfg)
+        if kind == "decoder" and getattr(cfg, "num_labels", 0):
             raise EvalError(f"{path}: a reward model or classifier (a score head), not a language model")
+        if not (folder / "tokenizer.json").is_file():
+            raise EvalError(f"{path}: has no tokenizer.json beside the model")
         model = load_model(folder, dev, dtype=torch_dtype)
-        return cls(model, load_tokenizer(folder), batch_size=batch_size, name=str(path), hash=model_hash(folder),
-                   seed=seed, template=load_chat_template(folder))
+        tokenizer = load_tokenizer(folder)
+        common = {"batch_size": batch_size, "name": str(path), "hash": model_hash(folder), "seed": seed}
+        if kind == "encoder":
+            labels = model_labels(folder) if cfg.head in ("classify", "tokens") else None
+            if labels is not None and len(labels) != cfg.num_labels:
+                raise EvalError(f"{folder / 'labels.json'}: lists {len(labels)} labels; the model has "
+                                f"{cfg.num_labels}")
+            framing = model_framing(folder, cfg.max_seq_len) if cfg.head != "mlm" else None
+            return EncoderLM(model, tokenizer, labels=labels, framing=framing, **common)
+        lm = Seq2SeqLM if kind == "encoder-decoder" else cls
+        return lm(model, tokenizer, template=load_chat_template(folder), **common)
 
     # ------------------------------------------------------------------ chat
 
@@ -285,16 +285,25 @@ class LocalLM:
                 cost += width * rows
         return out
 
+    @property
+    def generation_room(self) -> int:
+        """The most tokens one completion may have: what the context leaves after one prompt token."""
+        return self.max_length - 1
+
+    def prompt_ids(self, context: str, max_new: int) -> list[int]:
+        """A generation prompt: the context's newest tokens that leave room for max_new tokens."""
+        return self.encode(context)[-(self.max_length - max_new):] or [self.prefix_id]
+
     def generate_until(self, requests: Sequence[tuple[str, dict]]) -> list[str]:
         """Completions through the continuous-batching scheduler: each stops at its first stop string,
         EOS or max_gen_toks, and its prompt keeps its newest tokens when it does not fit."""
-        sched = Scheduler(self.model, max_batch=self.batch_size)
+        sched = make_scheduler(self.model, max_batch=self.batch_size)
         eos = self.tokenizer.eos_id
         running = []
         for i, (context, kwargs) in enumerate(requests):
             stops, max_new, temperature = generation_settings(kwargs, f"request {i}")
-            max_new = min(max_new, self.max_length - 1)
-            ids = self.encode(context)[-(self.max_length - max_new):] or [self.prefix_id]
+            max_new = min(max_new, self.generation_room)
+            ids = self.prompt_ids(context, max_new)
             params = SamplingParams(max_new_tokens=max_new, temperature=temperature,
                                     stop_token_ids=(eos,) if eos is not None else ())
             check = stop_string_check(self.tokenizer, stops)

@@ -23,7 +23,7 @@ from llmlab import __version__
 from llmlab.common import LlmlabError, atomic_dir, atomic_write_text, check_output, seed_everything, style
 from llmlab.config import save_config, to_dict
 from llmlab.eval.builtin import BUILTIN_TASKS
-from llmlab.eval.evaluate import TaskResult, evaluate_task
+from llmlab.eval.evaluate import TaskResult, check_task, evaluate_task
 from llmlab.eval.lm import EvalError, LocalLM, ServerLM
 from llmlab.eval.tasks import Renderer, Task, load_tasks, prepare
 
@@ -87,10 +87,18 @@ def run(cfg: EvalConfig, models: list[str], servers: list[str] = (), *, server_m
             lm = LocalLM.from_path(spec, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size, seed=cfg.seed)
         else:
             lm = ServerLM(spec, model=server_model, batch_size=min(cfg.batch_size, 64), seed=cfg.seed)
+        for task in tasks:  # every task this model cannot answer is refused before any is scored
+            try:
+                check_task(task, lm)
+            except EvalError as e:
+                raise EvalError(f"{lm.name} on task {task.name}: {e}") from None
         for task in tasks:
             t0 = time.time()
-            result = evaluate_task(task, lm, seed=cfg.seed, bootstrap_iters=cfg.bootstrap_iters,
-                                   code_timeout=cfg.code_timeout, prepared=prepared[task.name])
+            try:
+                result = evaluate_task(task, lm, seed=cfg.seed, bootstrap_iters=cfg.bootstrap_iters,
+                                       code_timeout=cfg.code_timeout, prepared=prepared[task.name])
+            except EvalError as e:
+                raise EvalError(f"{lm.name} on task {task.name}: {e}") from None
             say(style(f"  {lm.name}  {task.name}", "2") + f"  {_headline(result)}  ({time.time() - t0:.1f} s)")
             entries.append(_entry(lm, kind, result))
             samples += [{"model": lm.name, "task": task.name, **s} for s in result.samples]

@@ -27,12 +27,15 @@ from typing import Any
 import yaml
 
 from llmlab.data.ingest import jsonl_lines, parse_json
-from llmlab.eval.lm import EvalError, generation_settings
+from llmlab.eval.lm import DEFAULT_MAX_GEN_TOKS, EvalError, generation_settings
 from llmlab.tokenizer.chat import SANDBOX
 from llmlab.tokenizer.sandbox import RenderError, Sandbox
 
 HARNESS_OUTPUT_TYPES = ("multiple_choice", "loglikelihood", "loglikelihood_rolling", "generate_until")
-OUTPUT_TYPES = HARNESS_OUTPUT_TYPES + ("tokens",)  # tokens: perplexity of a prepared folder's token shards
+FILE_OUTPUT_TYPES = HARNESS_OUTPUT_TYPES + ("fill_mask",)  # what a task YAML may ask for
+# tokens: perplexity of a prepared folder's token shards; classification, token_classification and
+# extractive_qa: a fine-tuning task file (`TASK_FILES`) scored by a task head, or a language model
+OUTPUT_TYPES = FILE_OUTPUT_TYPES + ("tokens", "classification", "token_classification", "extractive_qa")
 # the metrics each output type can report; the first ones are the defaults (as in the harness)
 METRICS = {
     "multiple_choice": ("acc", "acc_norm", "brier_score", "f1", "ece", "likelihood_gap"),
@@ -40,10 +43,18 @@ METRICS = {
     "loglikelihood_rolling": ("word_perplexity", "byte_perplexity", "bits_per_byte", "token_perplexity"),
     "generate_until": ("exact_match", "f1", "check", "pass_at_k", "bleu", "rouge1", "rouge2", "rougeL"),
     "tokens": ("token_perplexity", "bits_per_byte"),
+    "fill_mask": ("acc", "acc_top5"),
+    "classification": ("acc", "f1"),
+    "token_classification": ("entity_f1", "precision", "recall", "tag_accuracy"),
+    "extractive_qa": ("exact_match", "f1"),
 }
 DEFAULT_METRICS = {"multiple_choice": ("acc", "acc_norm"), "loglikelihood": ("perplexity", "acc"),
                    "loglikelihood_rolling": ("word_perplexity", "byte_perplexity", "bits_per_byte"),
-                   "generate_until": ("exact_match",), "tokens": ("token_perplexity", "bits_per_byte")}
+                   "generate_until": ("exact_match",), "tokens": ("token_perplexity", "bits_per_byte"),
+                   **{t: METRICS[t] for t in ("fill_mask", "classification", "token_classification", "extractive_qa")}}
+# `KIND:PATH` names a fine-tuning data file as a task (the readers of `llmlab.data.tasks`)
+TASK_FILES = ("classify", "tokens", "span", "seq2seq")
+QA_PROMPT = "{context}\n\nQuestion: {question}\nAnswer:"  # extractive QA asked of a language model
 EXACT_MATCH_OPTIONS = {"ignore_case", "ignore_punctuation", "ignore_numbers", "regexes_to_ignore", "ignore_whitespace"}
 FILTERS = ("regex", "take_first", "take_first_k", "remove_whitespace", "lowercase", "uppercase", "majority_vote",
            "extract_answer")
@@ -54,6 +65,7 @@ SUPPORTED_KEYS = {
     "target_delimiter", "fewshot_delimiter", "description", "num_fewshot", "metric_list", "output_type",
     "generation_kwargs", "repeats", "filter_list", "metadata", "fewshot_config", "should_decontaminate", "include",
 }
+MASK = "[MASK]"  # where a fill_mask text's answer goes
 HARNESS_ONLY_KEYS = {
     "custom_dataset", "process_docs", "process_results", "use_prompt", "doc_to_image", "doc_to_audio", "unsafe_code",
     "doc_to_decontamination_query", "gen_prefix", "group", "group_alias", "aggregate_metric_list", "class",
@@ -95,6 +107,8 @@ class Task:
     prompt: Callable[[dict], str | list] | None = None  # a built-in task's own prompt (text, or chat messages)
     group_by: str | None = None  # a document field whose values also get scores of their own
     shards: Any = None  # output_type "tokens": the TokenShards whose windows the documents are
+    examples: list | None = None  # a task file's examples (`llmlab.data.tasks`), one per document
+    labels: list[str] | None = None  # their label (tag) names
     version: Any = None
 
     def __post_init__(self):
@@ -189,10 +203,10 @@ def prepare(task: Task, renderer: Renderer, *, num_fewshot: int | None = None, l
     docs, where = task.docs[:limit], task.doc_where[:limit]
     if not docs:
         raise EvalError(f"{task.source}: task {task.name} has no documents")
-    if task.output_type == "tokens":  # token ids already: nothing to render
+    if task.output_type in ("tokens", "token_classification"):  # token ids or words already: nothing to render
         return Prepared(docs, where, [""] * len(docs), [None] * len(docs), None, [""] * len(docs), 0)
     k = task.num_fewshot if num_fewshot is None else num_fewshot
-    if task.prompt is not None:
+    if task.prompt is not None or task.output_type not in HARNESS_OUTPUT_TYPES:
         k = 0
     texts = renderer.values(task, task.doc_to_text, docs, where, "doc_to_text") if task.prompt is None else \
         [task.prompt(d) for d in docs]
@@ -212,6 +226,13 @@ def prepare(task: Task, renderer: Renderer, *, num_fewshot: int | None = None, l
         if not isinstance(t, str) and not (task.prompt is not None and isinstance(t, list)):  # a list: chat messages
             raise EvalError(f"{w}: doc_to_text of task {task.name} gave {type(t).__name__} {t!r}, not text "
                             "(documents with one context per choice are not supported)")
+    if task.output_type == "fill_mask":
+        for t, target, w in zip(texts, targets, where):
+            if not isinstance(t, str) or t.count(MASK) != 1:
+                raise EvalError(f"{w}: a fill_mask text must hold {MASK} once, where its answer goes (task "
+                                f"{task.name})")
+            if not isinstance(target, str) or not target.strip():
+                raise EvalError(f"{w}: a fill_mask target must be the non-empty text {MASK} stands for, got {target!r}")
     contexts = _fewshot_contexts(task, renderer, docs, texts, k, seed) if k > 0 else list(texts)
     if task.description:  # a field or a template of each document, joined without a delimiter
         heads = renderer.values(task, task.description, docs, where, "description")
@@ -291,13 +312,17 @@ def _fewshot_contexts(task: Task, renderer: Renderer, docs: list[dict], texts: l
 
 def load_tasks(spec: str, *, builtins: dict[str, Callable[[], list[Task]]]) -> list[Task]:
     """The tasks that `spec` names: a built-in name; a task YAML or a folder of them; a `data prepare`
-    folder (perplexity of its test split, else its val split); or text (.txt, .md, .jsonl files or
-    a folder of them without task YAMLs: rolling perplexity per document)."""
+    folder (perplexity of its test split, else its val split); text (.txt, .md, .jsonl files or
+    a folder of them without task YAMLs: rolling perplexity per document); or `KIND:PATH`, a
+    fine-tuning data file of task KIND (`task_file_task`)."""
     from llmlab.data.shards import is_prepared
 
     path = Path(spec)
     if spec in builtins:
         return builtins[spec]()
+    kind, colon, rest = spec.partition(":")
+    if colon and kind in TASK_FILES and not path.exists():
+        return [task_file_task(kind, Path(rest))]
     if path.is_symlink() and not path.exists():
         raise EvalError(f"{path}: a broken symbolic link, or a loop of them")
     if path.exists() and not path.is_dir() and not path.is_file():
@@ -318,7 +343,47 @@ def load_tasks(spec: str, *, builtins: dict[str, Callable[[], list[Task]]]) -> l
         return [load_task_file(path)]
     names = ", ".join(sorted(builtins))
     raise EvalError(f"unknown task {spec!r}: not a built-in task ({names}), a task YAML or folder, a prepared "
-                    "data folder, nor a text file")
+                    f"data folder, a text file, nor KIND:PATH of a task file (KIND one of {', '.join(TASK_FILES)})")
+
+
+def task_file_task(kind: str, path: Path) -> Task:
+    """A fine-tuning data file (`llmlab.data.tasks`) as a task named `KIND:FILE`:
+    - classify (GLUE TSV, JSONL): classification: accuracy and macro F1, by a classify head, or for
+      a language model by the log-likelihood of each label's name after the text (zero-shot);
+    - tokens (CoNLL, JSONL): token_classification: entity F1, precision, recall and tag accuracy, by
+      a tokens head;
+    - span (SQuAD JSON): extractive_qa: SQuAD exact match and F1, by a span head, or for a language
+      model by greedy generation after `QA_PROMPT`;
+    - seq2seq (source/target JSONL): generate_until from the source: exact match, BLEU, ROUGE.
+    """
+    from llmlab.data.tasks import read_classification, read_seq2seq, read_squad, read_token_classification
+
+    name, source = f"{kind}:{path.name}", str(path)
+    if kind == "classify":
+        examples, labels = read_classification(path)
+        docs = [{"text": e.text, "text_pair": e.text_pair, "label": labels[e.label]} for e in examples]
+        return Task(name, "classification", docs, doc_to_target="label", doc_to_choice=labels, source=source,
+                    doc_where=[e.where for e in examples], examples=examples, labels=labels,
+                    prompt=lambda d: d["text"] if d["text_pair"] is None else f"{d['text']}\n{d['text_pair']}")
+    if kind == "tokens":
+        examples, labels = read_token_classification(path)
+        docs = [{"tokens": e.tokens, "tags": [labels[t] for t in e.tags]} for e in examples]
+        return Task(name, "token_classification", docs, source=source, doc_where=[e.where for e in examples],
+                    examples=examples, labels=labels)
+    if kind == "span":
+        examples = read_squad(path)
+        docs = [{"id": e.id, "question": e.question, "context": e.context, "answers": e.answers} for e in examples]
+        return Task(name, "extractive_qa", docs, source=source, doc_where=[e.where for e in examples],
+                    examples=examples, prompt=lambda d: QA_PROMPT.format(**d),
+                    generation_kwargs={"until": ["\n"], "max_gen_toks": 32})
+    examples = read_seq2seq(path)
+    docs = [{"source": e.source, "target": e.target, **({"task": e.task} if e.task else {})} for e in examples]
+    return Task(name, "generate_until", docs, doc_to_target="target", prompt=lambda d: d["source"],
+                source=source, doc_where=[e.where for e in examples],
+                metrics=[("exact_match", {"ignore_whitespace": True}), ("bleu", {}), ("rouge1", {}), ("rouge2", {}),
+                         ("rougeL", {})],
+                generation_kwargs={"until": [], "max_gen_toks": DEFAULT_MAX_GEN_TOKS},
+                group_by="task" if any(e.task for e in examples) else None)
 
 
 PERPLEXITY_METRICS = ("token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
@@ -430,8 +495,8 @@ def load_task_file(path: str | Path) -> Task:
 
     name = expect("task", (str,), "a string", path.stem)
     output_type = expect("output_type", (str,), "a string", "generate_until")
-    if output_type not in HARNESS_OUTPUT_TYPES:
-        raise EvalError(f"{at('output_type')}: output_type must be one of {list(HARNESS_OUTPUT_TYPES)}, got "
+    if output_type not in FILE_OUTPUT_TYPES:
+        raise EvalError(f"{at('output_type')}: output_type must be one of {list(FILE_OUTPUT_TYPES)}, got "
                         f"{output_type!r}")
     if cfg.get("dataset_path") != "json":
         raise EvalError(f"{at('dataset_path')}: dataset_path must be `json` (llmlab reads local JSON or JSONL files "

@@ -14,7 +14,8 @@ from llmlab.generate.text import ChatSession, TextGenerator
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="checkpoint folder (llmlab or HF format)")
+    p.add_argument("checkpoint", help="checkpoint folder (llmlab or HF format), or a run directory (its final/ "
+                   "model, else its newest checkpoint)")
     p.add_argument("--tokenizer", help="tokenizer.json or its folder (default: the checkpoint's)")
     p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
     p.add_argument("--bos", action="store_true",
@@ -71,14 +72,15 @@ def load_generator(ns: argparse.Namespace, kinds: tuple[str, ...] = ("decoder", 
     than `kinds` is refused before its weights load."""
     from llmlab.data.ingest import check_input
     from llmlab.models import require_kind
-    from llmlab.models.io import load_model, read_config
+    from llmlab.models.io import load_model, read_config, resolve_model_dir
     from llmlab.tokenizer import load_tokenizer
 
     device = choose_device(ns.device, label="--device")
-    checkpoint = Path(ns.checkpoint)
-    check_input(checkpoint, folders=True)
-    if not checkpoint.is_dir():
-        raise LlmlabError(f"{checkpoint}: is a file; a checkpoint is a folder (config.json and the weights)")
+    check_input(Path(ns.checkpoint), folders=True)
+    checkpoint = resolve_model_dir(ns.checkpoint)  # a run directory: its final/ model, else newest checkpoint
+    if checkpoint != Path(ns.checkpoint):
+        print(style(f"{ns.checkpoint}: using {checkpoint}", "2"), file=sys.stderr, flush=True)
+    ns.checkpoint = str(checkpoint)
     source = Path(ns.tokenizer or ns.checkpoint)
     if ns.tokenizer is None and not (source / "tokenizer.json").is_file():
         raise LlmlabError(f"{source} has no tokenizer.json; pass --tokenizer PATH")
@@ -114,7 +116,8 @@ def run_generate(ns: argparse.Namespace) -> None:
     engine.check([generator.encode(p) for p in prompts], params, ns.truncate)  # before anything is printed
     t0 = time.perf_counter()
     if not ns.json and len(prompts) == 1 and ns.n == 1 and ns.num_beams == 1:
-        print(style(prompts[0], "2"), end="", flush=True)
+        # a decoder continues the prompt; an encoder-decoder's output is a text of its own, on its own line
+        print(style(prompts[0], "2"), end="\n" if engine.encoder_decoder else "", flush=True)
         for delta in generator.stream(prompts[0], params, stop=ns.stop, truncate=ns.truncate):
             print(delta.text, end="", flush=True)
         print()

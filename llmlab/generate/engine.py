@@ -190,7 +190,7 @@ class Engine:
             counts = torch.zeros(n_rows, self.vocab_size, dtype=torch.int32, device=self.device)
             if params.repetition_penalty != 1.0:
                 seen = torch.zeros(n_rows, self.vocab_size, dtype=torch.bool, device=self.device)
-                for i, p in enumerate(prompts):
+                for i, p in enumerate(prompts if not self.encoder_decoder else ()):  # an input is not output
                     seen[i * params.n:(i + 1) * params.n, p] = True
         if self.compiled is not None:
             cache = StaticKVCache(cache)

@@ -15,6 +15,10 @@ The running rows are the first rows of a store that outlives them: a finished ro
 by one of the last rows (only that row is copied), and joiners are written after the running rows,
 so the store is reallocated only when it must grow, in rows (doubling, up to `max_batch`) or length.
 Each sequence keeps its own sampling settings and random generator.
+
+An encoder-decoder (T5) batches the same way (`Seq2SeqScheduler`): a joining prompt goes through the
+encoder, its decoder starts from the start token, and each row also keeps the cross-attention keys
+and values of its own input. `make_scheduler` picks the scheduler a model needs.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ from dataclasses import astuple, dataclass, field
 import torch
 from torch import nn
 
-from llmlab.generate.engine import check_prompts, context_length
+from llmlab.generate.engine import check_prompts, context_length, is_encoder_decoder, output_budget
 from llmlab.generate.sampling import SamplingParams, process_logits, sample
 from llmlab.models.layers import KVCache
+from llmlab.models.t5 import Seq2SeqCache
 
 HEADROOM = 64  # decode steps a new cache has room for before it grows
 
@@ -67,7 +72,9 @@ class Scheduler:
     def __init__(self, model: nn.Module, max_batch: int = 16):
         self.model = model
         self.max_batch = max_batch
-        self.context = context_length(model)
+        self.context = context_length(model)  # the prompt's limit
+        self.encoder_decoder = is_encoder_decoder(model)
+        self.max_cache_len = self.context  # the decoder positions a row's cache may span
         self.vocab_size = int(model.config.vocab_size)
         self.device = next(model.parameters()).device
         self.waiting: list[Sequence] = []
@@ -86,7 +93,8 @@ class Scheduler:
     def check(self, seq: Sequence) -> None:
         """What `add` refuses, without queueing (a server validates before it answers)."""
         seq.params.validate(self.vocab_size)
-        seq.prompt = check_prompts([seq.prompt], self.vocab_size, self.context, seq.params.max_new_tokens, False)[0]
+        seq.prompt = check_prompts([seq.prompt], self.vocab_size, self.context, seq.params.max_new_tokens, False,
+                                   encoder_decoder=self.encoder_decoder)[0]
 
     def add_checked(self, seq: Sequence) -> Sequence:
         if seq.seed is not None and not seq.params.greedy:
@@ -132,7 +140,7 @@ class Scheduler:
             ends = any(len(seq.output) >= len(s) and tuple(seq.output[-len(s):]) == s for s in p.stop_sequences)
             if t in p.stop_token_ids or ends or (seq.stop_check and seq.stop_check(seq.output)):
                 seq.finish_reason = "stop"
-            elif len(seq.output) >= min(p.max_new_tokens, self.context - len(seq.prompt)):
+            elif len(seq.output) >= output_budget(self.model, len(seq.prompt), p.max_new_tokens):
                 seq.finish_reason = "length"
             else:
                 keep.append(row)
@@ -146,30 +154,18 @@ class Scheduler:
     # ------------------------------------------------------------------ batch state
 
     def _admit(self, seqs: list[Sequence]) -> None:
-        """Prefill the joining sequences as one left-padded batch and write their cache rows after the
-        running ones, everyone's tokens ending at the shared column L."""
-        width = max(len(s.prompt) for s in seqs)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, width - len(s.prompt):] = torch.tensor(s.prompt)
-            mask[i, width - len(s.prompt):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        fresh = self.model.make_kv_cache(len(seqs), width)
-        ragged = any(len(s.prompt) != width for s in seqs)
-        logits = self.model(ids, kv_cache=fresh, attention_mask=mask if ragged else None,
-                            logits_to_keep=1)[:, -1].float()
+        """Prefill the joining sequences and write their cache rows after the running ones, everyone's
+        tokens ending at the shared column L."""
+        fresh, mask, logits = self._prefill(seqs)
+        width = mask.size(1)
         n = len(self.running)
         old = self.cache.length if n else 0
         length = max(old, width)
         rows = n + len(seqs)
         store = self.store
         if store is None or store.k.size(1) < rows or store.max_len < length:
-            capacity = rows if store is None else store.k.size(1)
-            if rows > capacity:  # doubling, up to max_batch
-                capacity = max(rows, min(self.max_batch, 2 * capacity))
-            max_len = max(min(self.context, length + HEADROOM), store.max_len if store is not None else 0)
-            self.store = self.model.make_kv_cache(capacity, max_len)
+            max_len = max(min(self.max_cache_len, length + HEADROOM), store.max_len if store is not None else 0)
+            self.store = self._new_cache(self._capacity(rows, None if store is None else store.k.size(1)), max_len)
             if n:  # the running rows move right so that they end at column `length` too
                 self.store.k[:, :n, :, length - old:length] = store.k[:, :n, :, :old]
                 self.store.v[:, :n, :, length - old:length] = store.v[:, :n, :, :old]
@@ -186,6 +182,32 @@ class Scheduler:
         self.logits = logits if not n else torch.cat([self.logits, logits])
         self.running += seqs
         self._use_rows(rows, length)
+
+    def _prefill(self, seqs: list[Sequence]) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
+        """Run the joining prompts as one left-padded batch: their cache, its mask (J, width) and their
+        next-token logits (J, V)."""
+        width = max(len(s.prompt) for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s.prompt):] = torch.tensor(s.prompt)
+            mask[i, width - len(s.prompt):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        fresh = self._new_cache(len(seqs), width)
+        ragged = any(len(s.prompt) != width for s in seqs)
+        logits = self.model(ids, kv_cache=fresh, attention_mask=mask if ragged else None,
+                            logits_to_keep=1)[:, -1].float()
+        return fresh, mask, logits
+
+    def _new_cache(self, rows: int, max_len: int) -> KVCache:
+        return self.model.make_kv_cache(rows, max_len)
+
+    def _capacity(self, rows: int, capacity: int | None) -> int:
+        """The rows a store needs for `rows` running: its `capacity`, or doubled (up to max_batch) when
+        too few."""
+        if capacity is None:
+            return rows
+        return capacity if rows <= capacity else max(rows, min(self.max_batch, 2 * capacity))
 
     def _use_rows(self, n: int, length: int) -> None:
         self.cache = self.store.first_rows(n)
@@ -209,13 +231,16 @@ class Scheduler:
             order[hole] = mover
         length = self.cache.length
         if holes:
-            dst, src = torch.tensor(holes, device=self.device), torch.tensor(movers, device=self.device)
-            self.store.k[:, dst, :, :length] = self.store.k[:, src, :, :length]
-            self.store.v[:, dst, :, :length] = self.store.v[:, src, :, :length]
+            self._move_rows(torch.tensor(holes, device=self.device), torch.tensor(movers, device=self.device), length)
         index = torch.tensor(order, device=self.device)
         self.running = [self.running[r] for r in order]
         self.mask, self.logits = self.mask[index], self.logits[index]
         self._use_rows(n, length)
+
+    def _move_rows(self, dst: torch.Tensor, src: torch.Tensor, length: int) -> None:
+        """Copy the store's rows `src` into rows `dst` (their first `length` positions)."""
+        self.store.k[:, dst, :, :length] = self.store.k[:, src, :, :length]
+        self.store.v[:, dst, :, :length] = self.store.v[:, src, :, :length]
 
     def _decode(self, tokens: list[int]) -> None:
         """One forward step of every running row on its newest token."""
@@ -224,14 +249,18 @@ class Scheduler:
         column = self.cache.length
         self.mask[:, column] = 1
         ids = torch.tensor(tokens, device=self.device)[:, None]
-        self.logits = self.model(ids, kv_cache=self.cache, attention_mask=self.mask[:, :column + 1])[:, -1].float()
+        self.logits = self._forward(ids, self.mask[:, :column + 1])
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (B, V) of the running rows after their tokens ids (B, 1); mask (B, L + 1)."""
+        return self.model(ids, kv_cache=self.cache, attention_mask=mask)[:, -1].float()
 
     def _make_room(self) -> None:
-        """Grow the cache (doubling, up to the context), or when it spans the context already, shift
-        every row left by the padding all rows share."""
+        """Grow the cache (doubling, up to max_cache_len), or when it spans that already, shift every row
+        left by the padding all rows share."""
         n, rows = self.cache.length, len(self.running)
-        if self.cache.max_len < self.context:
-            store = self.model.make_kv_cache(self.store.k.size(1), min(self.context, 2 * self.cache.max_len))
+        if self.cache.max_len < self.max_cache_len:
+            store = self._new_cache(self.store.k.size(1), min(self.max_cache_len, 2 * self.cache.max_len))
             store.k[:, :rows, :, :n], store.v[:, :rows, :, :n] = self.cache.k[:, :, :, :n], self.cache.v[:, :, :, :n]
             mask = torch.zeros(rows, store.max_len, dtype=torch.long, device=self.device)
             mask[:, :n] = self.mask[:, :n]
@@ -263,7 +292,8 @@ class Scheduler:
                 for i, r in enumerate(rows):
                     out = torch.tensor(self.running[r].output, dtype=torch.long, device=logits.device)
                     counts[i].index_add_(0, out, torch.ones_like(out, dtype=torch.int32))
-                    seen[i, self.running[r].prompt] = True
+                    if not self.encoder_decoder:  # T5's input is not its output: HF penalises the output alone
+                        seen[i, self.running[r].prompt] = True
                 seen |= counts > 0
                 if params.repetition_penalty == 1.0:
                     seen = None
@@ -283,3 +313,86 @@ class Scheduler:
             tops = [dict(list(zip(i, v))[:w or 0]) if w else None
                     for i, v, w in zip(top.indices.tolist(), top.values.tolist(), want)]
         return token_list, chosen_lp, tops
+
+
+class Seq2SeqScheduler(Scheduler):
+    """Continuous batching for an encoder-decoder (T5): the sequences that join at a step are encoded
+    as one batch and decode their start token; then every running row decodes a token per step.
+
+    A row's decoder cache is left-aligned as a decoder's is (T5's position bias depends only on key
+    minus query, so the padding before a row's tokens shifts nothing; `T5.decode`'s decoder_mask hides
+    it) and may span max_target_len positions. Its cross-attention keys and values lie in a store of
+    rows beside the cache's, managed alike: a row's input fills the first columns (T5 has no absolute
+    positions, so right padding is as good as left), the rest hidden by the encoder mask, and a step
+    attends to the columns of the longest input running.
+    """
+
+    def __init__(self, model: nn.Module, max_batch: int = 16):
+        super().__init__(model, max_batch)
+        self.max_cache_len = int(model.config.max_target_len)
+        self.sources: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per decoder layer: (rows, nh, S, hs) each
+        self.source_mask: torch.Tensor | None = None  # (rows, S) 1 where a row's input has a token
+
+    def reset(self) -> None:
+        super().reset()
+        self.sources = self.source_mask = None
+
+    def _prefill(self, seqs: list[Sequence]) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
+        """Encode the joining prompts as one right-padded batch, store their cross-attention keys and
+        values after the running rows', and decode the start token: their decoder cache (one position),
+        its mask (J, 1) and their next-token logits (J, V)."""
+        width = max(len(s.prompt) for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s.prompt)] = torch.tensor(s.prompt)
+            mask[i, :len(s.prompt)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        ragged = any(len(s.prompt) != width for s in seqs)
+        fresh = self.model.make_cache(self.model.encode(ids, mask if ragged else None), mask if ragged else None, 1)
+        start = torch.full((len(seqs), 1), self.model.config.decoder_start_id, dtype=torch.long, device=self.device)
+        logits = self.model.logits(self.model.decode(start, cache=fresh))[:, -1].float()
+        self._add_sources(fresh.cross, mask)
+        return fresh.self_attn, torch.ones(len(seqs), 1, dtype=torch.long, device=self.device), logits
+
+    def _add_sources(self, cross: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
+        """Write the joiners' cross-attention keys and values (J, nh, S', hs) per layer, and their
+        encoder mask (J, S'), after the running rows; the store grows when it lacks rows or columns."""
+        n, width = len(self.running), mask.size(1)
+        rows = n + mask.size(0)
+        if self.sources is None or self.source_mask.size(0) < rows or self.source_mask.size(1) < width:
+            old, old_mask = self.sources, self.source_mask
+            capacity = self._capacity(rows, None if old is None else old_mask.size(0))
+            span = max(width, 0 if old is None else old_mask.size(1))
+            self.sources = [(k.new_zeros(capacity, k.size(1), span, k.size(3)),
+                             v.new_zeros(capacity, v.size(1), span, v.size(3))) for k, v in cross]
+            self.source_mask = mask.new_zeros(capacity, span)
+            if n:
+                for (k, v), (old_k, old_v) in zip(self.sources, old):
+                    k[:n, :, :old_k.size(2)], v[:n, :, :old_v.size(2)] = old_k[:n], old_v[:n]
+                self.source_mask[:n, :old_mask.size(1)] = old_mask[:n]
+        for (k, v), (new_k, new_v) in zip(self.sources, cross):
+            k[n:rows, :, :width], v[n:rows, :, :width] = new_k, new_v
+        self.source_mask[n:rows] = 0
+        self.source_mask[n:rows, :width] = mask
+
+    def _new_cache(self, rows: int, max_len: int) -> KVCache:
+        cfg, p = self.model.config, self.model.embed_tokens.weight
+        return KVCache(cfg.n_decoder_layers, rows, cfg.n_heads, cfg.head_dim, max_len, p.device, p.dtype)
+
+    def _move_rows(self, dst: torch.Tensor, src: torch.Tensor, length: int) -> None:
+        super()._move_rows(dst, src, length)
+        for k, v in self.sources:
+            k[dst], v[dst] = k[src], v[src]
+        self.source_mask[dst] = self.source_mask[src]
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        n, span = len(self.running), max(len(s.prompt) for s in self.running)
+        cross = [(k[:n, :, :span], v[:n, :, :span]) for k, v in self.sources]
+        cache = Seq2SeqCache(self.cache, cross, self.source_mask[:n, :span])
+        return self.model.logits(self.model.decode(ids, cache=cache, decoder_mask=mask))[:, -1].float()
+
+
+def make_scheduler(model: nn.Module, max_batch: int = 16) -> Scheduler:
+    """The continuous-batching scheduler for `model`: a `Seq2SeqScheduler` for an encoder-decoder."""
+    return (Seq2SeqScheduler if is_encoder_decoder(model) else Scheduler)(model, max_batch)

@@ -131,6 +131,8 @@ class TextGenerator:
         self.engine = Engine(model, compile=compile)
         self.tokenizer = tokenizer
         self.add_bos = add_bos and tokenizer.bos_id is not None
+        # an encoder-decoder's input ends with EOS, as T5's tokenizer frames it and task fine-tuning trains
+        self.add_eos = self.engine.encoder_decoder and tokenizer.eos_id is not None
 
     @property
     def context(self) -> int:
@@ -144,7 +146,7 @@ class TextGenerator:
         return self.context, "the model's context window"
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, bos=self.add_bos)
+        return self.tokenizer.encode(text, bos=self.add_bos, eos=self.add_eos)
 
     def _params(self, params: SamplingParams, stop: Sequence[str]) -> tuple[SamplingParams, list[str]]:
         stop_ids, stop_text = split_stops(self.tokenizer, stop, params.stop_token_ids)

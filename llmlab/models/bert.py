@@ -268,6 +268,10 @@ class Bert(nn.Module):
                 x = layer(x, mask)
         return x
 
+    def mlm_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The masked-LM head's logits (..., vocab_size) of hidden states x (..., dim)."""
+        return self.lm_head(self.mlm_norm(gelu(self.config)(self.mlm_dense(x))))
+
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """The pooler's output (B, dim): dense + tanh of the first token's hidden state ([CLS] / <s>)."""
         first = x[:, 0]
@@ -336,7 +340,7 @@ class Bert(nn.Module):
             if targets is not None:  # only the predicted positions go through the head
                 keep = targets != -100
                 x, targets = x[keep], targets[keep]
-            logits = self.lm_head(self.mlm_norm(gelu(cfg)(self.mlm_dense(x))))
+            logits = self.mlm_logits(x)
             return logits if targets is None else F.cross_entropy(logits.float(), targets) + extra
         pooled = self.pooled(x) if cfg.head == "classify" else x
         logits = self.classifier(self.dropout(pooled))

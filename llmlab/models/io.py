@@ -47,6 +47,30 @@ class CheckpointError(LlmlabError):
 # --------------------------------------------------------------------------- reading
 
 
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """The checkpoint folder that `path` names: a folder with config.json (llmlab or HF format), or a
+    run directory, whose `final/` folder (what fine-tuning exports) or else newest checkpoint is used."""
+    path = Path(path)
+    if not path.exists():
+        raise LlmlabError(f"{path}: no such checkpoint or run directory")
+    if not path.is_dir():
+        raise LlmlabError(f"{path}: is a file; give a checkpoint folder or a run directory")
+    if (path / "config.json").is_file():
+        return path
+    if (path / "final" / "config.json").is_file():
+        return path / "final"
+    ckpts = sorted(p for p in (path / "checkpoints").glob("step-*") if (p / "config.json").is_file()) \
+        if (path / "checkpoints").is_dir() else []
+    if ckpts:
+        return ckpts[-1]
+    if (path / "adapter_config.json").is_file():
+        raise LlmlabError(f"{path}: holds a LoRA adapter only; merge it into its base first "
+                          f"(`llmlab convert BASE --adapter {path} --to llmlab --out MERGED`)")
+    if (path / "checkpoints").is_dir():
+        raise LlmlabError(f"{path}: a run directory without a complete checkpoint (checkpoints/ holds no step-* "
+                          "folder with a config.json, and there is no final/)")
+    raise LlmlabError(f"{path}: not a checkpoint (no config.json) nor a run directory (no checkpoints/ inside)")
+
 def read_config(path: str | os.PathLike) -> tuple[ModelConfig, str]:
     """(model config, "llmlab" | "hf") from a checkpoint folder's config.json."""
     file = Path(path) / "config.json"

@@ -349,11 +349,15 @@ class T5(nn.Module):
         return Seq2SeqCache(kv, cross, encoder_mask)
 
     def decode(self, decoder_input_ids: torch.Tensor, encoder_out: torch.Tensor | None = None,
-               encoder_mask: torch.Tensor | None = None, *, cache: Seq2SeqCache | None = None) -> torch.Tensor:
+               encoder_mask: torch.Tensor | None = None, *, cache: Seq2SeqCache | None = None,
+               decoder_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder's last hidden states (B, T, dim), before the output head.
 
         Either the whole target at once with `encoder_out` (training, scoring), or, with `cache`,
         the next T tokens after those cached (generation; the cache holds the encoder's side).
+        `decoder_mask` (B, start + T), 1 for the decoder's tokens, hides padding among the cached
+        ones: rows of different lengths left-aligned in one cache (continuous batching). The position
+        bias depends only on key minus query, so padding before a row's tokens shifts nothing.
         """
         dec = self.decoder
         T = decoder_input_ids.size(1)
@@ -364,7 +368,10 @@ class T5(nn.Module):
             encoder_mask = cache.encoder_mask
         causal = torch.arange(start + T, device=decoder_input_ids.device)[None, :] <= \
             torch.arange(start, start + T, device=decoder_input_ids.device)[:, None]
-        bias = additive_mask(dec.relative_bias(T, start + T, start), causal[None, None])  # (1, nh, T, start + T)
+        keep = causal[None, None]  # (1, 1, T, start + T)
+        if decoder_mask is not None:
+            keep = keep & decoder_mask[:, None, None, :].bool()  # (B, 1, T, start + T)
+        bias = additive_mask(dec.relative_bias(T, start + T, start), keep)  # (B|1, nh, T, start + T)
         S = cache.cross[0][0].size(2) if cache is not None else encoder_out.size(1)
         cross_bias = torch.zeros(1, 1, T, S, device=decoder_input_ids.device)
         if encoder_mask is not None:

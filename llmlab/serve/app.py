@@ -8,7 +8,9 @@ checked field by field (`protocol.py`) and turned into scheduler sequences, one 
 generation worker thread steps the batch (`worker.py`), and each request reads its sequences'
 tokens as they come. A client that
 disconnects cancels its sequences, freeing their rows at the next step; a full waiting room is
-answered 429 with Retry-After.
+answered 429 with Retry-After. An encoder-decoder (T5) is served alike: its prompt is the encoder's
+input (up to max_seq_len tokens, ending with EOS as `TextGenerator` frames it; `echo` is refused,
+the input having no log-probabilities) and its completion the decoder's (up to max_target_len).
 
 Security: the server binds 127.0.0.1 unless told otherwise; with an API key (`--api-key` or
 LLMLAB_API_KEY) every route but /health needs `Authorization: Bearer <key>`, compared in constant
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from llmlab.generate.sampling import GenerationError
 from llmlab.generate.scheduler import Sequence
@@ -50,6 +53,12 @@ class ServedModel:
     template: ChatTemplate
     created: int
     add_bos: bool = False  # start text prompts with the BOS token
+    add_eos: bool = False  # end text prompts with the EOS token (an encoder-decoder's input)
+
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """A text prompt's token ids, framed as `TextGenerator.encode` frames it (the BOS and EOS the
+        generator adds, from its `add_bos` and `add_eos`); `special=False` adds neither."""
+        return self.tokenizer.encode(text, bos=special and self.add_bos, eos=special and self.add_eos)
 
 
 def create_app(served: ServedModel, worker: Worker, limits: Limits, *, api_key: str | None = None,
@@ -94,13 +103,13 @@ def create_app(served: ServedModel, worker: Worker, limits: Limits, *, api_key: 
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [_model_card(served)]}
+        return {"object": "list", "data": [_model_card(served, limits)]}
 
     @app.get("/v1/models/{name}")
     async def model(name: str):
         if name != served.name:
             raise ApiError(404, f"The model '{name}' does not exist", type="not_found_error", code="model_not_found")
-        return _model_card(served)
+        return _model_card(served, limits)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -110,15 +119,21 @@ def create_app(served: ServedModel, worker: Worker, limits: Limits, *, api_key: 
         common = common_fields(body, limits, max_tokens_names=("max_tokens",), default_max_tokens=16,
                                min_max_tokens=0)
         echo = _flag(body, "echo")
+        if echo and limits.encoder_decoder:
+            raise bad("echo: not available for an encoder-decoder: its prompt is the encoder's input, which has no "
+                      "log-probabilities to score; leave echo out", "echo")
         logprobs = body.get("logprobs")
         if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
                                      or not 0 <= logprobs <= 5):
             raise bad(f"logprobs: expected an integer in [0, 5], got {logprobs!r}", "logprobs")
+        if common.max_tokens == 0 and limits.encoder_decoder:
+            raise bad("max_tokens: must be at least 1 (an encoder-decoder's prompt cannot be scored with echo)",
+                      "max_tokens")
         if common.max_tokens == 0 and not echo:
             raise bad("max_tokens: 0 is allowed only with echo=true (to score the prompt)", "max_tokens")
         if common.max_tokens == 0 and common.stream:
             raise bad("max_tokens: 0 cannot stream", "max_tokens")
-        prompts = [tokenizer.encode(p, bos=served.add_bos) if isinstance(p, str) else list(p)
+        prompts = [served.encode(p) if isinstance(p, str) else list(p)
                    for p in completion_prompts(body, limits, served.tokenizer.vocab_size)]
         for ids in prompts:
             context_check(len(ids), common.max_tokens, limits)
@@ -143,11 +158,11 @@ def create_app(served: ServedModel, worker: Worker, limits: Limits, *, api_key: 
             common.logprobs = _top_logprobs(body)
         elif body.get("top_logprobs") is not None:
             raise bad("top_logprobs: requires logprobs=true", "top_logprobs")
-        ids = tokenizer.encode(text, bos=served.add_bos)
+        ids = served.encode(text)
         if not ids:
             raise bad("messages: the conversation renders to an empty prompt", "messages")
-        if not common.max_tokens_given:  # fill what the context leaves
-            common.max_tokens = common.params.max_new_tokens = max(1, min(limits.max_tokens, limits.context - len(ids)))
+        if not common.max_tokens_given:  # fill what the context leaves (an encoder-decoder's: its decoder's limit)
+            common.max_tokens = common.params.max_new_tokens = max(1, limits.room(len(ids)))
         context_check(len(ids), common.max_tokens, limits, "messages")
         common.stop = [served.template.stop, *common.stop] if served.template.stop else common.stop
         return await _respond(request, "chat.completion", [ids], common)
@@ -172,7 +187,7 @@ def create_app(served: ServedModel, worker: Worker, limits: Limits, *, api_key: 
                                                req.add_generation_prompt)
             except ChatTemplateError as e:
                 raise bad(str(e), "messages") from None
-        ids = await asyncio.to_thread(tokenizer.encode, text, bos=req.add_special_tokens and served.add_bos)
+        ids = await asyncio.to_thread(served.encode, text, req.add_special_tokens)
         strs = [tokenizer.backend.id_to_token(t) for t in ids] if req.return_token_strs else None
         return {"count": len(ids), "max_model_len": limits.context, "tokens": ids, "token_strs": strs}
 
@@ -258,7 +273,8 @@ def create_app(served: ServedModel, worker: Worker, limits: Limits, *, api_key: 
                 choices.append(_choice(seq.index, prefix + st.text.text, st.finish_reason, lp))
         return _final(kind, rid, created, served.name, choices, usage)
 
-    async def _stream(request, kind, rid, created, sequences, events, states, usage, common, echo) -> AsyncIterator[str]:
+    async def _stream(request, kind, rid, created, sequences, events, states, usage, common,
+                      echo) -> AsyncIterator[str]:
         chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
 
         def chunk(choices, extra=None):
@@ -301,7 +317,8 @@ def create_app(served: ServedModel, worker: Worker, limits: Limits, *, api_key: 
                     done += 1
                     usage["completion_tokens"] += len(item.sequence.output)
             if common.include_usage:
-                yield chunk([], {"usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}})
+                total = usage["prompt_tokens"] + usage["completion_tokens"]
+                yield chunk([], {"usage": {**usage, "total_tokens": total}})
             yield "data: [DONE]\n\n"
         finally:  # normal end, or the client went away (the generator is closed): free the rows
             worker.cancel([s for s in sequences if s.finish_reason is None])
@@ -351,16 +368,22 @@ def _tokenizer_info(served: ServedModel, limits: Limits) -> dict:
     return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos,
             "eos_token": None if tok.eos_id is None else name(tok.eos_id),
             "pad_token": None if tok.pad_id is None else name(tok.pad_id),
-            "add_bos_token": served.add_bos, "add_eos_token": False, "chat_template": served.template.source,
+            "add_bos_token": served.add_bos, "add_eos_token": served.add_eos, "chat_template": served.template.source,
             "model_max_length": limits.context, "vocab_size": tok.vocab_size}
 
 
-def _model_card(served: ServedModel) -> dict:
-    return {"id": served.name, "object": "model", "created": served.created, "owned_by": "llmlab"}
+def _model_card(served: ServedModel, limits: Limits) -> dict:
+    """OpenAI's model object, with vLLM's `max_model_len`: the most tokens a prompt may have (with its
+    completion, for a decoder)."""
+    return {"id": served.name, "object": "model", "created": served.created, "owned_by": "llmlab",
+            "max_model_len": limits.context}
 
 
 async def _json_body(request: Request, limits: Limits) -> dict:
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except ClientDisconnect:  # gone before its body arrived: nobody reads the answer
+        raise ApiError(400, "the client closed the connection before sending its whole body") from None
     if len(raw) > limits.max_body_bytes:
         raise ApiError(413, f"request body over {limits.max_body_bytes} bytes")
     try:

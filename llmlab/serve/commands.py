@@ -42,14 +42,16 @@ def build(ns: argparse.Namespace):
             raise LlmlabError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(ns, name)}")
     if ns.max_tokens is not None and ns.max_tokens < 1:
         raise LlmlabError(f"--max-tokens must be at least 1, got {ns.max_tokens}")
-    generator = load_generator(ns, ("decoder",), "llmlab serve")
-    model, tokenizer = generator.engine.model, generator.tokenizer
-    context = int(model.config.max_seq_len)
-    limits = Limits(context=context, max_tokens=min(ns.max_tokens or context, context), max_n=ns.max_n,
-                    vocab_size=int(model.config.vocab_size))
+    name = ns.served_model_name or Path(ns.checkpoint).resolve().name  # a run directory's name, not final/'s
+    generator = load_generator(ns, ("decoder", "encoder-decoder"), "llmlab serve")
+    engine, tokenizer = generator.engine, generator.tokenizer
+    model = engine.model.model if engine.encoder_decoder else engine.model  # T5 itself, not the engine's adapter
+    context, output = int(model.config.max_seq_len), generator.output_limit[0]
+    limits = Limits(context=context, max_tokens=min(ns.max_tokens or output, output), max_n=ns.max_n,
+                    vocab_size=int(model.config.vocab_size), encoder_decoder=engine.encoder_decoder)
     template = load_chat_template(ns.tokenizer or ns.checkpoint, ns.template)
-    served = ServedModel(ns.served_model_name or Path(ns.checkpoint).resolve().name, model, tokenizer, template,
-                         int(time.time()), add_bos=generator.add_bos)
+    served = ServedModel(name, model, tokenizer, template, int(time.time()), add_bos=generator.add_bos,
+                         add_eos=generator.add_eos)
     worker = Worker(model, max_batch=ns.max_batch, max_queue=ns.max_queue)
     api_key = ns.api_key if ns.api_key is not None else os.environ.get("LLMLAB_API_KEY") or None
     return create_app(served, worker, limits, api_key=api_key, cors_origins=ns.cors_origin), worker

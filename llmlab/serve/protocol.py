@@ -29,7 +29,7 @@ class ApiError(Exception):
 
 @dataclass
 class Limits:
-    context: int  # the model's context window, in tokens
+    context: int  # the model's context window, in tokens (an encoder-decoder's: its input's)
     max_tokens: int  # the most tokens one completion may ask for
     max_n: int = 16  # completions per prompt
     max_prompts: int = 64  # prompts in one completions request
@@ -39,6 +39,11 @@ class Limits:
     max_body_bytes: int = 4 << 20  # request body size
     max_depth: int = 512  # how deeply lists and objects may nest in a body
     vocab_size: int | None = None  # token ids (prompts, logit_bias) must be below this
+    encoder_decoder: bool = False  # the prompt (the encoder's input) and the completion do not share the context
+
+    def room(self, prompt_tokens: int) -> int:
+        """The most tokens a completion of a `prompt_tokens`-token prompt may have (at most max_tokens)."""
+        return self.max_tokens if self.encoder_decoder else min(self.max_tokens, self.context - prompt_tokens)
 
 
 # what each route reads; beside them, `user` and OpenAI's bookkeeping fields are accepted and change nothing
@@ -243,7 +248,14 @@ def completion_prompts(body: dict, limits: Limits, vocab_size: int) -> list[str 
 
 
 def context_check(prompt_tokens: int, max_tokens: int, limits: Limits, param: str = "prompt") -> None:
-    """OpenAI's wording, which clients match to detect an over-long request."""
+    """OpenAI's wording, which clients match to detect an over-long request. An encoder-decoder's prompt
+    has the context to itself (its completion's own limit bounds max_tokens already)."""
+    if limits.encoder_decoder:
+        if prompt_tokens > limits.context:
+            raise bad(f"This model's maximum context length is {limits.context} tokens for the prompt (the "
+                      f"encoder's input). However, you requested {prompt_tokens} tokens in the prompt. Please "
+                      "reduce the prompt length.", param, "context_length_exceeded")
+        return
     if prompt_tokens + max_tokens > limits.context:
         raise bad(f"This model's maximum context length is {limits.context} tokens. However, you requested "
                   f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the "

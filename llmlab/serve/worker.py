@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from llmlab.generate.scheduler import Event, Scheduler, Sequence
+from llmlab.generate.scheduler import Event, Sequence, make_scheduler
 
 
 class Overloaded(Exception):
@@ -32,7 +32,7 @@ class Failure:
 
 class Worker:
     def __init__(self, model: nn.Module, *, max_batch: int = 16, max_queue: int = 64):
-        self.scheduler = Scheduler(model, max_batch=max_batch)
+        self.scheduler = make_scheduler(model, max_batch)
         self.max_queue = max_queue
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._outputs: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}

@@ -60,12 +60,15 @@ class DataConfig:
     labels: list[str] = field(default_factory=list)
     text_fields: list[str] = field(default_factory=list)  # task=classify: the TSV columns / JSON fields of the text(s)
     label_field: str = "label"  # task=classify: the column / field of the label
+    doc_stride: int = 128  # task=span: tokens shared by the windows of a long context (at most half a window)
 
     def __post_init__(self):
         if not self.train:
             raise ValueError("train is empty: name the records (.jsonl) or a `llmlab data prepare` folder")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.doc_stride < 0:
+            raise ValueError(f"doc_stride must be >= 0, got {self.doc_stride}")
 
 
 @dataclass

@@ -7,14 +7,15 @@ head then trains whole beside the adapters):
 - tokens: a classifier on every token (NER), each word's tag learnt on its first piece: entity F1
   (seqeval's rules);
 - span: start and end logits over the context (extractive QA, SQuAD): exact match and F1 of the
-  best span (a context longer than the window is cut at its end);
+  best span over the windows of a long context (overlapping by `data.doc_stride` tokens), or no
+  answer when the [CLS] score beats it and the validation set has unanswerable questions;
 - seq2seq: T5 on source/target pairs (translation, summarisation), teacher forcing, then greedy
   decoding: exact match and BLEU.
-Rows are [CLS] text [SEP] (a pair or the question: [CLS] a [SEP] b [SEP], token types 0 and 1),
+Rows are encoded, and scored, by `llmlab.eval.heads` (as `llmlab eval` scores the final model),
 padded per batch; batches follow a seeded shuffle per epoch, a pure function of the step, so
 resume is exact. The loop, checkpoints, signals and early stopping are the training core's.
 
-    run_dir/  config.yaml  metrics.jsonl  checkpoints/  final/ (the model with its tokenizer)  labels.json
+    run_dir/  config.yaml  metrics.jsonl  checkpoints/  final/ (the model, its tokenizer, labels.json, task.json)
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +32,10 @@ import torch
 from llmlab.common import LlmlabError, atomic_dir, atomic_write_text, choose_device, init_distributed, seed_everything
 from llmlab.config import save_config
 from llmlab.data.sft import epoch_batch, hold_out
-from llmlab.data.tasks import (align_tags, answer_token_span, best_span, read_classification, read_seq2seq,
-                               read_squad, read_token_classification, word_predictions)
-from llmlab.eval.metrics import bleu, classification_report, exact_match, squad_exact_match, token_f1
-from llmlab.eval.seqeval import entity_scores
+from llmlab.data.tasks import read_classification, read_seq2seq, read_squad, read_token_classification
+from llmlab.eval.heads import (TaskRows, classification_scores, head_logits, predict_answers, predict_labels,
+                               predict_tags, qa_scores, tagging_scores)
+from llmlab.eval.metrics import bleu, exact_match
 from llmlab.models import build_model, model_kind, with_article
 from llmlab.models.io import copy_tokenizer_files, load_model, read_config, save_model
 from llmlab.peft import apply_lora, merge_and_unload, trainable_parameters
@@ -45,19 +45,8 @@ from llmlab.train.core import accumulate, clip_gradients, open_run, resolve_auto
 from llmlab.train.loop import check_run_dir, resume_run, run_settings, truncate_metrics
 from llmlab.train.optim import build_optimizer
 
-IGNORE = -100
 TASKS = {"classify": "encoder", "tokens": "encoder", "span": "encoder", "seq2seq": "encoder-decoder"}
 HEAD_KEYS = ("mlm_", "lm_head.", "sentence_classifier.", "sbo_", "classifier.", "pooler.")  # what a new head replaces
-
-
-@dataclass
-class Row:
-    """One example as the model reads it, and what scoring it needs."""
-
-    input_ids: list[int]
-    types: list[int]
-    target: object  # classify: label; tokens: per-token tags; span: (start, end); seq2seq: target ids
-    meta: dict
 
 
 def run(cfg, *, overwrite: bool = False) -> dict:
@@ -176,8 +165,9 @@ def task_model(base: str, base_cfg, task: str, n_labels: int, device: torch.devi
 
 
 def export(cfg, model, base: str, labels: list[str]) -> str:
-    """`final/`: the fine-tuned model (LoRA merged) with the base's tokenizer and labels.json (the
-    label or tag names by index), which `llmlab.load_model` and `llmlab convert --to hf` read."""
+    """`final/`: the fine-tuned model (LoRA merged) with the base's tokenizer, labels.json (the label
+    or tag names by index) and task.json (the task, seq_len and doc_stride its rows were framed with),
+    which `llmlab eval` reads."""
     if cfg.peft == "lora":
         model = merge_and_unload(model)
     out = Path(cfg.out_dir)
@@ -186,6 +176,9 @@ def export(cfg, model, base: str, labels: list[str]) -> str:
         copy_tokenizer_files(base, tmp)
         if labels:
             atomic_write_text(tmp / "labels.json", json.dumps(labels, indent=2) + "\n")
+        if cfg.task != "seq2seq":  # how the examples were framed: `llmlab eval` frames them alike
+            atomic_write_text(tmp / "task.json", json.dumps({"task": cfg.task, "seq_len": cfg.seq_len,
+                                                             "doc_stride": cfg.data.doc_stride}) + "\n")
     return str(out / "final")
 
 
@@ -193,21 +186,13 @@ def export(cfg, model, base: str, labels: list[str]) -> str:
 
 
 class TaskData:
-    """The task's examples, encoded as rows; seeded batches; validation loss and scores."""
+    """The task's examples, encoded as rows (`TaskRows`); seeded batches; validation loss and scores."""
 
     def __init__(self, cfg, tokenizer, model_cfg):
         self.cfg, self.tok, self.task = cfg, tokenizer, cfg.task
-        self.pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
         self.labels: list[str] = []
-        if self.task != "seq2seq":
-            self.cls, self.sep = tokenizer.cls_id, tokenizer.sep_id
-            if self.cls is None or self.sep is None:
-                self.cls, self.sep = tokenizer.bos_id, tokenizer.eos_id  # RoBERTa's <s> and </s>
-            if self.cls is None or self.sep is None:
-                raise LlmlabError(f"task={self.task} frames texts as [CLS] ... [SEP]; the tokenizer of {cfg.base} "
-                                  "has neither [CLS]/[SEP] nor <s>/</s>")
-        else:
-            self.eos, self.max_target = tokenizer.eos_id, model_cfg.max_target_len
+        self.encoder = TaskRows(cfg.task, tokenizer, cfg.seq_len, max_target=getattr(model_cfg, "max_target_len", None),
+                                doc_stride=cfg.data.doc_stride)
         if cfg.data.val and Path(cfg.data.train).is_dir() and \
                 Path(cfg.data.train).resolve() in Path(cfg.data.val).resolve().parents:
             raise LlmlabError(f"data.val={cfg.data.val} lies inside data.train={cfg.data.train}, whose every file is "
@@ -219,13 +204,12 @@ class TaskData:
             train, val = hold_out(train, cfg.data.val_fraction, cfg.seed)
         if not train:
             raise LlmlabError(f"data.train={cfg.data.train}: no training examples left after holding out validation")
-        if cfg.batch_size > len(train):
-            raise LlmlabError(f"batch_size={cfg.batch_size} is more than the {len(train):,} training examples")
-        self.train, self.val = train, val
+        self.val_examples = val
+        self.train, self.val = self.encoder.rows(train), self.encoder.rows(val)
+        if cfg.batch_size > len(self.train):
+            raise LlmlabError(f"batch_size={cfg.batch_size} is more than the {len(self.train):,} training examples")
 
-    # ---- reading and encoding
-
-    def _read(self, path: str) -> list[Row]:
+    def _read(self, path: str) -> list:
         task, data = self.task, self.cfg.data
         if task == "classify":
             examples, self.labels = read_classification(path, self.labels or data.labels or None,
@@ -233,7 +217,7 @@ class TaskData:
                                                         label_field=data.label_field)
             if len(self.labels) < 2:
                 raise LlmlabError(f"{path}: one label ({self.labels[0]!r}) only; classification needs two or more")
-            return [self._classify(e) for e in examples]
+            return examples
         if task == "tokens":
             examples, self.labels = read_token_classification(path, self.labels or data.labels or None)
             bad = next((t for t in self.labels if t != "O" and not (t[:2] in ("B-", "I-") and len(t) > 2)), None)
@@ -241,62 +225,10 @@ class TaskData:
                 first = next(e.where for e in examples if self.labels.index(bad) in e.tags)
                 raise LlmlabError(f"{first}: tag {bad!r} (in this sentence) is not O, B-TYPE or I-TYPE; token "
                                   "classification reads BIO tags (the tag is a line's last column)")
-            return [self._tokens(e) for e in examples]
+            return examples
         if task == "span":
-            return [self._span(e) for e in read_squad(path)]
-        return [self._seq2seq(e) for e in read_seq2seq(path)]
-
-    def _frame(self, first: list[int], second: list[int] | None = None) -> tuple[list[int], list[int]]:
-        """[CLS] first [SEP] (second [SEP]) within seq_len: the longer part is cut at its end."""
-        room = self.cfg.seq_len - (3 if second is not None else 2)
-        second = list(second) if second is not None else None
-        first = list(first)
-        while len(first) + len(second or []) > room:
-            (first if second is None or len(first) > len(second) else second).pop()
-        ids = [self.cls, *first, self.sep]
-        types = [0] * len(ids)
-        if second is not None:
-            ids += [*second, self.sep]
-            types += [1] * (len(second) + 1)
-        return ids, types
-
-    def _classify(self, e) -> Row:
-        pair = self.tok.encode(e.text_pair) if e.text_pair is not None else None
-        ids, types = self._frame(self.tok.encode(e.text), pair)
-        return Row(ids, types, e.label, {"label": e.label})
-
-    def _tokens(self, e) -> Row:
-        pieces, word_ids = [], []
-        for w, word in enumerate(e.tokens):
-            encoded = self.tok.encode(word) or [self.tok.unk_id if self.tok.unk_id is not None else self.pad]
-            pieces += encoded
-            word_ids += [w] * len(encoded)
-        ids, types = self._frame(pieces)
-        word_ids = [None, *word_ids[:len(ids) - 2], None]
-        return Row(ids, types, align_tags(e.tags, word_ids), {"tags": e.tags, "word_ids": word_ids})
-
-    def _span(self, e) -> Row:
-        question = self.tok.encode(e.question)
-        encoding = self.tok.backend.encode(e.context, add_special_tokens=False)
-        room = self.cfg.seq_len - 3 - len(question)
-        if room < 1:
-            raise LlmlabError(f"{e.where}: the question fills the {self.cfg.seq_len}-token window")
-        context, offsets = encoding.ids[:room], [tuple(o) for o in encoding.offsets[:room]]
-        ids, types = self._frame(question, context)
-        full = [None] * (len(question) + 2) + offsets + [None]  # the context's tokens sit after [CLS] q [SEP]
-        answer = None if e.is_impossible or not e.answers else (e.answer_starts[0],
-                                                                 e.answer_starts[0] + len(e.answers[0]))
-        start, end = answer_token_span(full, answer)
-        return Row(ids, types, (start, end), {"offsets": full, "context": e.context, "answers": e.answers})
-
-    def _seq2seq(self, e) -> Row:
-        source = self.tok.encode(e.source)[:self.cfg.seq_len - (self.eos is not None)]
-        target = self.tok.encode(e.target)
-        end = [self.eos] if self.eos is not None else []
-        if len(target) + len(end) > self.max_target:
-            raise LlmlabError(f"{e.where}: the target is {len(target) + len(end)} tokens, more than the model's "
-                              f"max_target_len={self.max_target}")
-        return Row(source + end, [], target + end, {"target": e.target, "task": e.task})
+            return read_squad(path)
+        return read_seq2seq(path)
 
     # ---- batches
 
@@ -304,97 +236,55 @@ class TaskData:
         """Micro-batch `index` of training: rows of a seeded shuffle per epoch, in order."""
         size = self.cfg.batch_size
         chosen = epoch_batch(len(self.train), index * size, size, (self.cfg.seed, 5))
-        return self.collate([self.train[i] for i in chosen], device)
-
-    def collate(self, rows: list[Row], device: torch.device) -> dict:
-        width = max(len(r.input_ids) for r in rows)
-        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r.input_ids)] = torch.tensor(r.input_ids)
-            mask[i, :len(r.input_ids)] = 1
-        out = {"input_ids": ids, "attention_mask": mask}
-        if self.task == "seq2seq":
-            length = max(len(r.target) for r in rows)
-            targets = torch.full((len(rows), length), IGNORE, dtype=torch.long)
-            for i, r in enumerate(rows):
-                targets[i, :len(r.target)] = torch.tensor(r.target)
-        else:
-            types = torch.zeros((len(rows), width), dtype=torch.long)
-            for i, r in enumerate(rows):
-                types[i, :len(r.types)] = torch.tensor(r.types)
-            out["token_type_ids"] = types
-            if self.task == "tokens":
-                targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-                for i, r in enumerate(rows):
-                    targets[i, :len(r.target)] = torch.tensor(r.target)
-            else:
-                targets = torch.tensor([r.target for r in rows], dtype=torch.long)
-        out["targets"] = targets
-        return {k: v.to(device) for k, v in out.items()}
+        return self.encoder.collate([self.train[i] for i in chosen], device)
 
     def units(self, batch: dict) -> int:
-        """What a batch's mean loss is over: its predicted tokens (tokens, seq2seq) or its rows."""
-        targets = batch["targets"]
-        return int((targets != IGNORE).sum()) if self.task in ("tokens", "seq2seq") else len(targets)
+        return self.encoder.units(batch)
 
     # ---- evaluation
 
     @torch.no_grad()
     def evaluate(self, model, device: torch.device, batches: int) -> tuple[float, dict]:
         """(loss per unit, the task's scores) over the first `batches` x batch_size validation examples."""
-        rows = self.val[:batches * self.cfg.batch_size]
+        examples = self.val_examples[:batches * self.cfg.batch_size]
+        rows = [r for r in self.val if r.meta["example"] < len(examples)]
         training = model.training
         model.eval()
-        total, units, preds = 0.0, 0, []
         try:
-            for i in range(0, len(rows), self.cfg.batch_size):
-                chunk = rows[i:i + self.cfg.batch_size]
-                batch = self.collate(chunk, device)
-                n = self.units(batch)
-                if self.task == "seq2seq":  # scored by greedy decoding below
-                    loss = model(**batch)
-                else:  # one forward: the logits for the scores, the loss from them
-                    logits = model(**{k: v for k, v in batch.items() if k != "targets"})
-                    loss = model.head_loss(logits, batch["targets"])
-                    preds += list(logits.float().cpu())
-                total += float(loss) * n
-                units += n
-            scores = self._scores(model, rows, preds, device)
+            if self.task == "seq2seq":  # the loss by teacher forcing, the scores by greedy decoding
+                total, units = 0.0, 0
+                for i in range(0, len(rows), self.cfg.batch_size):
+                    batch = self.encoder.collate(rows[i:i + self.cfg.batch_size], device)
+                    n = self.units(batch)
+                    total += float(model(**batch)) * n
+                    units += n
+                return total / max(units, 1), self._seq2seq_scores(model, rows, examples)
+            total, units, logits = head_logits(model, self.encoder, rows, self.cfg.batch_size, device)
         finally:
             model.train(training)
+        if self.task == "classify":
+            scores = classification_scores([self.labels[e.label] for e in examples],
+                                           [self.labels[p] for p in predict_labels(logits)])
+        elif self.task == "tokens":
+            scores = tagging_scores([[self.labels[t] for t in e.tags] for e in examples],
+                                    [[self.labels[t] for t in tags] for tags in predict_tags(rows, logits)])
+            scores = {"entity_f1": scores["entity_f1"], "tag_accuracy": scores["tag_accuracy"]}
+        else:
+            answers = predict_answers(rows, logits, [e.context for e in examples],
+                                      allow_null=any(e.is_impossible for e in self.val_examples))
+            em, f1 = zip(*(qa_scores(a, e.answers) for a, e in zip(answers, examples)))
+            scores = {"exact_match": float(np.mean(em)), "f1": float(np.mean(f1))}
         return total / max(units, 1), scores
 
-    def _scores(self, model, rows: list[Row], preds: list, device: torch.device) -> dict:
-        if self.task == "classify":
-            report = classification_report([self.labels[r.target] for r in rows],
-                                           [self.labels[int(p.argmax())] for p in preds])
-            return {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"]}
-        if self.task == "tokens":
-            golds, guesses = [], []
-            for r, p in zip(rows, preds):
-                words = word_predictions(p[:len(r.input_ids)].argmax(-1).tolist(), r.meta["word_ids"])
-                golds.append([self.labels[t] for t in r.meta["tags"][:len(words)]])
-                guesses.append([self.labels[t] for t in words])
-            report = entity_scores(golds, guesses)
-            return {"entity_f1": report["f1"], "tag_accuracy": report["accuracy"]}
-        if self.task == "span":
-            em, f1 = [], []
-            for r, p in zip(rows, preds):
-                n = len(r.input_ids)
-                span = best_span(p[:n, 0], p[:n, 1], r.meta["offsets"])
-                text = r.meta["context"][span.start_char:span.end_char] if span is not None else ""
-                answers = r.meta["answers"] or [""]
-                em.append(max(float(squad_exact_match(text, a)) for a in answers))
-                f1.append(max(token_f1(text, a) for a in answers))
-            return {"exact_match": float(np.mean(em)), "f1": float(np.mean(f1))}
+    def _seq2seq_scores(self, model, rows: list, examples: list) -> dict:
         from llmlab.generate import SamplingParams
         from llmlab.generate.engine import Engine
 
-        params = SamplingParams(max_new_tokens=self.max_target, temperature=0.0,
-                                stop_token_ids=[self.eos] if self.eos is not None else [])
+        eos = self.encoder.eos
+        params = SamplingParams(max_new_tokens=self.encoder.max_target, temperature=0.0,
+                                stop_token_ids=[eos] if eos is not None else [])
         done = Engine(model).generate([r.input_ids for r in rows], params)
         texts = [self.tok.decode(c.token_ids, skip_special=True).strip() for c in done]
-        refs = [r.meta["target"] for r in rows]
+        refs = [e.target for e in examples]
         return {"exact_match": float(np.mean([exact_match(t, g, ignore_whitespace=True) for t, g in zip(texts, refs)])),
                 "bleu": bleu(texts, refs)}

@@ -517,6 +517,8 @@ def test_task_synth_config_refuses_bad_values(tmp_path):
         st.TaskSynthConfig(task="sentiment", format="conll")
     with pytest.raises(ValueError, match="unanswerable must be between 0 and 1"):
         st.TaskSynthConfig(task="qa", unanswerable=1.5)
+    with pytest.raises(ValueError, match="task=ner has none"):
+        st.TaskSynthConfig(task="ner", unanswerable=0.2)
     with pytest.raises(LlmlabError, match="unknown task 'pos'; known tasks: sentiment, ner, qa"):
         st.generate("pos", 3, seed=0)
     with pytest.raises(LlmlabError, match="at most 1,000,000, got 0"):

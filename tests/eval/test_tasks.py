@@ -52,10 +52,11 @@ ROWS = [{"q": "red cat", "choices": ["dog", "sun"], "label": 0}, {"q": "blue", "
 
 
 def test_every_builtin_task_loads_with_documents():
-    assert len(BUILTIN_TASKS) == 8
+    assert len(BUILTIN_TASKS) == 9
     tasks = {t.name: t for name in BUILTIN_TASKS for t in load_tasks(name, builtins=BUILTIN_TASKS)}
     assert set(tasks) == set(BUILTIN_TASKS)
     assert len(tasks["pydoc-cloze"].docs) == 200 and len(tasks["synth"].docs) == 200
+    assert all(d["text"].count("[MASK]") == 1 for d in tasks["pydoc-fill-mask"].docs)
     assert {d["task"] for d in tasks["synth"].docs} == {"add", "subtract", "multiply", "reverse", "sort", "count",
                                                          "upper", "format"}
     assert len(tasks["pydoc-ppl"].docs) >= 10 and len(tasks["code"].docs) == 12 and len(tasks["bias"].docs) == 50
@@ -126,13 +127,14 @@ def test_unknown_task_and_runaway_template(tmp_path):
 def test_run_directory_resolves_to_its_newest_checkpoint(tmp_path, checkpoint):
     import shutil
 
-    from llmlab.eval.lm import resolve_model_dir
+    from llmlab.common import LlmlabError
+    from llmlab.models.io import resolve_model_dir
 
     for step in ("step-00000010", "step-00000020"):
         shutil.copytree(checkpoint, tmp_path / "run" / "checkpoints" / step)
     assert resolve_model_dir(tmp_path / "run").name == "step-00000020"
     assert resolve_model_dir(checkpoint) == checkpoint
-    with pytest.raises(EvalError, match="not a checkpoint"):
+    with pytest.raises(LlmlabError, match="not a checkpoint"):
         resolve_model_dir(tmp_path)
 
 

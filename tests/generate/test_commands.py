@@ -132,7 +132,7 @@ def test_an_encoder_decoder_generates_from_the_cli(encoder_decoder, capsys):
     out = run_json(capsys, encoder_decoder, "--prompt", "def f1(x):", "--prompt", "return", "--temperature", "0")
     tok = load_tokenizer(encoder_decoder)
     want = Engine(load_model(encoder_decoder)).generate(
-        [tok.encode("def f1(x):"), tok.encode("return")],
+        [tok.encode("def f1(x):", eos=True), tok.encode("return", eos=True)],  # T5's input ends with EOS
         SamplingParams(max_new_tokens=10, temperature=0.0, stop_token_ids=[tok.eos_id]))
     assert [c["token_ids"] for c in out["completions"]] == [c.token_ids for c in want]
     assert all(len(c["token_ids"]) <= 10 for c in out["completions"])  # the decoder's own limit, not the input's
@@ -142,7 +142,7 @@ def test_an_encoder_decoder_generates_from_the_cli(encoder_decoder, capsys):
     assert len(beams["completions"][0]["token_ids"]) <= 4
 
 
-def test_an_encoder_cannot_generate_or_serve(tmp_path, encoder_decoder, capsys):
+def test_an_encoder_cannot_generate_or_serve(tmp_path, capsys):
     from llmlab.models import BertConfig
 
     bert = tmp_path / "bert"
@@ -151,5 +151,17 @@ def test_an_encoder_cannot_generate_or_serve(tmp_path, encoder_decoder, capsys):
     assert main(["generate", str(bert), "--prompt", "x"]) == 1
     assert "an encoder (family=bert, head=mlm); generation takes decoder models or encoder-decoder" in \
         capsys.readouterr().err
-    assert main(["serve", str(encoder_decoder), "--port", "65431"]) == 1
-    assert "an encoder-decoder (family=t5); llmlab serve takes decoder models" in capsys.readouterr().err
+    assert main(["serve", str(bert), "--port", "65431"]) == 1
+    assert "an encoder (family=bert, head=mlm); llmlab serve takes decoder models or encoder-decoder models" in \
+        capsys.readouterr().err
+
+
+def test_a_run_directory_generates_with_its_newest_checkpoint(checkpoint, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(checkpoint, tmp_path / "run" / "checkpoints" / "step-00000010")
+    args = ["--prompt", "def f1", "--temperature", "0", "--max-new-tokens", "5"]
+    want = run_json(capsys, checkpoint, *args)["completions"]
+    assert run_json(capsys, tmp_path / "run", *args)["completions"] == want
+    assert main(["generate", str(tmp_path), "--prompt", "x"]) == 1
+    assert "not a checkpoint (no config.json) nor a run directory" in capsys.readouterr().err

@@ -185,3 +185,13 @@ def test_unsupported_t5_layouts_are_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(Exception, match="feed_forward_proj='gated-silu' is not supported"):
         load_model(tmp_path)
+
+
+def test_the_repetition_penalty_counts_the_output_alone_as_transformers_does(tmp_path):
+    hf = _hf_model("v1.1-gated-tied")
+    hf.save_pretrained(tmp_path)
+    prompt = [5, 6, 7, 8, 9, 10, 11]
+    params = SamplingParams(max_new_tokens=10, temperature=0.0, repetition_penalty=1.5, stop_token_ids=[1])
+    got = Engine(load_model(tmp_path)).generate([prompt], params)[0]
+    want = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, repetition_penalty=1.5)[0]
+    assert [0] + got.token_ids == want.tolist()

@@ -206,19 +206,25 @@ def test_models_health_and_auth(server):
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
 
 
-def test_concurrent_requests_share_the_batch(server):
-    client = server.client()
-    results = [None] * 6
+def _concurrently(n: int, ask) -> list:
+    """ask(0) .. ask(n - 1), each in its own thread at once; their results in order."""
+    results = [None] * n
 
-    def ask(i):
-        results[i] = client.completions.create(model="tiny", prompt=f"Say hi to {i}", max_tokens=15,
-                                               temperature=0).choices[0].text
+    def run(i):
+        results[i] = ask(i)
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return results
+
+
+def test_concurrent_requests_share_the_batch(server):
+    client = server.client()
+    results = _concurrently(6, lambda i: client.completions.create(model="tiny", prompt=f"Say hi to {i}", max_tokens=15,
+                                                                   temperature=0).choices[0].text)
     alone = [client.completions.create(model="tiny", prompt=f"Say hi to {i}", max_tokens=15,
                                        temperature=0).choices[0].text for i in range(6)]
     assert results == alone
@@ -318,3 +324,108 @@ def test_a_disconnected_stream_frees_its_row(checkpoint):
             time.sleep(0.05)
         assert not s.worker.scheduler.busy
         assert s.client().completions.create(model="tiny", prompt="Hello", max_tokens=2).choices
+
+
+# --------------------------------------------------------------------------- an encoder-decoder
+
+
+@pytest.fixture(scope="module")
+def t5_server(tmp_path_factory):
+    """A tiny T5 (input up to 40 tokens, output up to 10) whose greedy outputs vary from token to token."""
+    from llmlab.models import T5Config
+
+    root = tmp_path_factory.mktemp("served-t5")
+    tok = train_bpe([f"Hello there, the answer is {i}. Say hi to {i} friends!" for i in range(300)], vocab_size=320)
+    torch.manual_seed(0)
+    save_model(build_model(T5Config(vocab_size=320, dim=32, n_layers=2, n_heads=4, head_dim=8, hidden_dim=64,
+                                    max_seq_len=40, max_target_len=10, eos_id=tok.eos_id, dropout=0.0,
+                                    tie_embeddings=False, init_std=3.0)), root / "t5")
+    tok.save(root / "t5")
+    with Server(root / "t5", api_key=KEY) as s:
+        yield s
+
+
+def _t5_generator(server):
+    from llmlab.generate.text import TextGenerator
+    from llmlab.models.io import load_model
+    from llmlab.tokenizer import load_tokenizer
+
+    return TextGenerator(load_model(server.ns.checkpoint).eval(), load_tokenizer(server.ns.checkpoint))
+
+
+def test_an_encoder_decoder_completes_as_the_text_generator(t5_server):
+    generator = _t5_generator(t5_server)
+    tok = generator.tokenizer
+    client = t5_server.client()
+    for prompt in ("Hello there, the", "Say hi to 7 friends!"):
+        want = generator.complete([prompt], SamplingParams(temperature=0.0, max_new_tokens=8))[0]
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
+        assert (r.choices[0].text, r.choices[0].finish_reason) == (want.text, want.finish_reason)
+        assert r.usage.prompt_tokens == len(tok.encode(prompt, eos=True))  # T5's input ends with EOS
+        assert r.usage.completion_tokens == len(want.token_ids)
+        chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0,
+                                                stream=True))
+        assert "".join(c.choices[0].text for c in chunks) == want.text
+        assert chunks[-1].choices[0].finish_reason == want.finish_reason
+    ids = tok.encode("Hello there", eos=True)
+    want = generator.complete([ids], SamplingParams(temperature=0.0, max_new_tokens=10))[0]
+    r = client.completions.create(model="tiny", prompt=ids, temperature=0, logprobs=2, max_tokens=10)
+    assert r.choices[0].text == want.text and len(r.choices[0].logprobs.token_logprobs) == len(want.token_ids)
+    sampled = dict(model="tiny", prompt=["Hello", "Say hi"], max_tokens=6, n=2, temperature=1.0, seed=3)
+    first, again = client.completions.create(**sampled), client.completions.create(**sampled)
+    assert [c.index for c in first.choices] == [0, 1, 2, 3]
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]  # seeded: repeats exactly
+    if len(want.text) >= 4:
+        cut = client.completions.create(model="tiny", prompt=ids, temperature=0, max_tokens=10, stop=[want.text[2:4]])
+        assert cut.choices[0].text == want.text[:want.text.index(want.text[2:4])]
+
+
+def test_an_encoder_decoder_batches_concurrent_requests(t5_server):
+    client = t5_server.client()
+    results = _concurrently(5, lambda i: client.completions.create(
+        model="tiny", prompt=f"Say hi to {i * 11} friends", max_tokens=3 + i, temperature=0).choices[0].text)
+    generator = _t5_generator(t5_server)
+    assert results == [generator.complete([f"Say hi to {i * 11} friends"], SamplingParams(
+        temperature=0.0, max_new_tokens=3 + i))[0].text for i in range(5)]
+
+
+def test_an_encoder_decoder_chats_within_its_decoder_limit(t5_server):
+    from llmlab.tokenizer.chat import load_chat_template
+
+    client = t5_server.client()
+    messages = [{"role": "user", "content": "Say hi"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, temperature=0)  # no max_tokens: 10
+    text = load_chat_template(t5_server.ns.checkpoint).render(messages)
+    generator = _t5_generator(t5_server)
+    want = generator.complete([text], SamplingParams(temperature=0.0, max_new_tokens=10), stop=["<|end|>"])[0]
+    assert chat.choices[0].message.content == want.text and chat.usage.completion_tokens == len(want.token_ids)
+    assert chat.usage.prompt_tokens == len(generator.encode(text))
+    assert chat.usage.prompt_tokens == httpx.post(t5_server.url + "/tokenize", json={"messages": messages},
+                                                  headers={"Authorization": f"Bearer {KEY}"}).json()["count"]
+    stream = list(client.chat.completions.create(model="tiny", messages=messages, temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == want.text
+
+
+def test_an_encoder_decoder_reports_its_input_limit(t5_server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    card = httpx.get(t5_server.url + "/v1/models", headers=headers).json()["data"][0]
+    info = httpx.get(t5_server.url + "/tokenizer_info", headers=headers).json()
+    assert card["max_model_len"] == info["model_max_length"] == 40 and info["add_eos_token"] is True
+
+
+@pytest.mark.parametrize("route, body, param, words", [
+    ("/v1/completions", {"prompt": "hi " * 60}, "prompt", "maximum context length is 40 tokens for the prompt"),
+    ("/v1/completions", {"prompt": [5] * 41, "max_tokens": 2}, "prompt", "you requested 41 tokens in the prompt"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 11}, "max_tokens", "max_tokens: 11 is out of range [0, 10]"),
+    ("/v1/completions", {"prompt": "hi", "echo": True, "max_tokens": 0, "logprobs": 1}, "echo",
+     "not available for an encoder-decoder"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens", "must be at least 1 (an encoder-decoder"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * 60}]}, "messages",
+     "maximum context length is 40 tokens for the prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 11}, "max_tokens",
+     "max_tokens: 11 is out of range [1, 10]"),
+])
+def test_an_encoder_decoder_refuses_what_it_cannot_do(t5_server, route, body, param, words):
+    r = httpx.post(t5_server.url + route, json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert words in r.json()["error"]["message"]

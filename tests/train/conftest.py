@@ -15,6 +15,8 @@ from llmlab.data.synth import run as synth
 from llmlab.models import LlamaConfig, build_model
 from llmlab.models.io import copy_tokenizer_files, save_model
 
+from tests.task_models import bert_base, sets, t5_base  # noqa: F401 (the task fine-tuning fixtures)
+
 WORDS = ("the model reads tokens and predicts the next one while the loss falls slowly over many steps "
          "data shards hold ids a tokenizer maps bytes to pieces and back").split()
 

@@ -156,12 +156,12 @@ def run_chat(ns: argparse.Namespace) -> None:
     interactive = sys.stdin.isatty()
     if interactive:
         print(style(f"chat with {ns.checkpoint} ({template.name} template, context {generator.context} tokens); "
-                    "/reset clears the history, /exit or Ctrl-D quits", "2"))
+                    "/reset clears the history, /exit (or /quit, or Ctrl-D) quits", "2"))
     while True:
         if interactive:
             print(style("you> ", "1"), end="", flush=True)
         line = sys.stdin.readline()
-        if not line or line.strip() == "/exit":
+        if not line or line.strip() in ("/exit", "/quit"):
             return
         line = line.rstrip("\n")
         if not line.strip():

@@ -88,8 +88,9 @@ def test_missing_tokenizer_is_explained(checkpoint, tmp_path, capsys):
     assert len(out["completions"]) == 1
 
 
-def test_chat_reads_turns_from_stdin(checkpoint, capsys, monkeypatch):
-    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/reset\nagain\n/exit\nnot read\n"))
+@pytest.mark.parametrize("leave", ["/exit", "/quit"])
+def test_chat_reads_turns_from_stdin(checkpoint, capsys, monkeypatch, leave):
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"hello\n/reset\nagain\n{leave}\nnot read\n"))
     assert main(["chat", str(checkpoint), "--system", "Be brief.", "--max-new-tokens", "5", "--seed", "0"]) == 0
     out = capsys.readouterr().out
     assert out.count("assistant> ") == 2 and "(history cleared)" in out

@@ -114,14 +114,15 @@ class Seq2SeqLM(LocalLM):
         order = sorted(range(len(pieces)), key=lambda i: -(len(pieces[i][0]) + len(pieces[i][1])))
         out: list = [None] * len(pieces)
         for b in _batches(order, lambda i: len(pieces[i][0]) + len(pieces[i][1]), self.batch_size):
-            sources = list(dict.fromkeys(tuple(pieces[i][0]) for i in b))
+            row_of = {s: r for r, s in enumerate(dict.fromkeys(tuple(pieces[i][0]) for i in b))}
+            sources = list(row_of)
             width = max(len(s) for s in sources)
             ids = torch.zeros(len(sources), width, dtype=torch.long)
             mask = torch.zeros(len(sources), width, dtype=torch.long)
             for r, s in enumerate(sources):
                 ids[r, :len(s)], mask[r, :len(s)] = torch.tensor(s), 1
             encoded = model.encode(ids.to(device), mask.to(device))
-            rows = torch.tensor([sources.index(tuple(pieces[i][0])) for i in b], device=device)
+            rows = torch.tensor([row_of[tuple(pieces[i][0])] for i in b], device=device)
             length = max(len(pieces[i][1]) for i in b)
             targets = torch.full((len(b), length), -100, dtype=torch.long)
             for r, i in enumerate(b):

@@ -285,14 +285,16 @@ def create_app(served: ServedModel, worker: Worker, limits: Limits, *, api_key: 
             return f"data: {json.dumps(data)}\n\n"
 
         done = 0
+        offsets = {seq.id: 0 for seq in sequences}  # where each choice's next token starts in its text
         try:
             for seq in sequences:
                 if kind == "chat.completion":
                     yield chunk([{"index": seq.index, "delta": {"role": "assistant", "content": ""},
                                   "logprobs": None, "finish_reason": None}])
                 elif echo:
-                    yield chunk([{"index": seq.index, "text": tokenizer.decode(seq.prompt), "logprobs": None,
-                                  "finish_reason": None}])
+                    prompt = tokenizer.decode(seq.prompt)
+                    offsets[seq.id] = len(prompt)
+                    yield chunk([{"index": seq.index, "text": prompt, "logprobs": None, "finish_reason": None}])
             while done < len(sequences):
                 item = await events.get()
                 if isinstance(item, Failure):
@@ -309,7 +311,10 @@ def create_app(served: ServedModel, worker: Worker, limits: Limits, *, api_key: 
                         choice = {"index": seq.index, "delta": {"content": delta} if delta else {},
                                   "logprobs": lp, "finish_reason": st.finish_reason}
                     else:
-                        lp = _completion_logprobs(tokenizer, None, scored, common.logprobs) if scored else None
+                        lp = None
+                        if scored:
+                            lp = _completion_logprobs(tokenizer, None, scored, common.logprobs, offsets[seq.id])
+                            offsets[seq.id] += sum(len(t) for t in lp["tokens"])
                         choice = {"index": seq.index, "text": delta, "logprobs": lp,
                                   "finish_reason": st.finish_reason}
                     yield chunk([choice])
@@ -440,11 +445,11 @@ def _prompt_logprobs(served: ServedModel, ids: list[int], k: int) -> list[tuple[
     return out
 
 
-def _completion_logprobs(tokenizer, prompt_scores, events, k: int) -> dict:
-    """OpenAI's completions logprobs: tokens, token_logprobs, top_logprobs (token text -> logprob), text_offset."""
+def _completion_logprobs(tokenizer, prompt_scores, events, k: int, offset: int = 0) -> dict:
+    """OpenAI's completions logprobs: tokens, token_logprobs, top_logprobs (token text -> logprob), text_offset
+    (counted from `offset`: where a streamed chunk's first token starts in the choice's text)."""
     rows = list(prompt_scores or []) + [(e.token_id, e.logprob, e.top_logprobs or {}) for e in events]
     tokens, lps, tops, offsets = [], [], [], []
-    offset = 0
     for token_id, lp, top in rows:
         text = tokenizer.decode([token_id])
         tokens.append(text)

@@ -122,6 +122,10 @@ def test_completions_prompt_forms_n_seed_echo_logprobs(server):
     assert "".join(lp.tokens) == "Hello there" and lp.text_offset[0] == 0
     gen = client.completions.create(model="tiny", prompt="Hello", max_tokens=4, logprobs=1, temperature=0)
     assert len(gen.choices[0].logprobs.token_logprobs) == gen.usage.completion_tokens
+    stream = client.completions.create(model="tiny", prompt="Hello", max_tokens=4, logprobs=1, temperature=0,
+                                       stream=True)  # each chunk's text_offset counts on from the one before
+    offsets = [o for c in stream if c.choices and c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert offsets == gen.choices[0].logprobs.text_offset
 
 
 def test_logit_bias_steers_sampling_and_unimplemented_fields_are_refused_by_name(server):

@@ -17,7 +17,8 @@ LAYERS = [
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
 # model family files know only the shared primitives: never conversion, I/O or presets
-FAMILY_FILES_MAY_IMPORT = {"llmlab.models.layers", "llmlab.models.kernels", "llmlab.common", "llmlab.config"}
+FAMILY_FILES_MAY_IMPORT = {"llmlab.models.layers", "llmlab.models.kernels", "llmlab.models.moe", "llmlab.common",
+                           "llmlab.config"}
 
 
 def _component(module: str) -> str:

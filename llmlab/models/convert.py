@@ -19,6 +19,7 @@ import torch
 from llmlab.common import LlmlabError
 from llmlab.models import BertConfig, GPTConfig, LlamaConfig, ModelConfig, T5Config
 from llmlab.models.layers import RopeScaling
+from llmlab.models.moe import MoEConfig
 
 
 class ConversionError(LlmlabError):
@@ -102,7 +103,18 @@ LLAMA = Table(
     ignored=("model.layers.{}.self_attn.rotary_emb.inv_freq",),
 )
 
+# Mixtral's sparse blocks in transformers' layout: the router, and each projection's experts stacked
+MIXTRAL = Table(
+    rules=(*LLAMA.rules,
+           Rule("model.layers.{}.mlp.gate.weight", ("layers.{}.mlp.router.weight",)),
+           Rule("model.layers.{}.mlp.experts.gate_up_proj", ("layers.{}.mlp.gate_up_proj",)),
+           Rule("model.layers.{}.mlp.experts.down_proj", ("layers.{}.mlp.down_proj",))),
+    base_prefix=LLAMA.base_prefix,
+    ignored=LLAMA.ignored,
+)
+
 TABLES = {"gpt": GPT2, "llama": LLAMA}
+_EXPERT = re.compile(r"(.*)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
 
 # BERT, RoBERTa and ALBERT: one layout of the encoder per variant, and one of each head
 _BERT_LAYER = {"attention.self.query": "attn.q_proj", "attention.self.key": "attn.k_proj",
@@ -194,6 +206,8 @@ def table_for(model) -> Table:
     """The conversion table of a model config, or of a family named by a string (gpt, llama)."""
     if isinstance(model, str):
         return TABLES[model]
+    if getattr(model, "moe", None) is not None:
+        return MIXTRAL
     if model.family == "bert":
         return bert_table(model)
     if model.family == "t5":
@@ -247,8 +261,10 @@ def hf_to_llmlab_state(state: dict[str, torch.Tensor], family) -> dict[str, torc
     accepted too: the prefix is added before matching.
     """
     table = table_for(family)
+    if table is MIXTRAL:
+        state = _stack_experts(state)
     # a decoder's *ForSequenceClassification model: its score head is llmlab's narrow lm_head
-    if SCORE_HEAD in state and table in TABLES.values():
+    if SCORE_HEAD in state and table in (*TABLES.values(), MIXTRAL):
         state = {("lm_head.weight" if k == SCORE_HEAD else k): v for k, v in state.items()}
     if state and not any(k.startswith(table.base_prefix) or k == "lm_head.weight" for k in state):
         state = {table.base_prefix + k: v for k, v in state.items()}
@@ -258,6 +274,29 @@ def hf_to_llmlab_state(state: dict[str, torch.Tensor], family) -> dict[str, torc
             if other in state:
                 state.setdefault(name, state.pop(other))
     return _convert(state, table, to_ours=True)
+
+
+def _stack_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Mixtral as released (`block_sparse_moe.gate` and each expert's w1, w2, w3) in transformers'
+    layout (`mlp.gate`, `mlp.experts.gate_up_proj` = [w1; w3] per expert, `mlp.experts.down_proj` = w2):
+    the names the table maps. A state already in that layout is returned as it is."""
+    experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    out = {}
+    for key, t in state.items():
+        m = _EXPERT.match(key)
+        if m:
+            experts.setdefault(m[1], {}).setdefault(int(m[2]), {})[m[3]] = t
+        else:
+            out[key.replace(".block_sparse_moe.gate.", ".mlp.gate.")] = t
+    for block, by_expert in experts.items():
+        ids = sorted(by_expert)
+        if ids != list(range(len(ids))) or any(set(by_expert[e]) != {"w1", "w2", "w3"} for e in ids):
+            raise ConversionError(f"{block}.block_sparse_moe: experts must be numbered 0..E-1, each with w1, w2 and "
+                                  "w3")
+        out[f"{block}.mlp.experts.gate_up_proj"] = torch.stack([torch.cat([by_expert[e]["w1"], by_expert[e]["w3"]])
+                                                                for e in ids])
+        out[f"{block}.mlp.experts.down_proj"] = torch.stack([by_expert[e]["w2"] for e in ids])
+    return out
 
 
 def llmlab_to_hf_state(state: dict[str, torch.Tensor], family, *, score_head: bool = False
@@ -293,9 +332,9 @@ def module_name_map(name: str, family, *, to_hf: bool) -> tuple[str, str]:
 
 # --------------------------------------------------------------------------- configs
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2")
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "mixtral")
 HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                    "qwen2": "Qwen2ForCausalLM"}
+                    "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM"}
 HF_CLASSIFIERS = {"gpt2": "GPT2ForSequenceClassification", "llama": "LlamaForSequenceClassification",
                   "mistral": "MistralForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification"}
 SCORE_HEAD = "score.weight"
@@ -378,7 +417,13 @@ def _config_from_hf(hf: dict, model_type: Any, where: str) -> ModelConfig:
             raise _unsupported(where, "mlp_bias", True, "false")
         if model_type == "llama" and hf.get("attention_bias"):
             raise _unsupported(where, "attention_bias", True, "false (biases on q/k/v only: use qwen2)")
-        sliding = _field(hf, "sliding_window", where, int, None) if model_type == "mistral" else None
+        sliding = _field(hf, "sliding_window", where, int, None) if model_type in ("mistral", "mixtral") else None
+        moe = None
+        if model_type == "mixtral":
+            moe = MoEConfig(n_experts=_field(hf, "num_local_experts", where, int, 8),
+                            top_k=_field(hf, "num_experts_per_tok", where, int, 2),
+                            aux_loss_coef=_field(hf, "router_aux_loss_coef", where, float, 0.001),
+                            jitter=_field(hf, "router_jitter_noise", where, float, 0.0))
         if model_type == "qwen2" and hf.get("use_sliding_window"):
             raise _unsupported(where, "use_sliding_window", True, "false (per-layer windows)")
         rope = dict(_field(hf, "rope_parameters", where, dict, {}))
@@ -396,7 +441,7 @@ def _config_from_hf(hf: dict, model_type: Any, where: str) -> ModelConfig:
                            norm_eps=_field(hf, "rms_norm_eps", where, float, 1e-6),
                            rope_theta=theta, rope_scaling=_scaling_from_hf(scaling, where),
                            tie_embeddings=_field(hf, "tie_word_embeddings", where, bool, False),
-                           attention_bias=model_type == "qwen2", sliding_window=sliding,
+                           attention_bias=model_type == "qwen2", sliding_window=sliding, moe=moe,
                            dropout=_field(hf, "attention_dropout", where, float, 0.0))
     raise ConversionError(f"{where}: model_type={model_type!r} is not a supported architecture "
                           f"(supported: {', '.join(('gpt2',) + LLAMA_TYPES + BERT_TYPES + T5_TYPES)})")
@@ -580,6 +625,13 @@ def _causal_config_to_hf(cfg: ModelConfig) -> dict:
     if cfg.attention_bias and cfg.sliding_window:
         raise ConversionError("attention_bias together with sliding_window has no HF export")
     model_type = "qwen2" if cfg.attention_bias else "mistral" if cfg.sliding_window else "llama"
+    moe = cfg.moe
+    if moe is not None:
+        if cfg.attention_bias or moe.every != 1 or moe.hidden_dim not in (None, cfg.hidden_dim) or \
+                moe.normalize != "topk" or moe.capacity_factor is not None:
+            raise ConversionError("an MoE model has an HF export as Mixtral: experts in every block (every=1), "
+                                  "normalize=topk, dropless (capacity_factor=null), no attention_bias")
+        model_type = "mixtral"
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling is not None:
         s = cfg.rope_scaling
@@ -592,8 +644,11 @@ def _causal_config_to_hf(cfg: ModelConfig) -> dict:
            "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
            "rope_theta": cfg.rope_theta, "rope_parameters": rope, "tie_word_embeddings": cfg.tie_embeddings,
            "attention_dropout": cfg.dropout, "dtype": "float32"}
-    if model_type == "mistral":
+    if model_type in ("mistral", "mixtral"):
         out["sliding_window"] = cfg.sliding_window
+    if moe is not None:
+        out.update(num_local_experts=moe.n_experts, num_experts_per_tok=moe.top_k,
+                   router_aux_loss_coef=moe.aux_loss_coef, router_jitter_noise=moe.jitter)
     if cfg.rope_scaling is not None:
         out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}  # transformers < 5 reads this
     return out

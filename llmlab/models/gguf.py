@@ -161,6 +161,8 @@ def _checked_config(model: nn.Module, outtype: str) -> Any:
     if cfg.sliding_window is not None:
         why.append(f"sliding_window={cfg.sliding_window} (llama.cpp's llama attends to the whole context, "
                    "so the file would differ from the model beyond the window)")
+    if getattr(cfg, "moe", None) is not None:
+        why.append("moe (experts are not written to GGUF yet)")
     if cfg.rope_scaling is not None and cfg.rope_scaling.kind not in ROPE_SCALING_KINDS:
         why.append(f"rope scaling {cfg.rope_scaling.kind!r} (exported: none, {', '.join(ROPE_SCALING_KINDS)})")
     if why:

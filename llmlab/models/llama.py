@@ -6,7 +6,10 @@ The same file covers checkpoints that share the architecture:
 - Mistral: grouped-query attention plus a sliding attention window;
 - Qwen2: biases on the q, k and v projections;
 - PaLM-style shapes: multi-query attention (n_kv_heads=1), a wide head_dim, tied embeddings and
-  the "parallel" block x + attn(norm(x)) + mlp(norm(x)) (Chowdhery et al. 2022).
+  the "parallel" block x + attn(norm(x)) + mlp(norm(x)) (Chowdhery et al. 2022);
+- Mixtral-style sparse models: `moe` puts a mixture-of-experts layer (`llmlab.models.moe`) in place
+  of the MLP of every block, or of every other one (GLaM); the router's auxiliary losses join the
+  loss while training (never an evaluation's) and are left in `aux_loss`.
 Rotary embeddings use the half-split layout of HF checkpoints, so their weights load unpermuted.
 """
 
@@ -23,6 +26,7 @@ from llmlab.models.kernels import Linear, stacked_linear
 from llmlab.models.layers import (AttentionShape, KVCache, ParamCount, RMSNorm, RopeScaling, RotaryEmbedding, SwiGLU,
                                   apply_rotary, build_attention_mask, check_config_ranges, lm_output,
                                   positions_from_mask, sdpa, training_flops_per_token)
+from llmlab.models.moe import MoEConfig, SparseMoE
 
 
 @dataclass
@@ -45,6 +49,7 @@ class LlamaConfig:
     attention_bias: bool = False  # biases on q/k/v projections (Qwen2)
     sliding_window: int | None = None  # attend to at most this many past tokens (Mistral)
     parallel_block: bool = False  # attention and MLP read the same normed input (PaLM)
+    moe: MoEConfig | None = None  # a mixture of experts in place of the MLP (of every block, or every other)
     dropout: float = 0.0  # on attention probabilities and residual branches while training
     init_std: float = 0.02  # std of the normal initialisation of matrices
 
@@ -69,21 +74,30 @@ class LlamaConfig:
             _check_rope_scaling(self.rope_scaling, self.head_dim)
 
     def num_params(self) -> ParamCount:
+        """Counts; with `moe`, `active` leaves out the experts a token does not use (E - k per MoE block)."""
         d, hd = self.dim, self.head_dim
         attn = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
         if self.attention_bias:
             attn += hd * (self.n_heads + 2 * self.n_kv_heads)
         norms = d if self.parallel_block else 2 * d
-        per_layer = attn + 3 * d * self.hidden_dim + norms
+        body, idle = d, 0
+        for layer in range(self.n_layers):
+            mlp = 3 * d * self.hidden_dim
+            if self.moe is not None and self.moe.is_moe(layer):
+                expert = 3 * d * (self.moe.hidden_dim or self.hidden_dim)
+                mlp = d * self.moe.n_experts + self.moe.n_experts * expert  # the router and every expert
+                idle += (self.moe.n_experts - self.moe.top_k) * expert
+            body += attn + mlp + norms
         vocab = self.vocab_size * d + (0 if self.tie_embeddings else (self.num_labels or self.vocab_size) * d)
-        body = self.n_layers * per_layer + d
-        return ParamCount(body + vocab, body, body + vocab)
+        return ParamCount(body + vocab, body, body + vocab - idle)
 
     def attention_shape(self) -> AttentionShape:
         return AttentionShape(self.n_heads, self.n_kv_heads, self.head_dim, gated_mlp=True)
 
     def flops_per_token(self, seq_len: int) -> int:
-        return training_flops_per_token(self.num_params().non_embedding + self.vocab_size * self.dim,
+        """Training FLOPs per token, from the parameters a token uses (the active ones of an MoE)."""
+        n = self.num_params()
+        return training_flops_per_token(n.non_embedding - (n.total - n.active) + self.vocab_size * self.dim,
                                         self.n_layers, self.n_heads * self.head_dim, seq_len)
 
 
@@ -127,14 +141,17 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, layer: int = 0):
         super().__init__()
         self.parallel = cfg.parallel_block
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.attention_bias,
                               cfg.dropout)
         self.mlp_norm = None if cfg.parallel_block else RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.dim, cfg.hidden_dim)
+        if cfg.moe is not None and cfg.moe.is_moe(layer):
+            self.mlp = SparseMoE(cfg.dim, cfg.moe.hidden_dim or cfg.hidden_dim, cfg.moe)
+        else:
+            self.mlp = SwiGLU(cfg.dim, cfg.hidden_dim)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
 
     def forward(self, x, cos, sin, mask, kv_cache=None, layer=0):
@@ -154,7 +171,7 @@ class Llama(nn.Module):
         self.config = cfg
         self.gradient_checkpointing = False
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = Linear(cfg.dim, cfg.num_labels or cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -169,7 +186,7 @@ class Llama(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() < 2:
                 nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            elif name.endswith(("o_proj.weight", "down_proj.weight", "mlp.down_proj")):
                 nn.init.normal_(p, 0.0, std / (2 * self.config.n_layers) ** 0.5)
             else:
                 nn.init.normal_(p, 0.0, std)
@@ -219,4 +236,13 @@ class Llama(nn.Module):
                 x = layer(x, cos, sin, mask, kv_cache, i)
         if kv_cache is not None:
             kv_cache.advance(T)
-        return lm_output(self.lm_head, self.norm, x, targets, logits_to_keep)
+        out = lm_output(self.lm_head, self.norm, x, targets, logits_to_keep)
+        if self.config.moe is None:
+            return out
+        moe = [layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoE)]
+        aux = sum(m.aux_loss for m in moe)
+        self.aux_loss = aux.detach()  # the router losses, reported apart
+        # tokens per expert over the MoE layers, and the assignments dropped: what training logs
+        self.routing = torch.cat([sum(m.stats["tokens_per_expert"] for m in moe).float(),
+                                  aux.new_tensor([sum(m.stats["dropped"] for m in moe)], dtype=torch.float32)])
+        return out + aux if targets is not None and self.training else out  # evaluation: the token loss alone

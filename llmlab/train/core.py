@@ -180,6 +180,7 @@ class StepLoss(NamedTuple):
     loss: torch.Tensor
     units: torch.Tensor
     aux: torch.Tensor | None
+    routing: torch.Tensor | None = None  # a mixture of experts': tokens per expert (summed over layers), dropped
 
 
 def accumulate(trainee: Trainee, batches: list, loss_fn: LossFn,
@@ -192,28 +193,33 @@ def accumulate(trainee: Trainee, batches: list, loss_fn: LossFn,
     units: the gradient of the mean loss over all units of the step, as one big batch gives it.
     (DistributedDataParallel and FSDP2 average the ranks' sums, hence the factor world.)
     A model with an auxiliary loss (a router's load balancing) includes it in the loss it returns and
-    leaves it in `model.aux_loss`; it is averaged the same way and reported apart.
+    leaves it in `model.aux_loss`; it is averaged the same way and reported apart. A mixture of experts
+    also leaves `model.routing` (tokens per expert and dropped assignments), summed over the step.
     """
     device = next(trainee.model.parameters()).device
     sums = torch.zeros(3, device=device)  # loss x weight, weight, aux x weight
-    reported = False
+    reported, routing = False, None
     for micro, batch in enumerate(batches):
         with autocast, trainee.sync_gradients(micro == len(batches) - 1):
-            trainee.model.aux_loss = None
+            trainee.model.aux_loss = trainee.model.routing = None
             loss, weight = loss_fn(batch)
             weight = torch.as_tensor(weight, dtype=torch.float32, device=device)
             (loss * weight).backward()
-        aux = trainee.model.aux_loss
+        aux, counts = trainee.model.aux_loss, trainee.model.routing
         reported |= aux is not None
+        if counts is not None:
+            routing = counts if routing is None else routing + counts
         sums += torch.stack([loss.detach().float(), torch.ones((), device=device),
                              torch.zeros((), device=device) if aux is None else aux.detach().float()]) * weight
     if trainee.world > 1:  # SUM: Gloo (CPU) has no AVG
         torch.distributed.all_reduce(sums)
+        if routing is not None:
+            torch.distributed.all_reduce(routing)
     scale = trainee.world / sums[1]
     for p in trainee.model.parameters():
         if p.grad is not None:
             p.grad.mul_(scale)
-    return StepLoss(sums[0] / sums[1], sums[1], sums[2] / sums[1] if reported else None)
+    return StepLoss(sums[0] / sums[1], sums[1], sums[2] / sums[1] if reported else None, routing)
 
 
 def clip_gradients(trainee: Trainee, max_norm: float) -> torch.Tensor:
@@ -264,8 +270,15 @@ class Run:
 
     @staticmethod
     def auxiliary(loss: StepLoss) -> dict:
-        """The metrics of a step's auxiliary loss: {"aux_loss": ...}, or nothing for a model without one."""
-        return {} if loss.aux is None else {"aux_loss": loss.aux.item()}
+        """The metrics of a step's auxiliary loss, {"aux_loss": ...}, and of a mixture of experts' routing:
+        "expert_load" (each expert's share of the routed assignments, summed over layers) and
+        "dropped_tokens" (assignments over an expert's capacity); nothing for a model without them."""
+        out = {} if loss.aux is None else {"aux_loss": loss.aux.item()}
+        if loss.routing is not None:
+            counts = loss.routing.tolist()
+            total = max(sum(counts[:-1]), 1)
+            out.update(expert_load=[round(c / total, 4) for c in counts[:-1]], dropped_tokens=int(counts[-1]))
+        return out
 
     def after_step(self, done: int, record: dict | None, *, evaluate: Callable[[], dict] | None,
                    save: Callable[[dict], None]) -> bool:

@@ -359,3 +359,15 @@ def test_an_auxiliary_loss_is_trained_and_reported_apart(corpus_dir, tmp_path, m
     first_a, first_b = next(m for m in a if "loss" in m), next(m for m in b if "loss" in m)
     assert "aux_loss" not in first_a and 0 < first_b["aux_loss"] < 0.01
     assert first_b["loss"] == pytest.approx(first_a["loss"] + first_b["aux_loss"], rel=1e-6)
+
+
+def test_a_mixture_of_experts_logs_its_router_loss_loads_and_drops(corpus_dir, tmp_path):
+    moe = {"n_experts": 4, "top_k": 2, "capacity_factor": 0.5, "aux_loss_coef": 0.01, "z_loss_coef": 0.001}
+    result = run(_cfg(corpus_dir, tmp_path, max_steps=4, grad_accum=2, **{"model.moe": moe}))
+    assert result["step"] == 4
+    train = [r for r in _metrics(tmp_path) if "loss" in r]
+    for r in train:
+        assert len(r["expert_load"]) == 4 and sum(r["expert_load"]) == pytest.approx(1.0, abs=1e-3)
+        # two micro-batches of 4 x 32 tokens, two MoE layers: capacity 0.5 x 2 x 128 / 4 = 32 of each
+        # expert's assignments per layer and micro-batch, so at least half of the 2 x 2 x 256 are dropped
+        assert r["dropped_tokens"] >= 512 and r["aux_loss"] > 0

@@ -119,6 +119,10 @@ PRESETS: dict[str, Preset] = {
     "mistral-7b": _llama(7.24e9, "Jiang et al. 2023, Mistral 7B, Table 1 and the released config.json",
                          dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, max_seq_len=32768,
                          sliding_window=4096),
+    # ---- sparse: 8 SwiGLU experts in every block, 2 per token (12.9B of the 46.7B active)
+    "mixtral-8x7b": _llama(46.7e9, "Jiang et al. 2024, Mixtral of Experts, Sec. 2 and the released config.json",
+                           dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, max_seq_len=32768,
+                           rope_theta=1e6, moe={"n_experts": 8, "top_k": 2}),
     # ---- PaLM: multi-query attention, parallel blocks, shared embeddings, 256k vocabulary
     "palm-8b": _llama(8.63e9, _PALM, vocab_size=256000, dim=4096, n_layers=32, n_heads=16, n_kv_heads=1,
                       head_dim=256, hidden_dim=16384, tie_embeddings=True, parallel_block=True),

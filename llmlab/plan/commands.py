@@ -202,6 +202,7 @@ def plan(ns: argparse.Namespace) -> dict:
     context = ns.context or seq_len
     result = {
         "model": {"source": source, "params": shape.params, "non_embedding_params": shape.non_embedding,
+                  "active_params": cfg.num_params().active,  # what one token uses: FLOPs follow it, memory the total
                   "config": {k: v for k, v in asdict(cfg).items() if v is not None}},
         "tokens": tokens, "tokens_per_param": tokens / shape.params, "seq_len": seq_len,
         "flops": flops, "pf_days": est.pf_days(flops), "flops_per_token": per_token,
@@ -276,7 +277,8 @@ def run_plan(ns: argparse.Namespace) -> None:
     m, mem, run, hw = result["model"], result["training_memory"], result["run"], result["hardware"]
     c = m["config"]
     layers = f"{c['n_layers']}+{c['n_decoder_layers']}" if "n_decoder_layers" in c else c["n_layers"]
-    print(f"model      {m['source']}: {_size(m['params'])} parameters ({_size(m['non_embedding_params'])} "
+    active = f"{_size(m['active_params'])} active per token, " if m["active_params"] < m["params"] else ""
+    print(f"model      {m['source']}: {_size(m['params'])} parameters ({active}{_size(m['non_embedding_params'])} "
           f"non-embedding), {c['family']} dim {c['dim']}, {layers} layers, {c['n_heads']} heads")
     if "compute_optimal" in result:
         opt = result["compute_optimal"]

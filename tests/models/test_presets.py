@@ -22,7 +22,7 @@ def test_every_published_preset_is_within_3_percent():
     assert not off, off
     # GPT-1, GPT-2 x4, GPT-3 x7, Gopher, Chinchilla, BLOOM, LLaMA x4, 2 x3, ...; BERT x2, RoBERTa x2,
     # ALBERT x4, T5 x5, mT5 x5
-    assert len(PUBLISHED) == 27 + 18
+    assert len(PUBLISHED) == 27 + 18 + 1  # + Mixtral
     named = {"gpt1", "gpt2-124m", "gpt2-355m", "gpt2-774m", "gpt2-1.5b", "gpt3-175b", "llama-7b", "llama-13b",
              "llama-33b", "llama-65b", "llama-2-7b", "llama-2-13b", "llama-2-70b", "chinchilla-70b",
              "gopher-280b", "palm-540b", "bloom-176b", "bert-base", "bert-large", "roberta-base", "roberta-large",
@@ -36,6 +36,8 @@ def test_well_known_counts_exactly():
     assert get_preset("llama-2-70b").num_params().total == 68_976_648_192
     assert get_preset("t5-small").num_params().total == 60_506_624  # the released t5-small
     assert get_preset("t5-large").num_params().total == 737_668_096
+    mixtral = get_preset("mixtral-8x7b").num_params()  # the released 46,702,792,704, of which 12.9B active
+    assert mixtral.total == 46_702_792_704 and abs(mixtral.active / 12.9e9 - 1) < 0.03
 
 
 @pytest.mark.parametrize("name", sorted(TINY))

@@ -289,3 +289,11 @@ def test_encoders_and_encoder_decoders(capsys):
     # training FLOPs per token count the encoder's and decoder's matmuls once for an input and target pair
     params = t5.num_params().non_embedding
     assert 6 * params / 2 < out["flops_per_token"] < 6 * (params + t5.vocab_size * t5.dim) / 2 * 1.2
+
+
+def test_a_sparse_model_is_costed_by_its_active_parameters_and_stored_by_all(capsys):
+    out = plan_json(capsys, "mixtral-8x7b", "--tokens", 1e12)
+    model = out["model"]
+    assert model["params"] == 46_702_792_704 and abs(model["active_params"] / 12.9e9 - 1) < 0.03
+    assert 6 * model["active_params"] <= out["flops_per_token"] < 6 * model["active_params"] * 1.2  # not 6 x total
+    assert out["inference_memory"]["weights"]["bf16"] == 2 * model["params"]  # every expert is held

@@ -261,3 +261,30 @@ def test_the_engine_decodes_an_moe_model_batched_as_alone():
     params = SamplingParams(max_new_tokens=6, temperature=0.0)
     together = [c.token_ids for c in engine.generate(prompts, params)]
     assert together == [engine.generate([p], params)[0].token_ids for p in prompts]
+
+
+def test_the_scheduler_decodes_an_moe_model_as_the_engine_does():
+    from llmlab.generate import SamplingParams
+    from llmlab.generate.engine import Engine
+    from llmlab.generate.scheduler import Scheduler, Sequence
+
+    model = _moe_llama().eval()
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    params = SamplingParams(max_new_tokens=6, temperature=0.0)
+    scheduler = Scheduler(model, max_batch=2)  # the third waits for a row
+    running = [scheduler.add(Sequence(p, params)) for p in prompts]
+    while scheduler.busy:
+        scheduler.step()
+    assert [s.output for s in running] == [c.token_ids for c in Engine(model).generate(prompts, params)]
+
+
+def test_lora_adapts_the_router_by_name():
+    from llmlab.peft import LoraConfig, apply_lora
+
+    model = _moe_llama()
+    wrapped = apply_lora(model, LoraConfig(r=4, targets=["router", "q_proj"]))
+    assert sum(name.endswith("mlp.router") for name in wrapped) == 4
+    x = torch.randint(0, 97, (2, 8))
+    model(x, targets=x).backward()
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    assert any("router" in n and "lora" in n for n in trained) and not any("gate_up_proj" in n for n in trained)

@@ -184,8 +184,8 @@ def plan(ns: argparse.Namespace) -> dict:
         tokens = ns.tokens
     elif ns.budget_flops is not None:
         tokens = ns.budget_flops / per_token
-    else:
-        tokens = 20 * shape.params  # the compute-optimal rule of thumb
+    else:  # the compute-optimal rule of thumb, by the parameters a token uses: a sparse model is trained
+        tokens = 20 * cfg.num_params().active  # as long as a dense one of its compute
     flops = est.training_flops(per_token, tokens)
 
     try:
@@ -204,7 +204,8 @@ def plan(ns: argparse.Namespace) -> dict:
         "model": {"source": source, "params": shape.params, "non_embedding_params": shape.non_embedding,
                   "active_params": cfg.num_params().active,  # what one token uses: FLOPs follow it, memory the total
                   "config": {k: v for k, v in asdict(cfg).items() if v is not None}},
-        "tokens": tokens, "tokens_per_param": tokens / shape.params, "seq_len": seq_len,
+        "tokens": tokens, "tokens_per_param": tokens / shape.params,
+        "tokens_per_active_param": tokens / cfg.num_params().active, "seq_len": seq_len,
         "flops": flops, "pf_days": est.pf_days(flops), "flops_per_token": per_token,
         "flops_6nd": 6 * shape.params * tokens,  # the usual headline figure, without the attention term
         "inference_memory": {
@@ -286,7 +287,10 @@ def run_plan(ns: argparse.Namespace) -> None:
         for law in LAWS:
             mark = "  <- used" if law == opt["law"] else ""
             print(f"             {law:17s} N {_size(opt[law]['params']):>7s}  D {_size(opt[law]['tokens']):>7s}{mark}")
-    print(f"training   {_size(result['tokens'])} tokens ({result['tokens_per_param']:.1f} per parameter): "
+    per = f"{result['tokens_per_param']:.1f} per parameter"
+    if m["active_params"] < m["params"]:
+        per = f"{result['tokens_per_active_param']:.1f} per active parameter, {per}"
+    print(f"training   {_size(result['tokens'])} tokens ({per}): "
           f"{result['flops']:.3g} FLOPs = {result['pf_days']:,.1f} petaflop/s-days")
     weights = result["inference_memory"]["weights"]
     kv = result["inference_memory"]["kv_cache_for"]

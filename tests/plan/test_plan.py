@@ -297,3 +297,12 @@ def test_a_sparse_model_is_costed_by_its_active_parameters_and_stored_by_all(cap
     assert model["params"] == 46_702_792_704 and abs(model["active_params"] / 12.9e9 - 1) < 0.03
     assert 6 * model["active_params"] <= out["flops_per_token"] < 6 * model["active_params"] * 1.2  # not 6 x total
     assert out["inference_memory"]["weights"]["bf16"] == 2 * model["params"]  # every expert is held
+
+
+def test_a_sparse_model_trains_by_default_as_long_as_a_dense_one_of_its_compute(capsys):
+    out = plan_json(capsys, "mixtral-8x7b")
+    assert out["tokens"] == 20 * out["model"]["active_params"] and out["tokens_per_active_param"] == 20
+    assert main(["plan", "mixtral-8x7b"]) == 0
+    assert "(20.0 per active parameter, 5.5 per parameter)" in capsys.readouterr().out
+    dense = plan_json(capsys, "mistral-7b")
+    assert dense["tokens"] == 20 * dense["model"]["params"] == 20 * dense["model"]["active_params"]

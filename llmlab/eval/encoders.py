@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
-from llmlab.eval.heads import HEAD_OF_TASK, TaskRows, head_logits, predict_answers, predict_labels, predict_tags
-from llmlab.eval.lm import TOKEN_BUDGET, EvalError, LocalLM, sum_scores
+from llmlab.eval.heads import (HEAD_OF_TASK, TaskRows, frame_ids, head_logits, predict_answers, predict_labels,
+                               predict_tags)
+from llmlab.eval.lm import TOKEN_BUDGET, EvalError, LocalLM, move_whitespace, sum_scores
 from llmlab.generate.engine import Score
 
 MASK = "[MASK]"  # what a fill-mask task's text holds in place of its answer
@@ -85,8 +86,7 @@ class Seq2SeqLM(LocalLM):
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
         pairs = []
         for context, continuation in requests:
-            n = len(context) - len(context.rstrip())  # trailing whitespace moves to the continuation
-            context, continuation = context[:len(context) - n], context[len(context) - n:] + continuation
+            context, continuation = move_whitespace(context, continuation)
             pairs.append((self.encode(context), self.encode(continuation) + [self.eos]))
         return [(s.logprob, s.greedy) for s in self.score_tokens(pairs)]
 
@@ -101,8 +101,7 @@ class Seq2SeqLM(LocalLM):
             if not cont:
                 raise EvalError("a continuation encodes to no tokens; it cannot be scored")
             for start in range(0, len(cont), self.max_length):
-                before = (list(ctx) + list(cont[:start]))[-(self.source_len - 1):] if self.source_len > 1 else []
-                pieces.append((before + [self.eos], list(cont[start:start + self.max_length])))
+                pieces.append((self._source(list(ctx) + list(cont[:start])), list(cont[start:start + self.max_length])))
                 owner.append(i)
         return sum_scores(len(pairs), owner, self._score(pieces))
 
@@ -142,8 +141,11 @@ class Seq2SeqLM(LocalLM):
         return self.max_length  # the decoder's own limit: the input does not share it
 
     def prompt_ids(self, context: str, max_new: int) -> list[int]:
-        """The encoder's input: the context's newest tokens that fit, then EOS."""
-        return self.encode(context)[-(self.source_len - 1):] + [self.eos] if self.source_len > 1 else [self.eos]
+        return self._source(self.encode(context))
+
+    def _source(self, ids: list[int]) -> list[int]:
+        """The encoder's input for the text `ids`: its newest tokens that fit, then EOS."""
+        return (ids[-(self.source_len - 1):] if self.source_len > 1 else []) + [self.eos]
 
 
 class EncoderLM(LocalLM):
@@ -159,9 +161,8 @@ class EncoderLM(LocalLM):
         self.head, self.labels, self.seq_len = cfg.head, labels, int(cfg.max_seq_len)
         # a task head reads rows as fine-tuning framed them: that window and doc stride
         self.task_len, self.doc_stride = framing or (self.seq_len, self.seq_len // 4)
-        self.cls = tokenizer.cls_id if tokenizer.cls_id is not None else tokenizer.bos_id
-        self.sep = tokenizer.sep_id if tokenizer.sep_id is not None else tokenizer.eos_id
-        if self.cls is None or self.sep is None:
+        self.cls, self.sep = frame_ids(tokenizer)  # as task fine-tuning frames a text
+        if self.cls is None:
             raise EvalError("an encoder's tokenizer needs [CLS] and [SEP] (or <s> and </s>) to frame a text")
         self.max_length = self.seq_len - 2  # tokens between [CLS] and [SEP]
         self.prefix_id = self.cls
@@ -179,8 +180,7 @@ class EncoderLM(LocalLM):
         self._need_mlm("log-likelihood scoring")
         pairs = []
         for context, continuation in requests:
-            n = len(context) - len(context.rstrip())
-            context, continuation = context[:len(context) - n], context[len(context) - n:] + continuation
+            context, continuation = move_whitespace(context, continuation)
             ctx = self.encode(context)
             whole = self.encode(context + continuation)
             pairs.append((ctx, whole[len(ctx):] if whole[:len(ctx)] == ctx else self.encode(continuation)))

@@ -247,6 +247,15 @@ def _a(kind: str) -> str:
     return ("an " if kind[0] in "aeiou" else "a ") + kind + " model"
 
 
+def _known(lm, what: str, names: list[tuple[list[str], str]]) -> None:
+    """Refuse the first label (tag) of the (names, where) pairs that the model was not trained on."""
+    for group, where in names:
+        unknown = next((n for n in group if n not in lm.labels), None)
+        if unknown is not None:
+            raise EvalError(f"{where}: {what} {unknown!r} is not one the model was trained on "
+                            f"({', '.join(lm.labels)})"[:400])
+
+
 def _fill_mask(task: Task, p: Prepared, lm, _result, _code_timeout):
     answers = lm.fill_mask(list(zip(p.contexts, [str(t) for t in p.targets])), p.where)
     samples = [_sample(p, i, target=p.targets[i], **a) for i, a in enumerate(answers)]
@@ -259,10 +268,7 @@ def _classification(task: Task, p: Prepared, lm, result: TaskResult, code_timeou
         return _multiple_choice(task, p, lm, result, code_timeout)
     examples = task.examples[:len(p.docs)]
     golds = [task.labels[e.label] for e in examples]
-    unknown = [(g, e.where) for g, e in zip(golds, examples) if g not in lm.labels]
-    if unknown:
-        raise EvalError(f"{unknown[0][1]}: label {unknown[0][0]!r} is not one the model was trained on "
-                        f"({', '.join(lm.labels)})"[:400])
+    _known(lm, "label", [([g], e.where) for g, e in zip(golds, examples)])
     preds = lm.classify(examples)
     samples = [_sample(p, i, target=g, pred=q, acc=float(g == q)) for i, (g, q) in enumerate(zip(golds, preds))]
     result.extra["classification"] = M.classification_report(golds, preds)
@@ -277,10 +283,7 @@ def _token_classification(task: Task, p: Prepared, lm, result: TaskResult, _code
 
     examples = task.examples[:len(p.docs)]
     golds = [[task.labels[t] for t in e.tags] for e in examples]
-    unknown = [(t, e.where) for g, e in zip(golds, examples) for t in g if t not in lm.labels]
-    if unknown:
-        raise EvalError(f"{unknown[0][1]}: tag {unknown[0][0]!r} is not one the model was trained on "
-                        f"({', '.join(lm.labels)})"[:400])
+    _known(lm, "tag", [(g, e.where) for g, e in zip(golds, examples)])
     preds = lm.tag(examples)
     samples = [_sample(p, i, tokens=e.tokens, target=g, pred=q) for i, (e, g, q) in enumerate(zip(examples, golds,
                                                                                                    preds))]

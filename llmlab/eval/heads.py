@@ -40,6 +40,15 @@ class Row:
     meta: dict  # "example": the index of its example, and what its task's scoring reads
 
 
+def frame_ids(tokenizer) -> tuple[int, int] | tuple[None, None]:
+    """The ids an encoder's text sits between: BERT's [CLS] and [SEP], else RoBERTa's <s> and </s>;
+    (None, None) when the tokenizer has neither pair."""
+    for first, last in ((tokenizer.cls_id, tokenizer.sep_id), (tokenizer.bos_id, tokenizer.eos_id)):
+        if first is not None and last is not None:
+            return first, last
+    return None, None
+
+
 class TaskRows:
     """Encodes the examples of one task for a model: `task` is classify, tokens, span or seq2seq."""
 
@@ -49,10 +58,8 @@ class TaskRows:
         if task == "seq2seq":
             self.eos, self.max_target = tokenizer.eos_id, max_target
             return
-        self.cls, self.sep = tokenizer.cls_id, tokenizer.sep_id
-        if self.cls is None or self.sep is None:
-            self.cls, self.sep = tokenizer.bos_id, tokenizer.eos_id  # RoBERTa's <s> and </s>
-        if self.cls is None or self.sep is None:
+        self.cls, self.sep = frame_ids(tokenizer)
+        if self.cls is None:
             raise LlmlabError(f"task={task} frames texts as [CLS] ... [SEP]; the tokenizer has neither [CLS]/[SEP] "
                               "nor <s>/</s>")
 

@@ -125,11 +125,16 @@ def encode_pair(encode: Callable[[str], list[int]], prefix_id: int, context: str
     if context == "":
         cont = encode(continuation)
         return ([prefix_id], cont) if not cont or cont[0] != prefix_id else (cont[:1], cont[1:])
-    n = len(context) - len(context.rstrip())
-    if n:
-        context, continuation = context[:-n], context[-n:] + continuation
+    context, continuation = move_whitespace(context, continuation)
     whole, ctx = encode(context + continuation), encode(context)
     return ctx, whole[len(ctx):]
+
+
+def move_whitespace(context: str, continuation: str) -> tuple[str, str]:
+    """(context, continuation) with the context's trailing whitespace moved to the continuation, as the
+    harness splits a request before tokenizing it."""
+    n = len(context) - len(context.rstrip())
+    return context[:len(context) - n], context[len(context) - n:] + continuation
 
 
 def rolling_loglikelihood(lm, texts: Sequence[str]) -> list[float]:

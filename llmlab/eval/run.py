@@ -12,6 +12,7 @@ end, under a temporary name: a bad task file or a failed run leaves nothing behi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -88,17 +89,13 @@ def run(cfg: EvalConfig, models: list[str], servers: list[str] = (), *, server_m
         else:
             lm = ServerLM(spec, model=server_model, batch_size=min(cfg.batch_size, 64), seed=cfg.seed)
         for task in tasks:  # every task this model cannot answer is refused before any is scored
-            try:
+            with _naming(lm, task):
                 check_task(task, lm)
-            except EvalError as e:
-                raise EvalError(f"{lm.name} on task {task.name}: {e}") from None
         for task in tasks:
             t0 = time.time()
-            try:
+            with _naming(lm, task):
                 result = evaluate_task(task, lm, seed=cfg.seed, bootstrap_iters=cfg.bootstrap_iters,
                                        code_timeout=cfg.code_timeout, prepared=prepared[task.name])
-            except EvalError as e:
-                raise EvalError(f"{lm.name} on task {task.name}: {e}") from None
             say(style(f"  {lm.name}  {task.name}", "2") + f"  {_headline(result)}  ({time.time() - t0:.1f} s)")
             entries.append(_entry(lm, kind, result))
             samples += [{"model": lm.name, "task": task.name, **s} for s in result.samples]
@@ -114,6 +111,15 @@ def run(cfg: EvalConfig, models: list[str], servers: list[str] = (), *, server_m
         save_config(cfg, tmp / "config.yaml")
     results["out_dir"] = str(out)
     return results
+
+
+@contextlib.contextmanager
+def _naming(lm, task: Task):
+    """An EvalError raised inside, prefixed with the model and the task it concerns."""
+    try:
+        yield
+    except EvalError as e:
+        raise EvalError(f"{lm.name} on task {task.name}: {e}") from None
 
 
 def _finite_json(value):

@@ -242,7 +242,9 @@ class Llama(nn.Module):
         moe = [layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoE)]
         aux = sum(m.aux_loss for m in moe)
         self.aux_loss = aux.detach()  # the router losses, reported apart
+        if not self.training:
+            return out  # evaluation and decoding: the token loss alone, no loads to log
         # tokens per expert over the MoE layers, and the assignments dropped: what training logs
         self.routing = torch.cat([sum(m.stats["tokens_per_expert"] for m in moe).float(),
                                   aux.new_tensor([sum(m.stats["dropped"] for m in moe)], dtype=torch.float32)])
-        return out + aux if targets is not None and self.training else out  # evaluation: the token loss alone
+        return out + aux if targets is not None else out

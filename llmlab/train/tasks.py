@@ -35,6 +35,7 @@ from llmlab.data.sft import epoch_batch, hold_out
 from llmlab.data.tasks import read_classification, read_seq2seq, read_squad, read_token_classification
 from llmlab.eval.heads import (TaskRows, classification_scores, head_logits, predict_answers, predict_labels,
                                predict_tags, qa_scores, tagging_scores)
+from llmlab.eval.loss import token_loss
 from llmlab.eval.metrics import bleu, exact_match
 from llmlab.models import build_model, model_kind, with_article
 from llmlab.models.io import copy_tokenizer_files, load_model, read_config, save_model
@@ -252,13 +253,9 @@ class TaskData:
         model.eval()
         try:
             if self.task == "seq2seq":  # the loss by teacher forcing, the scores by greedy decoding
-                total, units = 0.0, 0
-                for i in range(0, len(rows), self.cfg.batch_size):
-                    batch = self.encoder.collate(rows[i:i + self.cfg.batch_size], device)
-                    n = self.units(batch)
-                    total += float(model(**batch)) * n
-                    units += n
-                return total / max(units, 1), self._seq2seq_scores(model, rows, examples)
+                size = self.cfg.batch_size
+                batches = (self.encoder.collate(rows[i:i + size], device) for i in range(0, len(rows), size))
+                return token_loss(model, batches).mean, self._seq2seq_scores(model, rows, examples)
             total, units, logits = head_logits(model, self.encoder, rows, self.cfg.batch_size, device)
         finally:
             model.train(training)

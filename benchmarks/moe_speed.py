@@ -48,8 +48,8 @@ def main() -> None:
     ours = SparseMoE(args.dim, args.hidden, MoEConfig(n_experts=args.experts, top_k=args.top_k, aux_loss_coef=0.0))
     with torch.no_grad():
         ours.router.weight.copy_(hf.gate.weight)
-        ours.gate_up_proj.copy_(hf.experts.gate_up_proj)
-        ours.down_proj.copy_(hf.experts.down_proj)
+        ours.experts.gate_up_proj.weight.copy_(hf.experts.gate_up_proj)
+        ours.experts.down_proj.weight.copy_(hf.experts.down_proj)
     x = torch.randn(1, args.tokens, args.dim)
     with torch.no_grad():
         gap = (ours(x) - hf(x)).abs().max().item()

@@ -107,8 +107,8 @@ LLAMA = Table(
 MIXTRAL = Table(
     rules=(*LLAMA.rules,
            Rule("model.layers.{}.mlp.gate.weight", ("layers.{}.mlp.router.weight",)),
-           Rule("model.layers.{}.mlp.experts.gate_up_proj", ("layers.{}.mlp.gate_up_proj",)),
-           Rule("model.layers.{}.mlp.experts.down_proj", ("layers.{}.mlp.down_proj",))),
+           Rule("model.layers.{}.mlp.experts.gate_up_proj", ("layers.{}.mlp.experts.gate_up_proj.weight",)),
+           Rule("model.layers.{}.mlp.experts.down_proj", ("layers.{}.mlp.experts.down_proj.weight",))),
     base_prefix=LLAMA.base_prefix,
     ignored=LLAMA.ignored,
 )
@@ -315,13 +315,14 @@ def llmlab_to_hf_state(state: dict[str, torch.Tensor], family, *, score_head: bo
 
 
 def module_name_map(name: str, family, *, to_hf: bool) -> tuple[str, str]:
-    """The HF path of llmlab linear layer `name` (or, with to_hf=False, the llmlab path of an HF one),
-    with the layout op of its weight ("copy", or "transpose" for a Conv1D): what adapters need, whose
-    tensors attach to whole layers. A layer that HF fuses with others (GPT-2's c_attn) has no such
-    one-to-one counterpart and is an error."""
+    """The HF path of llmlab linear layer `name` (or, with to_hf=False, the llmlab path of an HF one;
+    an MoE's stack of experts is a parameter in HF, `mlp.experts.gate_up_proj`), with the layout op
+    of its weight ("copy", or "transpose" for a Conv1D): what adapters need, whose tensors attach to
+    whole layers. A layer that HF fuses with others (GPT-2's c_attn) has no such one-to-one
+    counterpart and is an error."""
     for rule in table_for(family).rules:
         source, target = (rule.ours[0], rule.hf) if to_hf else (rule.hf, rule.ours[0])
-        m = _pattern(source).match(name + ".weight")
+        m = _pattern(source).match(name + ".weight") or _pattern(source).match(name)  # or a stack of experts
         if m:
             if len(rule.ours) > 1:
                 raise ConversionError(f"{name}: HF fuses this layer into {rule.hf.format(*m.groups())}; an adapter "

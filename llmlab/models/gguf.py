@@ -16,13 +16,20 @@ The file follows llama.cpp's conventions for its "llama" architecture, as its ow
   in blocks of 32 values with one float16 scale (absmax / 127), and falls back to float16 for a
   matrix whose rows are not a multiple of 32 long (as the converter does). Norm weights and other
   vectors stay float32 in every type, as llama.cpp expects;
+- Mixtral-style experts (an MoE layer in every block, top-k renormalised, dropless) as llama.cpp's
+  converter writes Mixtral: `llama.expert_count`, `llama.expert_used_count`, the router as
+  `blk.N.ffn_gate_inp` and each projection's experts stacked in one 3-D tensor, `blk.N.ffn_gate_exps`,
+  `ffn_up_exps` and `ffn_down_exps`, (E, out, in) in NumPy's order; `feed_forward_length` is then the
+  experts' width. llama.cpp's llama graph softmaxes the router logits, takes the top k and
+  renormalises their weights, as `MoEConfig(normalize="topk")` does;
 - the tokenizer: a byte-level BPE `tokenizer.json` becomes the "gpt2" tokenizer model with the
   "gpt-2" pre-tokenizer (see `PRE_TOKENIZER`), the vocabulary in id order padded with unused
   `[PADi]` tokens up to the model's vocabulary, the merges, the BOS/EOS/PAD ids and the chat
   template when the folder has one.
 
 Variants llama.cpp's llama architecture cannot express (the GPT family, parallel blocks, q/k/v
-biases, a sliding attention window, "dynamic" and "yarn" rotary scaling) are refused with a
+biases, a sliding attention window, "dynamic" and "yarn" rotary scaling; experts in some blocks
+only, with a capacity, or weighted by the softmax over all of them) are refused with a
 `GGUFExportError` rather than written as a file that would compute something else.
 
 Sources: the GGUF spec (ggml-org/ggml, docs/gguf.md); llama.cpp's convert_hf_to_gguf.py
@@ -46,6 +53,7 @@ from torch import nn
 
 from llmlab.common import LlmlabError, atomic_path, read_json_object
 from llmlab.models.layers import rope_inv_freq
+from llmlab.models.moe import ExpertLinear
 
 OUTTYPES = ("f32", "f16", "q8_0")
 # llmlab's tokenizers split text with the ByteLevel pre-tokenizer's regex, which is GPT-2's; llama.cpp's
@@ -161,8 +169,13 @@ def _checked_config(model: nn.Module, outtype: str) -> Any:
     if cfg.sliding_window is not None:
         why.append(f"sliding_window={cfg.sliding_window} (llama.cpp's llama attends to the whole context, "
                    "so the file would differ from the model beyond the window)")
-    if getattr(cfg, "moe", None) is not None:
-        why.append("moe (experts are not written to GGUF yet)")
+    moe = getattr(cfg, "moe", None)
+    if moe is not None and moe.every != 1:
+        why.append(f"moe.every={moe.every} (llama.cpp's llama has experts in every block or in none)")
+    if moe is not None and moe.capacity_factor is not None:
+        why.append(f"moe.capacity_factor={moe.capacity_factor} (llama.cpp's experts drop no tokens)")
+    if moe is not None and moe.normalize != "topk":
+        why.append(f"moe.normalize={moe.normalize!r} (llama.cpp renormalises the top-k weights)")
     if cfg.rope_scaling is not None and cfg.rope_scaling.kind not in ROPE_SCALING_KINDS:
         why.append(f"rope scaling {cfg.rope_scaling.kind!r} (exported: none, {', '.join(ROPE_SCALING_KINDS)})")
     if why:
@@ -180,7 +193,11 @@ def _add_model_metadata(writer: gguf.GGUFWriter, cfg: Any, name: str, outtype: s
     writer.add_context_length(cfg.max_seq_len)
     writer.add_embedding_length(cfg.dim)
     writer.add_block_count(cfg.n_layers)
-    writer.add_feed_forward_length(cfg.hidden_dim)
+    moe = getattr(cfg, "moe", None)
+    writer.add_feed_forward_length(cfg.hidden_dim if moe is None else moe.hidden_dim or cfg.hidden_dim)
+    if moe is not None:
+        writer.add_expert_count(moe.n_experts)
+        writer.add_expert_used_count(moe.top_k)
     writer.add_head_count(cfg.n_heads)
     writer.add_head_count_kv(cfg.n_kv_heads)
     writer.add_key_length(cfg.head_dim)  # written always: head_dim may differ from dim / n_heads
@@ -220,10 +237,18 @@ def _tensor_sources(model: nn.Module) -> list[_Source]:
                 _Source(f"blk.{i}.attn_k.weight", _weight(attn.k_proj, f"{at}.attn.k_proj"), cfg.n_kv_heads),
                 _Source(f"blk.{i}.attn_v.weight", _weight(attn.v_proj, f"{at}.attn.v_proj")),
                 _Source(f"blk.{i}.attn_output.weight", _weight(attn.o_proj, f"{at}.attn.o_proj")),
-                _Source(f"blk.{i}.ffn_norm.weight", layer.mlp_norm.weight),
-                _Source(f"blk.{i}.ffn_gate.weight", _weight(mlp.gate_proj, f"{at}.mlp.gate_proj")),
-                _Source(f"blk.{i}.ffn_up.weight", _weight(mlp.up_proj, f"{at}.mlp.up_proj")),
-                _Source(f"blk.{i}.ffn_down.weight", _weight(mlp.down_proj, f"{at}.mlp.down_proj"))]
+                _Source(f"blk.{i}.ffn_norm.weight", layer.mlp_norm.weight)]
+        if cfg.moe is None:
+            out += [_Source(f"blk.{i}.ffn_gate.weight", _weight(mlp.gate_proj, f"{at}.mlp.gate_proj")),
+                    _Source(f"blk.{i}.ffn_up.weight", _weight(mlp.up_proj, f"{at}.mlp.up_proj")),
+                    _Source(f"blk.{i}.ffn_down.weight", _weight(mlp.down_proj, f"{at}.mlp.down_proj"))]
+        else:
+            gate, up = _weight(mlp.experts.gate_up_proj, f"{at}.mlp.experts.gate_up_proj").chunk(2, dim=1)
+            out += [_Source(f"blk.{i}.ffn_gate_inp.weight", _weight(mlp.router, f"{at}.mlp.router")),
+                    _Source(f"blk.{i}.ffn_gate_exps.weight", gate),
+                    _Source(f"blk.{i}.ffn_up_exps.weight", up),
+                    _Source(f"blk.{i}.ffn_down_exps.weight",
+                            _weight(mlp.experts.down_proj, f"{at}.mlp.experts.down_proj"))]
     out.append(_Source("output_norm.weight", model.norm.weight))
     if not cfg.tie_embeddings:
         out.append(_Source("output.weight", _weight(model.lm_head, "lm_head")))
@@ -231,8 +256,9 @@ def _tensor_sources(model: nn.Module) -> list[_Source]:
 
 
 def _weight(module: nn.Module, where: str) -> torch.Tensor:
-    """The float weight of a plain linear or embedding layer; a wrapped one (LoRA, NF4) is refused."""
-    if not isinstance(module, (nn.Linear, nn.Embedding)) or not module.weight.is_floating_point():
+    """The float weight of a plain linear or embedding layer (or stack of experts); a wrapped one (LoRA,
+    NF4) is refused."""
+    if not isinstance(module, (nn.Linear, nn.Embedding, ExpertLinear)) or not module.weight.is_floating_point():
         raise GGUFExportError(f"{where} is a {type(module).__name__}, not a plain float layer: merge LoRA adapters "
                               "(merge_and_unload) and export an unquantized model")
     return module.weight

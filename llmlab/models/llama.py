@@ -186,7 +186,7 @@ class Llama(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() < 2:
                 nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
-            elif name.endswith(("o_proj.weight", "down_proj.weight", "mlp.down_proj")):
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, 0.0, std / (2 * self.config.n_layers) ** 0.5)
             else:
                 nn.init.normal_(p, 0.0, std)

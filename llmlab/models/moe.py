@@ -14,8 +14,10 @@ and their outputs are summed, weighted by the router. After the papers:
   (`capacity_factor=None`).
 
 Routing and the losses are pure functions (`route`, `assign`, `load_balancing_loss`,
-`router_z_loss`); `SparseMoE` is the layer. Its experts' weights are stacked per projection,
-`gate_up_proj` (E, 2 * hidden, dim) and `down_proj` (E, dim, hidden), HF Mixtral's layout. Dispatch
+`router_z_loss`); `SparseMoE` is the layer: a `router` and the `experts`, whose weights are stacked
+per projection in an `ExpertLinear` each, `gate_up_proj` (E, 2 * hidden, dim) and `down_proj`
+(E, dim, hidden), HF Mixtral's layout and names; LoRA and NF4 wrap these by name as they wrap
+linear layers. Dispatch
 sorts the (token, expert) assignments by expert and runs each expert once on its contiguous slice
 of tokens; the outputs are scattered back with their weights. When capacity drops assignments,
 earlier ranks come first (every token's first choice before any second choice), then earlier
@@ -114,6 +116,36 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.float(), dim=-1).square().mean()
 
 
+class ExpertLinear(nn.Module):
+    """E bias-free linear maps stacked in one `weight` (E, out_features, in_features); `forward(x, e)`
+    applies expert e's."""
+
+    def __init__(self, n_experts: int, in_features: int, out_features: int):
+        super().__init__()
+        self.n_experts, self.in_features, self.out_features = n_experts, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(n_experts, out_features, in_features))
+        nn.init.normal_(self.weight, 0.0, 0.02)
+
+    def forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        return F.linear(x, self.weight[e])
+
+    def extra_repr(self) -> str:
+        return f"n_experts={self.n_experts}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+class Experts(nn.Module):
+    """E SwiGLU MLPs; `forward(x, e)` runs expert e on tokens x (n, dim)."""
+
+    def __init__(self, n_experts: int, dim: int, hidden_dim: int):
+        super().__init__()
+        self.gate_up_proj = ExpertLinear(n_experts, dim, 2 * hidden_dim)
+        self.down_proj = ExpertLinear(n_experts, hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, e).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up, e)
+
+
 class SparseMoE(nn.Module):
     """The MoE feed-forward: x (B, T, dim) -> (B, T, dim). After each forward, `aux_loss` holds the
     weighted load-balancing and z losses (a tensor in the graph while training) and `stats` the
@@ -124,10 +156,7 @@ class SparseMoE(nn.Module):
         self.cfg, self.hidden_dim = cfg, hidden_dim
         E = cfg.n_experts
         self.router = nn.Linear(dim, E, bias=False)
-        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * hidden_dim, dim))
-        self.down_proj = nn.Parameter(torch.empty(E, dim, hidden_dim))
-        nn.init.normal_(self.gate_up_proj, 0.0, 0.02)
-        nn.init.normal_(self.down_proj, 0.0, 0.02)
+        self.experts = Experts(E, dim, hidden_dim)
         self.aux_loss: torch.Tensor | None = None
         self.stats: dict | None = None
 
@@ -154,8 +183,7 @@ class SparseMoE(nn.Module):
         ys = []
         for e, (start, end) in enumerate(_slices(counts.tolist())):
             if end > start:  # expert e on its contiguous slice of tokens
-                gate, up = F.linear(x[token[start:end]], self.gate_up_proj[e]).chunk(2, dim=-1)
-                ys.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+                ys.append(self.experts(x[token[start:end]], e))
         if ys:
             out.index_add_(0, token, torch.cat(ys) * weight[:, None].to(x.dtype))
         aux = cfg.aux_loss_coef * load_balancing_loss(r.probs, r.experts, E) if cfg.aux_loss_coef else 0.0

@@ -9,7 +9,9 @@ base model exactly. rsLoRA (Kalajdzievski, 2023) scales by alpha / sqrt(r) inste
 the update's size stable as r grows. Merging folds s * B A into W for inference at no extra cost;
 unmerging subtracts it again. The parameter names (`<module>.lora_A.weight`, `.lora_B.weight`)
 are PEFT's, so adapters convert to and from PEFT's format by renaming the module path only.
-The base may be a 4-bit `NF4Linear` (QLoRA); merging then dequantizes it.
+The base may be a 4-bit `NF4Linear` (QLoRA); merging then dequantizes it. It may also be a stack
+of E expert projections (`ExpertLinear`, or its 4-bit `NF4Experts`) called as `layer(x, e)`; each
+expert then has its own A and B, stacked as (E, r, in) and (E, out, r).
 """
 
 from __future__ import annotations
@@ -59,38 +61,49 @@ class LoraConfig:
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer `base` plus a trainable low-rank update (see the module docstring)."""
+    """A frozen linear layer `base` plus a trainable low-rank update (see the module docstring); for a
+    base of stacked experts, one update per expert, and `forward(x, e)`."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
+        self.n_experts = getattr(base, "n_experts", None)
         self.r, self.alpha, self.rslora = r, alpha, rslora
         self.scaling = alpha / (math.sqrt(r) if rslora else r)
         weight = _weight(base)
         device = (weight if weight is not None else next(base.buffers())).device  # a 4-bit base has buffers
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device)
+        self.lora_A = self._factor(self.in_features, r, device)
+        self.lora_B = self._factor(r, self.out_features, device)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.merged = False
         self.disabled = False
         self.reset_lora()
 
+    def _factor(self, n_in: int, n_out: int, device: torch.device) -> nn.Module:
+        if self.n_experts is None:
+            return nn.Linear(n_in, n_out, bias=False, device=device)
+        from llmlab.models.moe import ExpertLinear
+
+        return ExpertLinear(self.n_experts, n_in, n_out).to(device)
+
     def reset_lora(self) -> None:
-        """A as nn.Linear's default (Kaiming uniform, a = sqrt(5), as PEFT); B = 0, so the update is zero."""
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        """A as nn.Linear's default (Kaiming uniform, a = sqrt(5), as PEFT), each expert's on its own;
+        B = 0, so the update is zero."""
+        for a in self.lora_A.weight.data.view(-1, self.r, self.in_features):
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
     def delta_weight(self) -> torch.Tensor:
-        """The update s * B A as an (out, in) matrix."""
+        """The update s * B A as an (out, in) matrix, or (E, out, in) for experts."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+    def forward(self, x: torch.Tensor, *expert: int) -> torch.Tensor:
+        y = self.base(x, *expert)
         if self.merged or self.disabled:
             return y
-        a = self.lora_A.weight.to(x.dtype)
-        b = self.lora_B.weight.to(x.dtype)
+        a = self.lora_A.weight[expert].to(x.dtype)  # an empty index: the whole matrix
+        b = self.lora_B.weight[expert].to(x.dtype)
         return y + (self.dropout(x) @ a.t() @ b.t()) * self.scaling  # (..., in) -> (..., r) -> (..., out)
 
     @torch.no_grad()
@@ -111,15 +124,20 @@ class LoRALinear(nn.Module):
             weight -= self.delta_weight().to(weight.dtype)
             self.merged = False
 
-    def merged_linear(self) -> nn.Linear:
-        """A plain linear layer holding W + s B A (the base dequantized first when it is 4-bit)."""
+    def merged_linear(self) -> nn.Module:
+        """A plain linear layer (or expert stack) holding W + s B A (the base dequantized first when it
+        is 4-bit)."""
         from llmlab.models.kernels import Linear
+        from llmlab.models.moe import ExpertLinear
 
         weight = _weight(self.base)
         weight = self.base.dequantize() if weight is None else weight.detach()
-        bias = self.base.bias
-        out = Linear(self.in_features, self.out_features, bias=bias is not None, device=weight.device,
-                     dtype=weight.dtype)
+        bias = getattr(self.base, "bias", None)
+        if self.n_experts is None:
+            out = Linear(self.in_features, self.out_features, bias=bias is not None, device=weight.device,
+                         dtype=weight.dtype)
+        else:
+            out = ExpertLinear(self.n_experts, self.in_features, self.out_features).to(weight.device, weight.dtype)
         with torch.no_grad():
             delta = self.delta_weight().to(out.weight.dtype) if not self.merged else 0
             out.weight.copy_(weight.to(out.weight.dtype) + delta)
@@ -128,7 +146,9 @@ class LoRALinear(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}" + (", merged" if self.merged else "")
+        experts = f", n_experts={self.n_experts}" if self.n_experts else ""
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}{experts}" + (
+            ", merged" if self.merged else "")
 
 
 def _weight(module: nn.Module) -> torch.Tensor | None:
@@ -138,16 +158,22 @@ def _weight(module: nn.Module) -> torch.Tensor | None:
 
 
 def linear_names(model: nn.Module) -> list[str]:
-    """Qualified names of the model's linear layers, full-precision or 4-bit; a LoRA-wrapped layer
-    counts once, under its own name."""
-    from llmlab.quant import NF4Linear
+    """Qualified names of the model's linear layers and expert stacks, full-precision or 4-bit; a
+    LoRA-wrapped layer counts once, under its own name."""
+    from llmlab.models.moe import ExpertLinear
+    from llmlab.quant import NF4Experts, NF4Linear
 
     names = []
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Linear, NF4Linear, LoRALinear)) and name and not name.endswith(
-                (".lora_A", ".lora_B")) and not (name.endswith(".base") and isinstance(
-                model.get_submodule(name.rpartition(".")[0]), LoRALinear)):
-            names.append(name)
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for child_name, child in module.named_children():
+            name = f"{prefix}{child_name}"
+            if isinstance(child, (nn.Linear, NF4Linear, ExpertLinear, NF4Experts, LoRALinear)):
+                names.append(name)  # not its parts: a 4-bit stack's experts, a LoRA layer's base and factors
+            else:
+                visit(child, name + ".")
+
+    visit(model, "")
     return names
 
 
@@ -180,6 +206,9 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
     wrapped = [n for n in names if isinstance(model.get_submodule(n), LoRALinear)]
     if wrapped:
         raise AdapterError(f"{', '.join(wrapped[:5])} already carry an adapter")
+    experts = [n for n in names if getattr(model.get_submodule(n), "n_experts", None)]
+    if experts and cfg.dropout:  # as PEFT, whose adapters on stacked experts have no dropout
+        raise AdapterError(f"lora dropout must be 0 when the targets include stacked experts ({experts[0]})")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:

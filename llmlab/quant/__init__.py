@@ -5,6 +5,8 @@ Nothing here imports bitsandbytes until a layer is quantized or run.
 
 from __future__ import annotations
 
-from llmlab.quant.nf4 import NF4_CODE, NF4Linear, dequantize_model, load_quantized, nf4_error_bound, quantize_model
+from llmlab.quant.nf4 import (NF4_CODE, NF4Experts, NF4Linear, dequantize_model, load_quantized, nf4_error_bound,
+                              quantize_model)
 
-__all__ = ["NF4_CODE", "NF4Linear", "dequantize_model", "load_quantized", "nf4_error_bound", "quantize_model"]
+__all__ = ["NF4_CODE", "NF4Experts", "NF4Linear", "dequantize_model", "load_quantized", "nf4_error_bound",
+           "quantize_model"]

@@ -8,8 +8,11 @@ constants themselves in 8 bits: their mean is subtracted and the rest is quantiz
 block) with bitsandbytes' 8-bit dynamic code. The packing, the kernels and the 8-bit code are bitsandbytes'.
 
 Three entry points:
-- `NF4Linear`: one frozen 4-bit layer; `forward` runs `bitsandbytes.matmul_4bit` in `compute_dtype`.
-- `quantize_model`: swap every linear layer of a built model (but `lm_head`) for an NF4Linear, in place.
+- `NF4Linear`: one frozen 4-bit layer; `forward` runs `bitsandbytes.matmul_4bit` in `compute_dtype` (on
+  CPU, a matmul with the dequantized weight, as bitsandbytes does there);
+  `NF4Experts`: a stack of MoE experts, one NF4Linear each.
+- `quantize_model`: swap every linear layer of a built model (but `lm_head` and routers) for an NF4Linear (and
+  every stack of experts for an NF4Experts), in place.
 - `load_quantized`: read a checkpoint one tensor at a time and quantize as it goes, so the full-precision
   model never exists in memory.
 
@@ -20,6 +23,7 @@ bitsandbytes is imported inside functions, since importing it takes seconds.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,6 +36,7 @@ from torch import nn
 
 from llmlab.models import build_model
 from llmlab.models.convert import ConversionError, hf_to_llmlab_state, table_for
+from llmlab.models.moe import ExpertLinear
 from llmlab.models.io import (INDEX, WEIGHTS, CheckpointError, check_state, meta_parameters, read_config,
                               read_shard_index)
 
@@ -43,6 +48,9 @@ NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453
             -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
             0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
             0.7229568362236023, 1.0)
+# layers kept in full precision by default: the output head, and an MoE's router (whose small logits
+# pick the experts; transformers' Mixtral router is no linear layer, so bitsandbytes leaves it too)
+KEEP = ("lm_head", "router")
 # blocks of absmax constants that share one second-level scale under double quantization (bitsandbytes)
 ABSMAX_BLOCKSIZE = 256
 
@@ -102,14 +110,21 @@ class NF4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        if self.packed_weight.device.type == "cpu":  # what bitsandbytes does on CPU, with a right dequantize
+            return F.linear(x.to(self.compute_dtype), self.dequantize(), bias).to(x.dtype)
         # the transposed view is bitsandbytes' calling convention for an (out, in) weight
         y = _bitsandbytes().matmul_4bit(x.to(self.compute_dtype), self.packed_weight.t(), self.quant_state,
                                         bias=bias)
         return y.to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
-        """The weight the layer computes with, (out, in) in compute_dtype."""
-        weight = _bitsandbytes().functional.dequantize_4bit(self.packed_weight, self.quant_state)
+        """The weight the layer computes with, (out, in) in compute_dtype.
+
+        Dequantized as one flat row: bitsandbytes' CPU kernel (0.50) restarts the blocks at each row of
+        a 2-D shape, which misplaces every scale when `in_features` is not a multiple of the block size."""
+        state = copy.copy(self.quant_state)
+        state.shape = torch.Size([self.out_features * self.in_features])
+        weight = _bitsandbytes().functional.dequantize_4bit(self.packed_weight, state)
         return weight.reshape(self.out_features, self.in_features).to(self.compute_dtype)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> NF4Linear:
@@ -120,6 +135,33 @@ class NF4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}")
+
+
+class NF4Experts(nn.Module):
+    """A frozen stack of E expert projections (an `ExpertLinear`) in 4-bit: one NF4Linear per expert,
+    each quantized on its own (E, out, in) slice; `forward(x, e)` runs expert e."""
+
+    def __init__(self, experts: list[NF4Linear]):
+        super().__init__()
+        self.experts = nn.ModuleList(experts)
+        self.n_experts = len(experts)
+        self.in_features, self.out_features = experts[0].in_features, experts[0].out_features
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, *, blocksize: int = 64, double_quant: bool = True,
+                    compute_dtype: torch.dtype = torch.float32) -> NF4Experts:
+        """Quantize a full-precision (E, out, in) stack, expert by expert."""
+        if weight.dim() != 3:
+            raise ValueError(f"NF4Experts needs a 3-D (experts, out, in) weight, got shape {tuple(weight.shape)}")
+        return cls([NF4Linear.from_weight(w, blocksize=blocksize, double_quant=double_quant,
+                                          compute_dtype=compute_dtype) for w in weight])
+
+    def forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        return self.experts[e](x)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weights the stack computes with, (E, out, in) in compute_dtype."""
+        return torch.stack([expert.dequantize() for expert in self.experts])
 
 
 def nf4_error_bound(weight: torch.Tensor, blocksize: int = 64, *, double_quant: bool = True) -> torch.Tensor:
@@ -167,23 +209,25 @@ def _skipped(name: str, skip: Sequence[str]) -> bool:
     return any(name == s or name.endswith("." + s) for s in skip)
 
 
-def quantize_model(model: nn.Module, *, skip: Sequence[str] = ("lm_head",), blocksize: int = 64,
+def quantize_model(model: nn.Module, *, skip: Sequence[str] = KEEP, blocksize: int = 64,
                    double_quant: bool = True, compute_dtype: torch.dtype = torch.float32) -> list[str]:
     """Replace every `nn.Linear` (llmlab's `Linear` included) whose qualified name does not end with one
-    of `skip` by an NF4Linear, in place; returns the replaced names in module order.
+    of `skip` by an NF4Linear, and every stack of experts by an NF4Experts, in place; returns the
+    replaced names in module order.
 
     The full-precision weights are dropped with their layers (and freed unless referenced elsewhere,
     as a tied embedding is). The new layers' biases are frozen; other parameters keep their flags.
     A linear layer shared between two places stays shared: it is quantized once.
     """
-    done: dict[int, NF4Linear] = {}
+    quant = {"blocksize": blocksize, "double_quant": double_quant, "compute_dtype": compute_dtype}
+    done: dict[int, nn.Module] = {}
     replaced = []
     for name, module in list(model.named_modules(remove_duplicate=False)):
-        if not name or not isinstance(module, nn.Linear) or _skipped(name, skip):
+        if not name or not isinstance(module, (nn.Linear, ExpertLinear)) or _skipped(name, skip):
             continue
         if id(module) not in done:
-            done[id(module)] = NF4Linear.from_linear(module, blocksize=blocksize, double_quant=double_quant,
-                                                     compute_dtype=compute_dtype)
+            done[id(module)] = (NF4Linear.from_linear(module, **quant) if isinstance(module, nn.Linear)
+                                else NF4Experts.from_weight(module.weight, **quant))
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, done[id(module)])
         replaced.append(name)
@@ -191,21 +235,28 @@ def quantize_model(model: nn.Module, *, skip: Sequence[str] = ("lm_head",), bloc
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:
-    """Replace every NF4Linear by a full-precision linear layer holding its dequantized weight, in
-    place (to save or export a QLoRA model as an ordinary checkpoint); returns the model."""
+    """Replace every NF4Linear (and NF4Experts) by a full-precision linear layer (or ExpertLinear)
+    holding its dequantized weight, in place (to save or export a QLoRA model as an ordinary
+    checkpoint); returns the model."""
     from llmlab.models.kernels import Linear
 
+    stacks = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, NF4Linear):
-            weight = module.dequantize()
-            linear = Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                            device=weight.device, dtype=weight.dtype)
-            with torch.no_grad():
-                linear.weight.copy_(weight)
-                if module.bias is not None:
-                    linear.bias.copy_(module.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, linear)
+        if not isinstance(module, (NF4Linear, NF4Experts)) or any(name.startswith(s + ".") for s in stacks):
+            continue  # an expert of a stack being replaced whole
+        weight = module.dequantize()
+        if isinstance(module, NF4Experts):
+            stacks.append(name)
+            plain = ExpertLinear(module.n_experts, module.in_features, module.out_features)
+        else:
+            plain = Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        plain.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            plain.weight.copy_(weight)
+            if getattr(module, "bias", None) is not None:
+                plain.bias.copy_(module.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, plain)
     return model
 
 
@@ -259,7 +310,7 @@ def _read_tensor(file: Path, key: str) -> torch.Tensor:
         raise CheckpointError(f"{file}: could not read tensor {key} ({e})") from None
 
 
-def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", *, skip: Sequence[str] = ("lm_head",),
+def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", *, skip: Sequence[str] = KEEP,
                    blocksize: int = 64, double_quant: bool = True,
                    compute_dtype: torch.dtype = torch.float32) -> nn.Module:
     """Load an llmlab checkpoint or an HF-format folder (auto-detected) with its linear layers in NF4.
@@ -310,7 +361,8 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     expected.update((k, v) for k, v in model.state_dict(keep_vars=True).items()  # persistent buffers
                     if k not in expected and k not in aliases)
     check_state(provided, expected, source, ignored=aliases)
-    targets = {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and not _skipped(name, skip)}
+    targets = {name for name, m in model.named_modules()
+               if isinstance(m, (nn.Linear, ExpertLinear)) and not _skipped(name, skip)}
     group = {names[0]: names for names in names_of.values()}
 
     for key in sorted(stored, key=lambda k: (str(files[k]), k)):
@@ -338,9 +390,11 @@ def _place(model: nn.Module, names: list[str], tensor: torch.Tensor, targets: se
     for name in names:
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
-        if owner_name in targets and attr == "weight" and isinstance(owner, nn.Linear):
+        if owner_name in targets and attr == "weight":
             parent, _, child = owner_name.rpartition(".")
-            setattr(model.get_submodule(parent), child, NF4Linear.from_weight(tensor, owner.bias, **quant))
+            quantized = (NF4Linear.from_weight(tensor, owner.bias, **quant) if isinstance(owner, nn.Linear)
+                         else NF4Experts.from_weight(tensor, **quant))
+            setattr(model.get_submodule(parent), child, quantized)
         elif attr in owner._parameters:
             param = param if param is not None else nn.Parameter(tensor, requires_grad=False)
             setattr(owner, attr, param)

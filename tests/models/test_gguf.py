@@ -22,6 +22,7 @@ from llmlab.models import GPTConfig, LlamaConfig, build_model
 from llmlab.models.gguf import OUTTYPES, GGUFExportError, export_gguf, permute_rotary, unpermute_rotary
 from llmlab.models.io import save_model
 from llmlab.models.layers import RopeScaling
+from llmlab.models.moe import MoEConfig
 from llmlab.peft import LoraConfig, apply_lora
 from llmlab.tokenizer import load_tokenizer, train_bpe
 
@@ -81,10 +82,17 @@ def _expected(model) -> dict[str, np.ndarray]:
                                                                  cfg.n_kv_heads),
                     f"blk.{i}.attn_v.weight": np_(attn.v_proj.weight),
                     f"blk.{i}.attn_output.weight": np_(attn.o_proj.weight),
-                    f"blk.{i}.ffn_norm.weight": np_(layer.mlp_norm.weight),
-                    f"blk.{i}.ffn_gate.weight": np_(mlp.gate_proj.weight),
-                    f"blk.{i}.ffn_up.weight": np_(mlp.up_proj.weight),
-                    f"blk.{i}.ffn_down.weight": np_(mlp.down_proj.weight)})
+                    f"blk.{i}.ffn_norm.weight": np_(layer.mlp_norm.weight)})
+        if cfg.moe is None:
+            out.update({f"blk.{i}.ffn_gate.weight": np_(mlp.gate_proj.weight),
+                        f"blk.{i}.ffn_up.weight": np_(mlp.up_proj.weight),
+                        f"blk.{i}.ffn_down.weight": np_(mlp.down_proj.weight)})
+        else:  # the converter's Mixtral: w1, w3 and w2 of every expert stacked
+            h = mlp.experts.down_proj.in_features
+            out.update({f"blk.{i}.ffn_gate_inp.weight": np_(mlp.router.weight),
+                        f"blk.{i}.ffn_gate_exps.weight": np_(mlp.experts.gate_up_proj.weight[:, :h]),
+                        f"blk.{i}.ffn_up_exps.weight": np_(mlp.experts.gate_up_proj.weight[:, h:]),
+                        f"blk.{i}.ffn_down_exps.weight": np_(mlp.experts.down_proj.weight)})
     return out
 
 
@@ -182,6 +190,20 @@ def _llama_cpp_forward(path, ids: list[int]) -> np.ndarray:
         att /= att.sum(-1, keepdims=True)
         x = x + np.einsum("hts,shd->thd", att, v).reshape(T, -1) @ w[f"blk.{i}.attn_output.weight"].T
         h = rms(x, w[f"blk.{i}.ffn_norm.weight"])
+        if f"blk.{i}.ffn_gate_inp.weight" in w:  # build_moe_ffn: softmax gating, top k, weights renormalised
+            logits = h @ w[f"blk.{i}.ffn_gate_inp.weight"].T
+            probs = np.exp(logits - logits.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            chosen = np.argsort(-probs, axis=-1, kind="stable")[:, :meta["llama.expert_used_count"]]
+            weights = np.take_along_axis(probs, chosen, -1)
+            weights /= weights.sum(-1, keepdims=True)
+            out = np.zeros_like(x)
+            for t in range(T):
+                for e, g in zip(chosen[t], weights[t]):
+                    gate, up = w[f"blk.{i}.ffn_gate_exps.weight"][e] @ h[t], w[f"blk.{i}.ffn_up_exps.weight"][e] @ h[t]
+                    out[t] += g * w[f"blk.{i}.ffn_down_exps.weight"][e] @ (gate / (1 + np.exp(-gate)) * up)
+            x = x + out
+            continue
         gate, up = h @ w[f"blk.{i}.ffn_gate.weight"].T, h @ w[f"blk.{i}.ffn_up.weight"].T
         x = x + (gate / (1 + np.exp(-gate)) * up) @ w[f"blk.{i}.ffn_down.weight"].T
     return rms(x, w["output_norm.weight"]) @ w.get("output.weight", w["token_embd.weight"]).T
@@ -191,7 +213,8 @@ def _llama_cpp_forward(path, ids: list[int]) -> np.ndarray:
     {}, {"tie_embeddings": True}, {"head_dim": 32}, {"n_kv_heads": 1},
     {"rope_scaling": RopeScaling("linear", 4.0)},
     {"rope_scaling": RopeScaling("llama3", 8.0, original_max_position_embeddings=64)},
-], ids=["untied", "tied", "wide-heads", "multi-query", "rope-linear", "rope-llama3"])
+    {"moe": MoEConfig(n_experts=4, top_k=2, hidden_dim=96)},
+], ids=["untied", "tied", "wide-heads", "multi-query", "rope-linear", "rope-llama3", "mixtral"])
 def test_llama_cpps_forward_of_the_file_matches_the_model(vocab_size, tmp_path, overrides):
     model = _model(vocab_size, **overrides)
     export_gguf(model, None, tmp_path / "m.gguf")
@@ -239,8 +262,9 @@ def test_f16_is_the_model_rounded_to_half_precision(vocab_size, tmp_path):
         assert (np.abs(data - want) <= np.abs(want) * 2**-11 + 2**-25).all(), name  # half an fp16 ulp
 
 
-def test_q8_0_is_within_its_block_error(vocab_size, tmp_path):
-    model = _model(vocab_size)
+@pytest.mark.parametrize("overrides", [{}, {"moe": MoEConfig(n_experts=4)}], ids=["dense", "mixtral"])
+def test_q8_0_is_within_its_block_error(vocab_size, tmp_path, overrides):
+    model = _model(vocab_size, **overrides)
     expected = _expected(model)
     export_gguf(model, None, tmp_path / "q.gguf", outtype="q8_0")
     got = _read(tmp_path / "q.gguf")
@@ -292,6 +316,19 @@ def test_model_metadata(vocab_size, tmp_path, outtype, file_type):
     assert meta["llama.rope.freq_base"] == 500000.0
     assert meta["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-6, rel=1e-6)
     assert not any(k.startswith(("tokenizer.", "llama.rope.scaling")) for k in meta)  # none asked for
+
+
+def test_mixtral_metadata_and_tensors(vocab_size, tmp_path):
+    model = _model(vocab_size, moe=MoEConfig(n_experts=4, top_k=2, hidden_dim=96))
+    export_gguf(model, None, tmp_path / "m.gguf")
+    meta = _fields(tmp_path / "m.gguf")
+    assert meta["llama.expert_count"] == 4 and meta["llama.expert_used_count"] == 2
+    assert meta["llama.feed_forward_length"] == 96  # the experts' width
+    got = _read(tmp_path / "m.gguf")
+    assert sorted(got) == sorted(_expected(model)) and "blk.0.ffn_gate.weight" not in got
+    assert got["blk.1.ffn_gate_exps.weight"][0].shape == (4, 96, 64)  # ggml ne [64, 96, 4]
+    assert got["blk.1.ffn_down_exps.weight"][0].shape == (4, 64, 96)
+    assert got["blk.1.ffn_gate_inp.weight"][0].shape == (4, 64)
 
 
 def test_linear_rope_scaling_metadata(vocab_size, tmp_path):
@@ -352,7 +389,10 @@ def test_what_llama_cpps_llama_cannot_express_is_refused(vocab_size, tmp_path):
              (_model(vocab_size, attention_bias=True), "attention_bias"),
              (_model(vocab_size, sliding_window=16), "sliding_window=16"),
              (_model(vocab_size, rope_scaling=RopeScaling("dynamic", 2.0)), "rope scaling 'dynamic'"),
-             (_model(vocab_size, rope_scaling=RopeScaling("yarn", 2.0)), "rope scaling 'yarn'")]
+             (_model(vocab_size, rope_scaling=RopeScaling("yarn", 2.0)), "rope scaling 'yarn'"),
+             (_model(vocab_size, moe=MoEConfig(every=2)), "moe.every=2 .*every block or in none"),
+             (_model(vocab_size, moe=MoEConfig(capacity_factor=1.25)), "moe.capacity_factor=1.25"),
+             (_model(vocab_size, moe=MoEConfig(top_k=1, normalize="all")), "moe.normalize='all'")]
     for model, message in cases:
         with pytest.raises(GGUFExportError, match=message):
             export_gguf(model, None, tmp_path / "m.gguf")

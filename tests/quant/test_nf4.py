@@ -37,7 +37,7 @@ def test_code_table_is_bitsandbytes_nf4():
 
 
 # (300, 520): 2438 blocks, the last partial, in 10 groups of 256 absmax constants; (37, 100): blocks cross rows
-@pytest.mark.parametrize("shape", [(300, 520), (37, 100)])
+@pytest.mark.parametrize("shape", [(300, 520), (37, 100), (80, 32), (64, 48)])  # rows shorter than a block too
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_round_trip_error_is_within_the_nf4_bound(shape, double_quant):
     w = _weight(shape)

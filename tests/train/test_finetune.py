@@ -88,6 +88,27 @@ def test_qlora_trains_adapters_over_a_4bit_base(base, synth_dir, tmp_path):
     assert cfg["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
 
+def test_qlora_adapts_the_experts_of_an_moe_base(corpus_dir, synth_dir, tmp_path):
+    from llmlab.models.moe import MoEConfig
+
+    torch.manual_seed(0)
+    model = build_model(LlamaConfig(vocab_size=320, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_seq_len=128,
+                                    moe=MoEConfig(n_experts=4, top_k=2)))
+    save_model(model, tmp_path / "base")
+    copy_tokenizer_files(corpus_dir.parent / "tok", tmp_path / "base")
+    out = tmp_path / "run"
+    run(_cfg(tmp_path / "base", synth_dir, out, peft="qlora", max_steps=4, **{
+        "lora.targets": ["all-linear"], "lora.dropout": 0.0, "eval.every": 4, "ckpt.every": 4}))
+    train = [r for r in _metrics(out) if "loss" in r]
+    assert len(train) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in train)
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["target_parameters"] == ["experts.down_proj", "experts.gate_up_proj"]
+    assert "gate" in cfg["target_modules"]  # HF names the router mlp.gate
+    merged = load_model(out / "final").state_dict()  # dequantized and merged
+    assert merged["layers.0.mlp.experts.gate_up_proj.weight"].shape == (4, 128, 32)
+    assert not torch.equal(merged["layers.0.mlp.router.weight"], model.state_dict()["layers.0.mlp.router.weight"])
+
+
 def test_full_finetune_with_frozen_layers(base, synth_dir, tmp_path):
     run(_cfg(base, synth_dir, tmp_path, peft="none", freeze=["embed_tokens", "layers.0"], **{"eval.exact_match": 0}))
     assert not (tmp_path / "adapter").exists()

@@ -41,6 +41,8 @@ CONFIG_VERBS = {
               "align a model: reward model, PPO, DPO, IPO or GRPO (method=...), on preference pairs or prompts"),
     "scaling fit": ("llmlab.train.sweep", "ScalingFitConfig", "run",
                     "train a sweep of small models and fit your own scaling law L(N, D)"),
+    "scaling moe": ("llmlab.train.moe_vs_dense", "MoEVsDenseConfig", "run",
+                    "train a dense model and a mixture of experts of equal active compute; plot loss against FLOPs"),
 }
 
 

@@ -206,7 +206,7 @@ def table_for(model) -> Table:
     """The conversion table of a model config, or of a family named by a string (gpt, llama)."""
     if isinstance(model, str):
         return TABLES[model]
-    if getattr(model, "moe", None) is not None:
+    if model.family == "llama" and model.moe is not None:
         return MIXTRAL
     if model.family == "bert":
         return bert_table(model)
@@ -556,6 +556,9 @@ def _t5_from_hf(hf: dict, where: str) -> T5Config:
 
 
 def _t5_to_hf(cfg: T5Config) -> dict:
+    if cfg.moe is not None:
+        raise ConversionError("a T5 with experts (a Switch Transformer) has no HF export; T5 and mT5 export, "
+                              "and MoE decoders as Mixtral")
     return {"architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "vocab_size": cfg.vocab_size,
             "d_model": cfg.dim, "d_kv": cfg.head_dim, "d_ff": cfg.hidden_dim, "num_layers": cfg.n_layers,
             "num_decoder_layers": cfg.n_decoder_layers, "num_heads": cfg.n_heads,
@@ -629,9 +632,11 @@ def _causal_config_to_hf(cfg: ModelConfig) -> dict:
     moe = cfg.moe
     if moe is not None:
         if cfg.attention_bias or moe.every != 1 or moe.hidden_dim not in (None, cfg.hidden_dim) or \
-                moe.normalize != "topk" or moe.capacity_factor is not None:
-            raise ConversionError("an MoE model has an HF export as Mixtral: experts in every block (every=1), "
-                                  "normalize=topk, dropless (capacity_factor=null), no attention_bias")
+                moe.normalize != "topk" or moe.capacity_factor is not None or not moe.gated or \
+                moe.activation != "silu":
+            raise ConversionError("an MoE model has an HF export as Mixtral: gated silu experts as wide as "
+                                  "hidden_dim in every block (every=1), normalize=topk, dropless "
+                                  "(capacity_factor=null), no attention_bias")
         model_type = "mixtral"
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling is not None:

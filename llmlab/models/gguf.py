@@ -174,6 +174,8 @@ def _checked_config(model: nn.Module, outtype: str) -> Any:
         why.append(f"moe.every={moe.every} (llama.cpp's llama has experts in every block or in none)")
     if moe is not None and moe.capacity_factor is not None:
         why.append(f"moe.capacity_factor={moe.capacity_factor} (llama.cpp's experts drop no tokens)")
+    if moe is not None and (not moe.gated or moe.activation != "silu"):
+        why.append("experts that are not gated silu MLPs (llama.cpp's llama experts are SwiGLU)")
     if moe is not None and moe.normalize != "topk":
         why.append(f"moe.normalize={moe.normalize!r} (llama.cpp renormalises the top-k weights)")
     if cfg.rope_scaling is not None and cfg.rope_scaling.kind not in ROPE_SCALING_KINDS:

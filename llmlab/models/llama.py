@@ -9,12 +9,14 @@ The same file covers checkpoints that share the architecture:
   the "parallel" block x + attn(norm(x)) + mlp(norm(x)) (Chowdhery et al. 2022);
 - Mixtral-style sparse models: `moe` puts a mixture-of-experts layer (`llmlab.models.moe`) in place
   of the MLP of every block, or of every other one (GLaM); the router's auxiliary losses join the
-  loss while training (never an evaluation's) and are left in `aux_loss`.
+  loss while training (never an evaluation's) and are left in `aux_loss`; padding (0 in
+  `attention_mask`) is not routed.
 Rotary embeddings use the half-split layout of HF checkpoints, so their weights load unpermuted.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -26,7 +28,7 @@ from llmlab.models.kernels import Linear, stacked_linear
 from llmlab.models.layers import (AttentionShape, KVCache, ParamCount, RMSNorm, RopeScaling, RotaryEmbedding, SwiGLU,
                                   apply_rotary, build_attention_mask, check_config_ranges, lm_output,
                                   positions_from_mask, sdpa, training_flops_per_token)
-from llmlab.models.moe import MoEConfig, SparseMoE
+from llmlab.models.moe import MoEConfig, SparseMoE, router_totals
 
 
 @dataclass
@@ -84,7 +86,7 @@ class LlamaConfig:
         for layer in range(self.n_layers):
             mlp = 3 * d * self.hidden_dim
             if self.moe is not None and self.moe.is_moe(layer):
-                expert = 3 * d * (self.moe.hidden_dim or self.hidden_dim)
+                expert = (3 if self.moe.gated else 2) * d * (self.moe.hidden_dim or self.hidden_dim)
                 mlp = d * self.moe.n_experts + self.moe.n_experts * expert  # the router and every expert
                 idle += (self.moe.n_experts - self.moe.top_k) * expert
             body += attn + mlp + norms
@@ -154,13 +156,15 @@ class Block(nn.Module):
             self.mlp = SwiGLU(cfg.dim, cfg.hidden_dim)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, layer=0):
+    def forward(self, x, cos, sin, mask, kv_cache=None, layer=0, tokens=None):
+        """`tokens` (B, T), false at padding: what an MoE layer leaves unrouted."""
         h = self.attn_norm(x)
         attn_out = self.dropout(self.attn(h, cos, sin, mask, kv_cache, layer))
+        mlp = functools.partial(self.mlp, tokens=tokens) if isinstance(self.mlp, SparseMoE) else self.mlp
         if self.parallel:
-            return x + attn_out + self.dropout(self.mlp(h))
+            return x + attn_out + self.dropout(mlp(h))
         x = x + attn_out
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        return x + self.dropout(mlp(self.mlp_norm(x)))
 
 
 class Llama(nn.Module):
@@ -229,22 +233,20 @@ class Llama(nn.Module):
                                     sliding_window=self.config.sliding_window, device=input_ids.device,
                                     segment_ids=segment_ids)
         x = self.embed_tokens(input_ids)  # (B, T, dim)
+        tokens = attention_mask[:, -T:].bool() if attention_mask is not None and self.config.moe else None
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, None, 0, tokens, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, kv_cache, i)
+                x = layer(x, cos, sin, mask, kv_cache, i, tokens)
         if kv_cache is not None:
             kv_cache.advance(T)
         out = lm_output(self.lm_head, self.norm, x, targets, logits_to_keep)
         if self.config.moe is None:
             return out
-        moe = [layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoE)]
-        aux = sum(m.aux_loss for m in moe)
+        aux, routing = router_totals([layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoE)])
         self.aux_loss = aux.detach()  # the router losses, reported apart
         if not self.training:
             return out  # evaluation and decoding: the token loss alone, no loads to log
-        # tokens per expert over the MoE layers, and the assignments dropped: what training logs
-        self.routing = torch.cat([sum(m.stats["tokens_per_expert"] for m in moe).float(),
-                                  aux.new_tensor([sum(m.stats["dropped"] for m in moe)], dtype=torch.float32)])
+        self.routing = routing  # tokens per expert and dropped assignments: what training logs
         return out + aux if targets is not None else out

@@ -1,12 +1,13 @@
-"""Mixture of experts: a feed-forward layer of E gated expert MLPs of which each token uses k.
+"""Mixture of experts: a feed-forward layer of E expert MLPs of which each token uses k.
 
 A router (one linear map, no bias) scores the experts of every token; the k best take the token
 and their outputs are summed, weighted by the router. After the papers:
 - Shazeer et al. 2017, "Outrageously Large Neural Networks": the sparsely gated layer;
-- Fedus et al. 2021, "Switch Transformers": k = 1, the chosen expert's softmax probability as its
-  weight (`normalize="all"`), a capacity of ceil(capacity_factor * k * tokens / E) tokens per expert
-  beyond which tokens are dropped (they pass through the residual only), multiplicative jitter on
-  the router's input while training, and the load-balancing loss E * sum_i f_i P_i;
+- Fedus et al. 2021, "Switch Transformers": k = 1, plain ReLU experts (`gated=False`), the chosen
+  expert's softmax probability as its weight (`normalize="all"`), a capacity of
+  ceil(capacity_factor * k * tokens / E) tokens per expert beyond which tokens are dropped (they
+  pass through the residual only), multiplicative jitter on the router's input while training,
+  and the load-balancing loss E * sum_i f_i P_i;
 - Zoph et al. 2022, "ST-MoE": the router z-loss, the mean squared log-sum-exp of the router logits;
 - Du et al. 2021, "GLaM": k = 2, the two weights renormalised to sum to 1 (`normalize="topk"`), an
   MoE layer in every other block;
@@ -15,13 +16,13 @@ and their outputs are summed, weighted by the router. After the papers:
 
 Routing and the losses are pure functions (`route`, `assign`, `load_balancing_loss`,
 `router_z_loss`); `SparseMoE` is the layer: a `router` and the `experts`, whose weights are stacked
-per projection in an `ExpertLinear` each, `gate_up_proj` (E, 2 * hidden, dim) and `down_proj`
-(E, dim, hidden), HF Mixtral's layout and names; LoRA and NF4 wrap these by name as they wrap
-linear layers. Dispatch
-sorts the (token, expert) assignments by expert and runs each expert once on its contiguous slice
-of tokens; the outputs are scattered back with their weights. When capacity drops assignments,
-earlier ranks come first (every token's first choice before any second choice), then earlier
-tokens (GShard's priority).
+per projection in an `ExpertLinear` each, `gate_up_proj` (E, 2 * hidden, dim) (or `up_proj`
+(E, hidden, dim) for plain experts) and `down_proj` (E, dim, hidden), HF Mixtral's layout and
+names; LoRA and NF4 wrap these by name as they wrap linear layers. Dispatch sorts the (token,
+expert) assignments by expert and runs each expert once on its contiguous slice of tokens; the
+outputs are scattered back with their weights. When capacity drops assignments, earlier ranks come
+first (every token's first choice before any second choice), then earlier tokens (GShard's
+priority).
 """
 
 from __future__ import annotations
@@ -36,12 +37,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
+
+
 @dataclass
 class MoEConfig:
     n_experts: int = 8  # E: expert MLPs per MoE layer
     top_k: int = 2  # k: experts each token goes to (Switch 1; GLaM and Mixtral 2)
     every: int = 1  # an MoE layer in every `every`-th block, the others dense (GLaM: 2); see is_moe
-    hidden_dim: int | None = None  # each expert's SwiGLU width; None: the dense MLP's
+    hidden_dim: int | None = None  # each expert's MLP width; None: the dense MLP's
+    gated: bool = True  # experts act(x W_gate) * (x W_up) (Mixtral: silu); false: act(x W_up) (GLaM)
+    activation: Literal["silu", "gelu", "gelu_tanh", "relu"] = "silu"  # the experts' nonlinearity
     normalize: Literal["topk", "all"] = "topk"  # weights: softmax renormalised over the k chosen, or over all E
     capacity_factor: float | None = None  # None: dropless; else tokens per expert = ceil(cf * k * T / E)
     aux_loss_coef: float = 0.01  # load-balancing loss weight (Switch's alpha)
@@ -55,6 +61,8 @@ class MoEConfig:
             raise ValueError(f"every must be >= 1, got {self.every}")
         if self.hidden_dim is not None and self.hidden_dim < 1:
             raise ValueError(f"hidden_dim must be >= 1, got {self.hidden_dim}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
         if self.normalize not in ("topk", "all"):
             raise ValueError(f"normalize must be topk or all, got {self.normalize!r}")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
@@ -134,16 +142,23 @@ class ExpertLinear(nn.Module):
 
 
 class Experts(nn.Module):
-    """E SwiGLU MLPs; `forward(x, e)` runs expert e on tokens x (n, dim)."""
+    """E MLPs, gated (`gate_up_proj`: the gate and up projections stacked, as HF Mixtral) or plain
+    (`up_proj`); `forward(x, e)` runs expert e on tokens x (n, dim)."""
 
-    def __init__(self, n_experts: int, dim: int, hidden_dim: int):
+    def __init__(self, n_experts: int, dim: int, hidden_dim: int, gated: bool = True, activation: str = "silu"):
         super().__init__()
-        self.gate_up_proj = ExpertLinear(n_experts, dim, 2 * hidden_dim)
+        self.gated, self.act = gated, ACTIVATIONS[activation]
+        if gated:
+            self.gate_up_proj = ExpertLinear(n_experts, dim, 2 * hidden_dim)
+        else:
+            self.up_proj = ExpertLinear(n_experts, dim, hidden_dim)
         self.down_proj = ExpertLinear(n_experts, hidden_dim, dim)
 
     def forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x, e).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up, e)
+        if self.gated:
+            gate, up = self.gate_up_proj(x, e).chunk(2, dim=-1)
+            return self.down_proj(self.act(gate) * up, e)
+        return self.down_proj(self.act(self.up_proj(x, e)), e)
 
 
 class SparseMoE(nn.Module):
@@ -156,7 +171,7 @@ class SparseMoE(nn.Module):
         self.cfg, self.hidden_dim = cfg, hidden_dim
         E = cfg.n_experts
         self.router = nn.Linear(dim, E, bias=False)
-        self.experts = Experts(E, dim, hidden_dim)
+        self.experts = Experts(E, dim, hidden_dim, cfg.gated, cfg.activation)
         self.aux_loss: torch.Tensor | None = None
         self.stats: dict | None = None
 
@@ -166,11 +181,24 @@ class SparseMoE(nn.Module):
             x = x * torch.empty_like(x).uniform_(1.0 - self.cfg.jitter, 1.0 + self.cfg.jitter)
         return self.router(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cfg, E = self.cfg, self.cfg.n_experts
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, dim) -> (B, T, dim). `tokens` (B, T), true for tokens and false for padding, leaves
+        padding out of the routing, the losses and the loads (its output is zero)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, dim)
+        if tokens is None:
+            return self._dispatch(x).view(shape)
+        rows = tokens.reshape(-1).nonzero().squeeze(1)
+        return torch.zeros_like(x).index_copy(0, rows, self._dispatch(x[rows])).view(shape)
+
+    def _dispatch(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer on tokens x (N, dim); sets `aux_loss` and `stats`."""
+        cfg, E = self.cfg, self.cfg.n_experts
         N = x.size(0)
+        if N == 0:  # a batch of padding alone
+            self.aux_loss = x.new_zeros((), dtype=torch.float32)
+            self.stats = {"tokens_per_expert": torch.zeros(E, dtype=torch.long, device=x.device), "dropped": 0}
+            return x
         logits = self.router_logits(x)  # (N, E)
         r = route(logits, cfg.top_k, cfg.normalize)
         keep = assign(r.experts, E, capacity(N, E, cfg.top_k, cfg.capacity_factor))  # (N, k)
@@ -191,7 +219,16 @@ class SparseMoE(nn.Module):
             aux = aux + cfg.z_loss_coef * router_z_loss(logits)
         self.aux_loss = aux if isinstance(aux, torch.Tensor) else logits.new_zeros(())
         self.stats = {"tokens_per_expert": counts.detach(), "dropped": int(N * cfg.top_k - token.numel())}
-        return out.view(shape)
+        return out
+
+
+def router_totals(layers: list[SparseMoE]) -> tuple[torch.Tensor, torch.Tensor]:
+    """After a model's forward: its MoE layers' auxiliary losses summed (in the graph), and the
+    routing training logs, the tokens per expert summed over the layers followed by the number of
+    dropped assignments (float32, detached)."""
+    aux = sum(m.aux_loss for m in layers)
+    loads = sum(m.stats["tokens_per_expert"] for m in layers).float()
+    return aux, torch.cat([loads, loads.new_tensor([sum(m.stats["dropped"] for m in layers)])])
 
 
 def _slices(counts: list[int]) -> list[tuple[int, int]]:

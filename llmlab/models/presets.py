@@ -2,8 +2,11 @@
 
 Each published entry carries the parameter count its paper (or model card) reports and where
 that figure comes from; `tests/models/test_presets.py` checks that the count computed from the
-config lands within 3% of it. Published models are built in the family whose block they share
-(see the family files for the few deviations, e.g. GPT-3's sparse layers).
+config lands within 3% of it, or, for a figure the paper gives to fewer digits than that needs
+(GLaM's "1.2T", Switch-Base's "7B"), that it rounds to the figure as published. A sparse model also
+carries its published active count (the parameters one token uses), checked within 3%. Published
+models are built in the family whose block they share (see the family files for the few
+deviations, e.g. GPT-3's sparse layers).
 """
 
 from __future__ import annotations
@@ -19,14 +22,17 @@ class Preset(NamedTuple):
     fields: dict  # overrides of the family config's defaults
     published_params: float | None = None  # total parameters as published
     source: str = ""  # where the published figure and shapes come from
+    published_active: float | None = None  # of a sparse model: the parameters a token uses, as published
+    digits: int | None = None  # the significant digits the total is published to, when too few for 3%
 
 
 def _gpt(published: float, source: str, vocab_size: int = 50257, max_seq_len: int = 2048, **fields) -> Preset:
     return Preset("gpt", dict(vocab_size=vocab_size, max_seq_len=max_seq_len, **fields), published, source)
 
 
-def _llama(published: float, source: str, **fields) -> Preset:
-    return Preset("llama", {"vocab_size": 32000, **fields}, published, source)
+def _llama(published: float, source: str, active: float | None = None, digits: int | None = None,
+           **fields) -> Preset:
+    return Preset("llama", {"vocab_size": 32000, **fields}, published, source, active, digits)
 
 
 def _bert(published: float, source: str, **fields) -> Preset:
@@ -121,8 +127,16 @@ PRESETS: dict[str, Preset] = {
                          sliding_window=4096),
     # ---- sparse: 8 SwiGLU experts in every block, 2 per token (12.9B of the 46.7B active)
     "mixtral-8x7b": _llama(46.7e9, "Jiang et al. 2024, Mixtral of Experts, Sec. 2 and the released config.json",
-                           dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, max_seq_len=32768,
-                           rope_theta=1e6, moe={"n_experts": 8, "top_k": 2}),
+                           active=12.9e9, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
+                           max_seq_len=32768, rope_theta=1e6, moe={"n_experts": 8, "top_k": 2}),
+    # GLaM's largest: 64 experts in every other block, 2 per token. Table 4's shapes give 1.162T parameters (the
+    # "1.2T" of the paper to two digits) and 96.6B active (as published) with plain experts and gated dense
+    # MLPs; 128 heads of 128 on a width of 8192. GLaM's GEGLU and relative position biases become SwiGLU and
+    # rotary here (the counts do not change but for the few biases).
+    "glam-64b-64e": _llama(1.2e12, "Du et al. 2022, GLaM, Table 4 (64B/64E) and Sec. 1 (96.6B activated)",
+                           active=96.6e9, digits=2, vocab_size=256000, dim=8192, n_layers=64, n_heads=128,
+                           head_dim=128, hidden_dim=32768, max_seq_len=1024, tie_embeddings=True,
+                           moe={"n_experts": 64, "top_k": 2, "every": 2, "gated": False, "activation": "gelu"}),
     # ---- PaLM: multi-query attention, parallel blocks, shared embeddings, 256k vocabulary
     "palm-8b": _llama(8.63e9, _PALM, vocab_size=256000, dim=4096, n_layers=32, n_heads=16, n_kv_heads=1,
                       head_dim=256, hidden_dim=16384, tie_embeddings=True, parallel_block=True),
@@ -153,6 +167,15 @@ PRESETS: dict[str, Preset] = {
                     dim=1024, n_layers=24, n_heads=16, head_dim=64, hidden_dim=4096),
     "t5-3b": _t5(2.8e9, _T5, dim=1024, n_layers=24, n_heads=32, head_dim=128, hidden_dim=16384),
     "t5-11b": _t5(11e9, _T5, dim=1024, n_layers=24, n_heads=128, head_dim=128, hidden_dim=65536),
+    # Switch-Base: T5-Base with 128 ReLU experts in every other block of each stack, one per token, so that a
+    # token costs what it costs T5-Base (whose 220M its active count matches); Table 9 gives the total as "7B"
+    "switch-base-128": Preset("t5", dict(vocab_size=32128, dim=768, n_layers=12, n_heads=12, head_dim=64,
+                                         hidden_dim=3072, moe={"n_experts": 128, "top_k": 1, "every": 2,
+                                                               "gated": False, "activation": "relu",
+                                                               "normalize": "all", "capacity_factor": 1.25,
+                                                               "jitter": 0.01}),
+                              7e9, "Fedus et al. 2022, Switch Transformers, Table 9 and the released switch-base-128",
+                              220e6, 1),
     "mt5-small": _mt5(300e6, dim=512, n_layers=8, n_heads=6, head_dim=64, hidden_dim=1024),
     "mt5-base": _mt5(580e6, dim=768, n_layers=12, n_heads=12, head_dim=64, hidden_dim=2048),
     "mt5-large": _mt5(1.2e9, dim=1024, n_layers=24, n_heads=16, head_dim=64, hidden_dim=2816),

@@ -15,6 +15,11 @@ GEGLU, down(gelu(gate(x)) * up(x)) (Shazeer 2020), and the output head is a sepa
 without the scaling (tie_embeddings=False). mT5 is T5 v1.1 with a 250k-token multilingual
 vocabulary.
 
+`moe` makes it a Switch Transformer (Fedus et al. 2021): a mixture of experts (`llmlab.models.moe`)
+in place of the feed-forward of every block, or of every other one in each stack (layers 1, 3, ...,
+as the released Switch models); the router losses join the loss while training; the encoder's
+padding (and the decoder's, under a `decoder_mask`) is not routed.
+
 Decoding runs the encoder once (`encode`) and then the decoder a token at a time (`decode`)
 with a `Seq2SeqCache`: keys and values of the decoder's own tokens grow by one each step, those
 of the encoder's output are projected once per layer and kept.
@@ -33,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from llmlab.models.kernels import Linear
 from llmlab.models.layers import AttentionShape, KVCache, ParamCount, RMSNorm, check_config_ranges
+from llmlab.models.moe import MoEConfig, SparseMoE, router_totals
 
 
 @dataclass
@@ -48,6 +54,7 @@ class T5Config:
     head_dim: int = 64  # d_kv: heads x head_dim need not equal dim
     hidden_dim: int = 2048  # d_ff
     mlp: Literal["relu", "gated-gelu"] = "relu"  # T5 v1.0, or v1.1 / mT5 (GEGLU)
+    moe: MoEConfig | None = None  # a mixture of experts in place of the feed-forward (Switch)
     relative_buckets: int = 32  # distance buckets of the position bias
     relative_max_distance: int = 128  # distances from here on share the last bucket
     max_seq_len: int = 512  # input tokens (the bias has no table limit: this is what data and planner use)
@@ -81,16 +88,26 @@ class T5Config:
                 if not 0 <= getattr(self, name) < self.vocab_size:
                     raise ValueError(f"{name}={getattr(self, name)} is not a token id of vocab_size={self.vocab_size}")
 
+    def _mlp_params(self, layer: int) -> tuple[int, int]:
+        """(parameters, of which idle for a token) of block `layer`'s feed-forward (in either stack)."""
+        d, moe = self.dim, self.moe
+        if moe is None or not moe.is_moe(layer):
+            return (3 if self.mlp == "gated-gelu" else 2) * d * self.hidden_dim, 0
+        expert = (3 if moe.gated else 2) * d * (moe.hidden_dim or self.hidden_dim)
+        return d * moe.n_experts + moe.n_experts * expert, (moe.n_experts - moe.top_k) * expert
+
     def num_params(self) -> ParamCount:
-        d, inner, h = self.dim, self.n_heads * self.head_dim, self.hidden_dim
+        """Counts; with `moe`, `active` leaves out the experts a token does not use."""
+        d, inner = self.dim, self.n_heads * self.head_dim
         attn = 4 * d * inner
-        mlp = (3 if self.mlp == "gated-gelu" else 2) * d * h
-        encoder = self.n_layers * (attn + mlp + 2 * d) + d
-        decoder = self.n_decoder_layers * (2 * attn + mlp + 3 * d) + d
+        mlps = [self._mlp_params(i) for i in range(self.n_layers)] + \
+            [self._mlp_params(i) for i in range(self.n_decoder_layers)]
+        encoder = self.n_layers * (attn + 2 * d) + d
+        decoder = self.n_decoder_layers * (2 * attn + 3 * d) + d
         bias = 2 * self.relative_buckets * self.n_heads
-        body = encoder + decoder + bias
+        body = encoder + decoder + bias + sum(n for n, _ in mlps)
         embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-        return ParamCount(body + embeddings, body, body + embeddings)
+        return ParamCount(body + embeddings, body, body + embeddings - sum(idle for _, idle in mlps))
 
     def attention_shape(self) -> AttentionShape:
         return AttentionShape(self.n_heads, self.n_heads, self.head_dim, gated_mlp=self.mlp == "gated-gelu")
@@ -100,10 +117,15 @@ class T5Config:
         token of either: 6 x (the matmul weights one token passes through) plus attention, 12 L d T for
         the encoder's and the decoder's self-attention and the decoder's cross-attention; halved
         because the encoder's and the decoder's tokens each use only their own stack."""
-        d, inner, h = self.dim, self.n_heads * self.head_dim, self.hidden_dim
-        mlp = (3 if self.mlp == "gated-gelu" else 2) * d * h
-        encoder = self.n_layers * (4 * d * inner + mlp)
-        decoder = self.n_decoder_layers * (8 * d * inner + mlp) + self.vocab_size * d
+        d, inner = self.dim, self.n_heads * self.head_dim
+
+        def mlp(layer: int) -> int:  # the feed-forward weights a token passes through
+            total, idle = self._mlp_params(layer)
+            return total - idle
+
+        encoder = self.n_layers * 4 * d * inner + sum(map(mlp, range(self.n_layers)))
+        decoder = self.n_decoder_layers * 8 * d * inner + sum(map(mlp, range(self.n_decoder_layers))) + \
+            self.vocab_size * d
         attention = 12 * inner * seq_len * (self.n_layers + 2 * self.n_decoder_layers)
         return (6 * (encoder + decoder) + attention) // 2
 
@@ -221,21 +243,26 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm: x + attn(norm(x)) [+ cross_attn(norm(x), encoder)] + mlp(norm(x))."""
 
-    def __init__(self, cfg: T5Config, cross: bool):
+    def __init__(self, cfg: T5Config, cross: bool, layer: int = 0):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.cross_norm = RMSNorm(cfg.dim, cfg.norm_eps) if cross else None
         self.cross_attn = Attention(cfg) if cross else None
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        if cfg.moe is not None and cfg.moe.is_moe(layer):
+            self.mlp = SparseMoE(cfg.dim, cfg.moe.hidden_dim or cfg.hidden_dim, cfg.moe)
+        else:
+            self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
 
-    def forward(self, x, bias, cross_bias=None, encoder_kv=None, cache=None, layer=0):
+    def forward(self, x, bias, cross_bias=None, encoder_kv=None, cache=None, layer=0, tokens=None):
+        """`tokens` (B, T), false at padding: what an MoE layer leaves unrouted."""
         x = x + self.dropout(self.attn(self.attn_norm(x), bias, cache=cache, layer=layer))
         if self.cross_attn is not None:
             x = x + self.dropout(self.cross_attn(self.cross_norm(x), cross_bias, kv=encoder_kv))
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        h = self.mlp_norm(x)
+        return x + self.dropout(self.mlp(h, tokens) if isinstance(self.mlp, SparseMoE) else self.mlp(h))
 
 
 class Stack(nn.Module):
@@ -246,7 +273,7 @@ class Stack(nn.Module):
         self.decoder = decoder
         self.relative_bias = RelativeBias(cfg, bidirectional=not decoder)
         n = cfg.n_decoder_layers if decoder else cfg.n_layers
-        self.layers = nn.ModuleList(Block(cfg, cross=decoder) for _ in range(n))
+        self.layers = nn.ModuleList(Block(cfg, cross=decoder, layer=i) for i in range(n))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
         self.gradient_checkpointing = False
@@ -311,7 +338,7 @@ class T5(nn.Module):
             elif name.endswith("q_proj.weight"):
                 nn.init.normal_(p, 0.0, f * (cfg.dim * cfg.head_dim) ** -0.5)
             else:
-                nn.init.normal_(p, 0.0, f * p.size(1) ** -0.5)
+                nn.init.normal_(p, 0.0, f * p.size(-1) ** -0.5)  # fan-in (of each expert, too)
 
     def num_params(self) -> ParamCount:
         return self.config.num_params()
@@ -330,11 +357,12 @@ class T5(nn.Module):
         keep = attention_mask[:, None, None, :].bool() if attention_mask is not None else None  # (B, 1, 1, S)
         bias = additive_mask(enc.relative_bias(S, S), keep)
         x = enc.dropout(self.embed_tokens(input_ids))
+        tokens = attention_mask.bool() if attention_mask is not None and self.config.moe else None
         for layer in enc.layers:
             if enc.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, bias, use_reentrant=False)
+                x = checkpoint(layer, x, bias, None, None, None, 0, tokens, use_reentrant=False)
             else:
-                x = layer(x, bias)
+                x = layer(x, bias, tokens=tokens)
         return enc.dropout(enc.norm(x))
 
     def make_cache(self, encoder_out: torch.Tensor, encoder_mask: torch.Tensor | None,
@@ -377,9 +405,10 @@ class T5(nn.Module):
         if encoder_mask is not None:
             cross_bias = additive_mask(cross_bias, encoder_mask[:, None, None, :].bool())
         x = dec.dropout(self.embed_tokens(decoder_input_ids))
+        tokens = decoder_mask[:, -T:].bool() if decoder_mask is not None and self.config.moe else None
         for i, layer in enumerate(dec.layers):
             if cache is not None:
-                x = layer(x, bias, cross_bias, cache.cross[i], cache.self_attn, i)
+                x = layer(x, bias, cross_bias, cache.cross[i], cache.self_attn, i, tokens)
                 continue
             kv = layer.cross_attn.keys_values(encoder_out)
             if dec.gradient_checkpointing and self.training:
@@ -425,6 +454,14 @@ class T5(nn.Module):
         if encoder_out is None:
             encoder_out = self.encode(input_ids, attention_mask)
         logits = self.logits(self.decode(decoder_input_ids, encoder_out, attention_mask))
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        out = logits if targets is None else F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                                             ignore_index=-100)
+        if self.config.moe is None:
+            return out
+        moe = [b.mlp for stack in (self.encoder, self.decoder) for b in stack.layers if isinstance(b.mlp, SparseMoE)]
+        aux, routing = router_totals(moe)
+        self.aux_loss = aux.detach()  # the router losses, reported apart
+        if not self.training:
+            return out
+        self.routing = routing
+        return out + aux if targets is not None else out

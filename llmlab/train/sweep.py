@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -83,7 +83,9 @@ def _model(width: int, vocab_size: int, seq_len: int) -> LlamaConfig:
                        hidden_dim=16 * -(-8 * width // 48), max_seq_len=seq_len, tie_embeddings=True)
 
 
-def _prepare_data(cfg: ScalingFitConfig, out: Path) -> Path:
+def prepare_data(cfg, out: Path) -> Path:
+    """The token shards a sweep (or comparison) trains on: `cfg.data`, else the embedded corpus
+    prepared once in `out` (cfg has data, corpus, corpus_bytes, vocab_size and seed)."""
     if cfg.data:
         return prepared_dir(cfg.data)
     data = out / "data"
@@ -97,8 +99,9 @@ def _prepare_data(cfg: ScalingFitConfig, out: Path) -> Path:
     return data
 
 
-def _verify(data: Path) -> None:
+def verify_data(data: str | Path) -> None:
     """Check the shards once for the whole sweep (its runs skip the check)."""
+    data = prepared_dir(str(data))
     for split in ("train", "val"):
         if read_manifest(data)["splits"].get(split, {}).get("tokens"):
             TokenShards(data, split).verify()
@@ -135,11 +138,12 @@ RESULT_SETTINGS = ("data", "corpus", "corpus_bytes", "vocab_size", "seq_len", "b
 DATA_SETTINGS = ("data", "corpus", "corpus_bytes", "vocab_size", "seed")  # of these, what data/ depends on
 
 
-def _changed_settings(cfg: ScalingFitConfig, out: Path) -> dict[str, str]:
-    """The settings in which the sweep recorded in `out`'s config.yaml differs from `cfg`, each with a
-    phrase for messages; {"config.yaml": ...} when results exist but no record of their settings does."""
+def changed_settings(cfg, out: Path, settings: tuple[str, ...] = RESULT_SETTINGS,
+                     results: tuple[str, ...] = ("runs", "data", "fit.json")) -> dict[str, str]:
+    """The `settings` in which the sweep recorded in `out`'s config.yaml differs from `cfg`, each with
+    a phrase for messages; {"config.yaml": ...} when results exist but no record of their settings does."""
     file = out / "config.yaml"
-    if not any((out / name).exists() for name in ("runs", "data", "fit.json")):
+    if not any((out / name).exists() for name in results):
         return {}  # nothing made yet that depends on the settings
     try:
         earlier = yaml.safe_load(file.read_text(encoding="utf-8"))
@@ -151,14 +155,15 @@ def _changed_settings(cfg: ScalingFitConfig, out: Path) -> dict[str, str]:
     earlier = earlier if isinstance(earlier, dict) else {}
     embedded = not cfg.data and not earlier.get("data")  # corpus and vocabulary matter for embedded data only
     changed = {}
-    for name in RESULT_SETTINGS:
+    for name in settings:
         if name in ("corpus", "corpus_bytes", "vocab_size") and not embedded:
             continue
         was, now = earlier.get(name), getattr(cfg, name)
+        now = asdict(now) if is_dataclass(now) else now  # a nested block, as config.yaml holds it
         if name == "data" and was and now:
             same = prepared_dir(str(was)).resolve() == prepared_dir(now).resolve()
         else:  # YAML may give back 3e-3 as the string "3e-3"
-            same = str(was) == str(now) or (_number(was) is not None and _number(was) == _number(now))
+            same = was == now or str(was) == str(now) or (_number(was) is not None and _number(was) == _number(now))
         if not same:
             changed[name] = f"{name}={was!r} there, {now!r} now"
     return changed
@@ -194,19 +199,19 @@ def run(cfg: ScalingFitConfig, *, overwrite: bool = False) -> dict:
         raise LlmlabError(f"out_dir {out}: already exists and holds files that are not a sweep's "
                           f"({', '.join(foreign[:5])}); pass --overwrite to write the sweep there anyway (llmlab "
                           "replaces only the files it writes) or choose another out_dir")
-    changed = _changed_settings(cfg, out)
+    changed = changed_settings(cfg, out)
     if changed and not overwrite:
         raise LlmlabError(f"out_dir {out}: holds a sweep made with other settings ({next(iter(changed.values()))}), "
                           "whose results would be mixed with this one's; pass --overwrite to start the sweep over "
                           "there, or choose another out_dir")
     if cfg.data:
-        _verify(prepared_dir(cfg.data))  # before anything is written
+        verify_data(cfg.data)  # before anything is written
     if overwrite:
         _remove_results(out, data_too="config.yaml" in changed or bool(changed.keys() & set(DATA_SETTINGS)))
     save_config(cfg, out / "config.yaml")
-    data = _prepare_data(cfg, out)
+    data = prepare_data(cfg, out)
     if not cfg.data:
-        _verify(data)
+        verify_data(data)
     vocab = read_manifest(data)["vocab_size"]
 
     runs = []

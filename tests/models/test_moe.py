@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llmlab.models.moe import MoEConfig, SparseMoE, assign, capacity, load_balancing_loss, route, router_z_loss
 
@@ -152,6 +153,22 @@ def test_a_decoder_with_experts_adds_the_router_losses_and_reports_them():
     assert all(b.mlp.router.weight.grad is not None for b in model.layers)
 
 
+def test_padding_is_not_routed_nor_counted():
+    model = _moe_llama()  # four MoE blocks, top-2
+    x = torch.randint(0, 97, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 6:] = 0  # the second row is 6 tokens and 4 of padding
+    model(x, attention_mask=mask, targets=x.masked_fill(mask == 0, -100))
+    assert model.routing[:4].sum() == 4 * 2 * 16 and model.routing[4] == 0
+    aux_padded = float(model.aux_loss)
+    model(x[:, :6], targets=x[:, :6])  # the same real tokens but for the first row's last four
+    assert model.routing[:4].sum() == 4 * 2 * 12 and aux_padded != float(model.aux_loss)
+    with torch.no_grad():
+        alone = model.eval()(x[1:, :6])
+        padded = model(x, attention_mask=mask)
+    assert torch.allclose(padded[1, :6], alone[0], atol=1e-5)  # the padding changed nothing of the row's
+
+
 @torch.no_grad()
 def test_decoding_with_the_kv_cache_equals_the_full_forward():
     model = _moe_llama().eval()
@@ -281,3 +298,66 @@ def test_lora_adapts_the_router_by_name():
     model(x, targets=x).backward()
     trained = {n for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
     assert any("router" in n and "lora" in n for n in trained) and not any("gate_up_proj" in n for n in trained)
+
+
+# --------------------------------------------------------------------------- Switch: T5 with experts
+
+
+def _switch(**moe):
+    from llmlab.models import T5Config, build_model
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=97, dim=32, n_layers=2, n_heads=2, head_dim=16, hidden_dim=48, max_seq_len=32,
+                   max_target_len=16, dropout=0.0,
+                   moe=MoEConfig(**{"n_experts": 4, "top_k": 1, "every": 2, "gated": False, "activation": "relu",
+                                    "normalize": "all", **moe}))
+    return build_model(cfg)
+
+
+def test_a_switch_transformer_counts_and_places_its_experts():
+    model = _switch()
+    n = model.num_params()
+    assert n.total == sum(p.numel() for p in model.parameters())
+    kinds = [type(b.mlp).__name__ for stack in (model.encoder, model.decoder) for b in stack.layers]
+    assert kinds == ["MLP", "SparseMoE", "MLP", "SparseMoE"]  # every other block of each stack
+    assert model.encoder.layers[1].mlp.experts.up_proj.weight.shape == (4, 48, 32)
+    assert n.total - n.active == 2 * 3 * 2 * 32 * 48  # two MoE blocks, three idle ReLU experts each
+    dense = model.config.flops_per_token(16)
+    assert dense == type(model.config)(**{**vars(model.config), "moe": None}).flops_per_token(16) + 3 * 2 * 32 * 4
+
+
+def test_a_switch_transformer_adds_its_router_losses_while_training_only():
+    model = _switch(aux_loss_coef=0.01, z_loss_coef=0.001)
+    x, y = torch.randint(2, 97, (2, 12)), torch.randint(2, 97, (2, 6))
+    loss = model.train()(x, targets=y)
+    aux = model.aux_loss
+    assert aux > 0 and model.routing.shape == (5,) and model.routing[:4].sum() == 2 * 12 + 2 * 6  # one MoE block a stack, top-1
+    loss.backward()
+    assert model.decoder.layers[1].mlp.router.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        evaluated = model.eval()(x, targets=y)
+        logits = model(x, decoder_input_ids=model.shift_right(y))
+    assert torch.allclose(evaluated, F.cross_entropy(logits.flatten(0, 1), y.flatten()), atol=1e-6)
+
+
+def test_a_switch_transformer_decodes_with_its_cache_as_without():
+    from llmlab.generate import Engine, SamplingParams
+
+    model = _switch(capacity_factor=None).eval()  # dropless: a token's route does not depend on the others
+    prompt = [5, 6, 7, 8, 9, 10]
+    out = Engine(model).generate([prompt], SamplingParams(max_new_tokens=5, temperature=0.0))[0].token_ids
+    decoded = [model.config.decoder_start_id]
+    with torch.no_grad():
+        for _ in range(len(out)):
+            logits = model(torch.tensor([prompt]), decoder_input_ids=torch.tensor([decoded]))
+            decoded.append(int(logits[0, -1].argmax()))
+    assert out == decoded[1:]
+
+
+def test_a_switch_transformer_has_no_hf_export(tmp_path):
+    from llmlab.models.convert import ConversionError
+    from llmlab.models.io import save_hf
+
+    with pytest.raises(ConversionError, match="Switch Transformer.*no HF export"):
+        save_hf(_switch(), tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

@@ -189,3 +189,15 @@ def test_t5_pretrains_with_span_corruption(unigram_data, tmp_path):
     assert result["step"] == 8 and np.isfinite(result["val_loss"])
     with pytest.raises(LlmlabError, match="fim_rate reorders documents"):
         _pretrain(unigram_data, tmp_path / "fim", model, fim_rate=0.5)
+
+
+def test_a_switch_transformer_pretrains_with_span_corruption_and_logs_its_experts(unigram_data, tmp_path):
+    switch = {"n_experts": 4, "top_k": 1, "every": 1, "gated": False, "activation": "relu", "normalize": "all",
+              "capacity_factor": 1.0, "jitter": 0.01}
+    model = {"family": "t5", "vocab_size": None, "dim": 32, "n_layers": 1, "n_heads": 2, "head_dim": 16,
+             "hidden_dim": 64, "max_seq_len": 48, "max_target_len": 24, "dropout": 0.0, "moe": switch}
+    result = _pretrain(unigram_data, tmp_path / "switch", model)
+    assert result["step"] == 8 and np.isfinite(result["val_loss"])
+    lines = [json.loads(line) for line in (tmp_path / "switch" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in lines if "loss" in r]
+    assert train and all(len(r["expert_load"]) == 4 and r["aux_loss"] > 0 for r in train)

@@ -85,6 +85,9 @@ TINY = {
     # with one held out; the code corpus 8 MB -> 100 KB; 50 bootstrap refits -> 5
     "scaling fit": ["widths=[16,32,48]", "tokens=[2e3,4e3]", "corpus_bytes=100000", "seq_len=32", "batch_size=4",
                     "bootstrap=5"],
+    # two runs of 2M tokens (10 minutes) -> two of 2K tokens at width 32; the code corpus 8 MB -> 100 KB
+    "scaling moe": ["dim=32", "n_layers=1", "hidden_dim=64", "tokens=2048", "corpus_bytes=100000", "seq_len=32",
+                    "batch_size=4", "evals=2", "eval_batches=2"],
 }
 
 # The user's own config.yaml for the pretraining examples: the same model as the first one's

@@ -208,7 +208,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
         raise AdapterError(f"{', '.join(wrapped[:5])} already carry an adapter")
     experts = [n for n in names if getattr(model.get_submodule(n), "n_experts", None)]
     if experts and cfg.dropout:  # as PEFT, whose adapters on stacked experts have no dropout
-        raise AdapterError(f"lora dropout must be 0 when the targets include stacked experts ({experts[0]})")
+        raise AdapterError(f"lora dropout must be 0 when the targets include stacked experts ({experts[0]}): set "
+                           "lora.dropout=0, or leave the experts out of lora.targets")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:

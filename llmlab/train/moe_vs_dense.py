@@ -58,6 +58,8 @@ class MoEVsDenseConfig:
             raise ValueError(f"hidden_dim={self.hidden_dim} must split into top_k={self.experts.top_k} expert widths")
         if self.experts.n_experts < 2:
             raise ValueError(f"experts.n_experts must be >= 2 for a sparse model, got {self.experts.n_experts}")
+        if not math.isfinite(self.tokens):
+            raise ValueError(f"tokens must be a finite number, got {self.tokens}")
         if not self.tokens >= self.batch_size * self.seq_len * self.evals:
             raise ValueError(f"tokens={self.tokens:g} is too few for {self.evals} evaluations of batches of "
                              f"{self.batch_size} x {self.seq_len}")
@@ -82,7 +84,8 @@ RESULT_SETTINGS = ("data", "corpus", "corpus_bytes", "vocab_size", "dim", "n_lay
 
 
 def _train(cfg: MoEVsDenseConfig, data: Path, model: LlamaConfig, folder: Path) -> dict:
-    """One model's run (or its result, when it finished earlier): validation loss against compute."""
+    """One model's run (or its result, when it finished earlier): validation loss against compute;
+    {"exit_code": ...} alone when a signal stopped it (nothing is recorded: the next call redoes it)."""
     result_file = folder / "result.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
@@ -98,6 +101,8 @@ def _train(cfg: MoEVsDenseConfig, data: Path, model: LlamaConfig, folder: Path) 
     if (folder / "train").exists():  # an interrupted run: start it over
         shutil.rmtree(folder / "train")
     out = pretrain(run_cfg)
+    if out["exit_code"]:
+        return {"exit_code": out["exit_code"]}
     if out["val_loss"] is None or not math.isfinite(out["val_loss"]):
         raise LlmlabError(f"run {folder.name} ended without a finite validation loss")
     per_step = cfg.batch_size * cfg.seq_len * model.flops_per_token(cfg.seq_len)
@@ -156,6 +161,9 @@ def run(cfg: MoEVsDenseConfig, *, overwrite: bool = False) -> dict:
         n = model.num_params()
         print(style(f"[{i}/2] {name}: {n.total:,} parameters, {n.active:,} active", "1"))
         runs[name] = _train(cfg, data, model, out / "runs" / name)
+        if "exit_code" in runs[name]:
+            print(f"stopped: the {name} run was interrupted; the same command continues (finished runs are read back)")
+            return runs[name]
     dense, moe = runs["dense"], runs["moe"]
     reach = flops_to_reach(moe["curve"], dense["val_loss"])
     summary = {"dense": dense, "moe": moe, "loss_gap": dense["val_loss"] - moe["val_loss"],

@@ -123,6 +123,8 @@ def _run_one(cfg: ScalingFitConfig, data: Path, vocab: int, width: int, tokens: 
     if (folder / "train").exists():  # an interrupted run: start it over
         shutil.rmtree(folder / "train")
     out = pretrain(run_cfg)
+    if out["exit_code"]:  # a signal stopped it: nothing is recorded, the next call redoes it
+        return {"exit_code": out["exit_code"]}
     if out["val_loss"] is None or not math.isfinite(out["val_loss"]):
         raise LlmlabError(f"run {folder.name} ended without a finite validation loss")
     result = {"width": width, "params": model.num_params().non_embedding,
@@ -220,6 +222,10 @@ def run(cfg: ScalingFitConfig, *, overwrite: bool = False) -> dict:
         folder = out / "runs" / _run_name(width, tokens)
         print(style(f"[{i}/{len(grid)}] width {width}, {tokens:.3g} tokens", "1"))
         runs.append(_run_one(cfg, data, vocab, width, tokens, folder))
+        if "exit_code" in runs[-1]:
+            print(f"stopped: run {folder.name} was interrupted; the same command continues (finished runs are "
+                  "read back)")
+            return runs[-1]
 
     held = max(runs, key=lambda r: (r["params"], r["tokens"])) if cfg.hold_out else None
     fitted = [r for r in runs if r is not held]

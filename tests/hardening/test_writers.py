@@ -43,6 +43,7 @@ WRITERS = {
     "plan-write-config": Writer("plan {pt} --write-config {out}", folder=False, inside="{pt}"),
     "demo": Writer("demo out_dir={out} minutes=0.002 vocab_size=300 dim=24 n_layers=1 seq_len=16 batch_size=2"),
     "scaling-fit": Writer("scaling fit {sf} out_dir={out}", inside="{data}/sweep", contains="{ws}"),
+    "scaling-moe": Writer("scaling moe {sm} out_dir={out}", inside="{data}/moe", contains="{ws}"),
     "align": Writer("align {al} out_dir={out}", inside="{ckpt}/al", contains="{pref}"),
     "data-distill": Writer("data distill teacher={ckpt} instructions=1 rounds=1 prompts_per_round=1 "
                            "max_new_tokens=8 out_dir={out}", inside="{ckpt}/distill", contains="{ws}"),

@@ -113,6 +113,10 @@ def build(root: Path) -> dict[str, str]:
     _yaml(path("sf", "sf.yaml"), {
         "out_dir": str(root / "new_sf"), "data": p["data"], "widths": [16, 32], "tokens": [64, 128, 192],
         "seq_len": 16, "batch_size": 2, "bootstrap": 2})
+    _yaml(path("sm", "sm.yaml"), {
+        "out_dir": str(root / "new_sm"), "data": p["data"], "dim": 32, "n_layers": 1, "hidden_dim": 32,
+        "experts": {"n_experts": 2, "top_k": 2}, "tokens": 64, "seq_len": 16, "batch_size": 2, "evals": 2,
+        "eval_batches": 1})
 
     # a pretraining run with two checkpoints, and a fine-tuning run with one
     pretrain(load_config(PretrainConfig, pt, [f"out_dir={root / 'run'}"]))

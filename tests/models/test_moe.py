@@ -354,6 +354,20 @@ def test_a_switch_transformer_decodes_with_its_cache_as_without():
     assert out == decoded[1:]
 
 
+def test_the_seq2seq_scheduler_decodes_a_switch_transformer_as_the_engine_does():
+    from llmlab.generate import Engine, SamplingParams
+    from llmlab.generate.scheduler import Seq2SeqScheduler, Sequence
+
+    model = _switch(capacity_factor=None).eval()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]  # rows of other lengths: padding in batches
+    params = SamplingParams(max_new_tokens=6, temperature=0.0)
+    scheduler = Seq2SeqScheduler(model, max_batch=2)  # the third joins when a row leaves
+    running = [scheduler.add(Sequence(p, params)) for p in prompts]
+    while scheduler.busy:
+        scheduler.step()
+    assert [s.output for s in running] == [Engine(model).generate([p], params)[0].token_ids for p in prompts]
+
+
 def test_a_switch_transformer_has_no_hf_export(tmp_path):
     from llmlab.models.convert import ConversionError
     from llmlab.models.io import save_hf

@@ -82,3 +82,14 @@ def test_scaling_moe_is_a_verb_with_config_help(capsys):
     with pytest.raises(SystemExit):
         main(["scaling", "moe", "--help"])
     assert "experts" in capsys.readouterr().out
+
+
+def test_a_signal_stops_the_comparison_and_records_no_result(corpus_dir, tmp_path, monkeypatch):
+    import llmlab.train.moe_vs_dense as module
+
+    monkeypatch.setattr(module, "pretrain", lambda cfg: {"exit_code": 143, "val_loss": 9.0})
+    code = main(["scaling", "moe", f"out_dir={tmp_path / 'c'}", f"data={corpus_dir}", "dim=32", "n_layers=1",
+                 "hidden_dim=64", "tokens=2048", "seq_len=32", "batch_size=4", "evals=4", "eval_batches=2"])
+    assert code == 143  # as the shell reports a SIGTERM
+    assert not (tmp_path / "c" / "runs" / "dense" / "result.json").exists()
+    assert not (tmp_path / "c" / "result.json").exists()

@@ -128,3 +128,11 @@ def test_damaged_data_is_found_before_the_sweep_writes_anything(corpus_dir, tmp_
     with pytest.raises(LlmlabError, match=r"val_0000\.bin: sha256 .* does not match the manifest's"):
         run(tiny(data / "manifest.json", tmp_path / "s"))
     assert not (tmp_path / "s").exists() and not fake_runs
+
+
+def test_a_signal_stops_the_sweep_and_records_no_result(corpus_dir, tmp_path, monkeypatch):
+    import llmlab.train.sweep as sweep
+
+    monkeypatch.setattr(sweep, "pretrain", lambda cfg: {"exit_code": 130, "val_loss": 9.0})
+    assert run(tiny(corpus_dir, tmp_path / "s")) == {"exit_code": 130}
+    assert not list((tmp_path / "s" / "runs").glob("*/result.json")) and not (tmp_path / "s" / "fit.json").exists()

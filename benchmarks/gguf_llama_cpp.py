@@ -1,9 +1,10 @@
 """GGUF exports run in llama.cpp: its logits against the model's, for a dense LLaMA and a Mixtral-style MoE.
 
 Each tiny model (random weights, a byte-level BPE tokenizer trained here) is exported with
-`llmlab.models.gguf.export_gguf` as F32 and as Q8_0, loaded by llama.cpp through `llama-cpp-python`,
-and fed the same token ids; the script prints the largest logit difference and how often the two
-pick the same next token. Needs `pip install llama-cpp-python` (it compiles llama.cpp: about 18
+`llmlab.models.gguf.export_gguf` as F32 and as Q8_0, loaded by llama.cpp through `llama-cpp-python`
+(with a float32 KV cache: its default float16 cache alone moves logits by ~5e-3), and fed the same
+token ids; the script prints the largest logit difference and how often the two pick the same next
+token. Needs `pip install llama-cpp-python` (it compiles llama.cpp: about 18
 minutes on two cores); the unit tests check the files against a NumPy reimplementation instead.
 
     python benchmarks/gguf_llama_cpp.py
@@ -56,7 +57,8 @@ def main() -> None:
                 want = model(torch.tensor([ids]))[0].numpy()
             for outtype in ("f32", "q8_0"):
                 path = export_gguf(model, tok, Path(tmp) / f"{name}-{outtype}.gguf", outtype=outtype)
-                llm = llama_cpp.Llama(str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
+                llm = llama_cpp.Llama(str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2,
+                                      type_k=0, type_v=0)  # an f32 KV cache (GGML_TYPE_F32), not f16
                 llm.eval(ids)
                 got = np.asarray(llm.scores[:len(ids)], dtype=np.float32)
                 same = float((got.argmax(-1) == want.argmax(-1)).mean())

@@ -65,6 +65,9 @@ class MoEConfig:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
         if self.normalize not in ("topk", "all"):
             raise ValueError(f"normalize must be topk or all, got {self.normalize!r}")
+        if self.top_k == 1 and self.normalize == "topk":  # p / p = 1: no gradient reaches the router's choice
+            raise ValueError("top_k=1 with normalize=topk weighs every token's expert by 1, so the router would "
+                             "learn from the auxiliary loss alone; use normalize=all (Switch)")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(f"capacity_factor must be > 0 (or null: dropless), got {self.capacity_factor}")
         for name in ("aux_loss_coef", "z_loss_coef"):

@@ -180,10 +180,10 @@ def _report(summary: dict, out: Path) -> None:
         r = summary[name]
         print(f"  {name:5s}  {r['params']:>10,} parameters, {r['active_params']:>10,} active, "
               f"{r['flops_per_token'] / 1e6:6.2f} MFLOPs/token: val loss {r['val_loss']:.4f}")
-    share = summary["moe_compute_to_dense_loss"]
+    share, gap = summary["moe_compute_to_dense_loss"], summary["loss_gap"]
     reached = ("never reached the dense model's final loss" if share is None else
                f"reached the dense model's final loss with {share:.0%} of its compute")
-    print(f"  the MoE is {summary['loss_gap']:+.4f} nats below the dense model at the end and {reached}")
+    print(f"  the MoE ends {abs(gap):.4f} nats {'below' if gap >= 0 else 'above'} the dense model and {reached}")
     print(f"  plot {out / 'moe_vs_dense.png'}; numbers {out / 'result.json'}")
 
 

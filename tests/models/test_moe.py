@@ -375,3 +375,17 @@ def test_a_switch_transformer_has_no_hf_export(tmp_path):
     with pytest.raises(ConversionError, match="Switch Transformer.*no HF export"):
         save_hf(_switch(), tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"top_k": 5}, r"top_k must be in \[1, n_experts=4\]"),
+    ({"top_k": 1}, "router would learn from the auxiliary loss alone; use normalize=all"),
+    ({"every": 0}, "every must be >= 1"),
+    ({"capacity_factor": 0.0}, "capacity_factor must be > 0"),
+    ({"activation": "swish"}, "activation must be one of"),
+    ({"jitter": 1.0}, r"jitter must be in \[0, 1\)"),
+    ({"aux_loss_coef": -0.1}, "aux_loss_coef must be >= 0"),
+])
+def test_bad_settings_are_named(fields, message):
+    with pytest.raises(ValueError, match=message):
+        MoEConfig(**{"n_experts": 4, **fields})

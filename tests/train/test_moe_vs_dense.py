@@ -61,7 +61,7 @@ def test_another_setting_needs_overwrite_and_foreign_files_are_refused(corpus_di
 @pytest.mark.parametrize("overrides, message", [
     ({"dim": 48}, "multiple of 32"),
     ({"hidden_dim": 63}, "split into top_k=2"),
-    ({"experts": {"n_experts": 1, "top_k": 1}}, "n_experts must be >= 2"),
+    ({"experts": {"n_experts": 1, "top_k": 1, "normalize": "all"}}, "n_experts must be >= 2"),
     ({"tokens": 100}, "too few for 4 evaluations"),
 ])
 def test_bad_settings_are_refused_before_anything_is_written(corpus_dir, tmp_path, overrides, message):

@@ -267,7 +267,7 @@ def test_command_line_examples_run(tmp_path, monkeypatch, capsys):
     read what earlier ones wrote. Each must exit 0 with no traceback and no internal error."""
     pytest.importorskip("openai")
     commands = _readme_commands()
-    assert len(commands) == 47, [" ".join(c) for c in commands]
+    assert len(commands) == 48, [" ".join(c) for c in commands]
     monkeypatch.chdir(tmp_path)
     _make_inputs(tmp_path)
     log, failures = [], []

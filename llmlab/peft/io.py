@@ -174,6 +174,9 @@ def read_adapter(path: str | os.PathLike, model: nn.Module) -> tuple[dict, dict[
         if owner in stacks and depth < len(stacks[owner]):  # PEFT's layout of a stack of experts
             module = stacks[owner][len(stacks[owner]) - 1 - depth]
             n_experts = model.get_submodule(module_name_map(module, model.config, to_hf=False)[0]).n_experts
+            if tensor.ndim != 2 or tensor.shape[0 if part == "lora_A" else 1] % n_experts:
+                raise AdapterError(f"{path / ADAPTER_WEIGHTS}: {key} has shape {tuple(tensor.shape)}, not a stack "
+                                   f"of {n_experts} experts' {part} (PEFT's (E * r, in) and (out, r * E))")
             tensor = (tensor.view(n_experts, -1, tensor.shape[-1]) if part == "lora_A"
                       else tensor.view(tensor.shape[0], -1, n_experts).permute(2, 0, 1).contiguous())
         parsed.append((module, part, tensor))

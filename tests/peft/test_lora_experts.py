@@ -186,6 +186,15 @@ def test_an_adapter_whose_expert_tensors_and_config_disagree_is_named(tmp_path):
     config.write_text(json.dumps({**data, "target_parameters": ["experts.gate_up_proj", "experts.down_proj"]}))
     with pytest.raises(AdapterError, match="lists experts.gate_up_proj, for which adapter_model.safetensors holds no"):
         load_adapter(_moe(), tmp_path / "adapter")
+    config.write_text(json.dumps(data))
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = next(k for k in tensors if k.endswith("lora_A.weight"))
+    save_file({**tensors, key: tensors[key][:-1]}, weights)  # rows that do not split into 4 experts
+    with pytest.raises(AdapterError, match="not a stack of 4 experts' lora_A"):
+        load_adapter(_moe(), tmp_path / "adapter")
     config.write_text(json.dumps({**data, "target_parameters": "experts"}))
     with pytest.raises(AdapterError, match="adapter_config.json: target_parameters must be a list"):
         load_adapter(_moe(), tmp_path / "adapter")

@@ -17,8 +17,8 @@ vocabulary.
 
 `moe` makes it a Switch Transformer (Fedus et al. 2021): a mixture of experts (`llmlab.models.moe`)
 in place of the feed-forward of every block, or of every other one in each stack (layers 1, 3, ...,
-as the released Switch models); the router losses join the loss while training; the encoder's
-padding (and the decoder's, under a `decoder_mask`) is not routed.
+as the released Switch models); the router losses join the loss while training; padding (the
+encoder's, and the targets' -100 or a `decoder_mask`'s zeros) is not routed.
 
 Decoding runs the encoder once (`encode`) and then the decoder a token at a time (`decode`)
 with a `Seq2SeqCache`: keys and values of the decoder's own tokens grow by one each step, those
@@ -378,7 +378,7 @@ class T5(nn.Module):
 
     def decode(self, decoder_input_ids: torch.Tensor, encoder_out: torch.Tensor | None = None,
                encoder_mask: torch.Tensor | None = None, *, cache: Seq2SeqCache | None = None,
-               decoder_mask: torch.Tensor | None = None) -> torch.Tensor:
+               decoder_mask: torch.Tensor | None = None, routed: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder's last hidden states (B, T, dim), before the output head.
 
         Either the whole target at once with `encoder_out` (training, scoring), or, with `cache`,
@@ -386,6 +386,8 @@ class T5(nn.Module):
         `decoder_mask` (B, start + T), 1 for the decoder's tokens, hides padding among the cached
         ones: rows of different lengths left-aligned in one cache (continuous batching). The position
         bias depends only on key minus query, so padding before a row's tokens shifts nothing.
+        With experts, `routed` (B, T) (default: the last T of `decoder_mask`) is false at the
+        positions an MoE layer leaves unrouted: target padding.
         """
         dec = self.decoder
         T = decoder_input_ids.size(1)
@@ -405,16 +407,18 @@ class T5(nn.Module):
         if encoder_mask is not None:
             cross_bias = additive_mask(cross_bias, encoder_mask[:, None, None, :].bool())
         x = dec.dropout(self.embed_tokens(decoder_input_ids))
-        tokens = decoder_mask[:, -T:].bool() if decoder_mask is not None and self.config.moe else None
+        if routed is None and decoder_mask is not None:
+            routed = decoder_mask[:, -T:]
+        tokens = routed.bool() if routed is not None and self.config.moe else None
         for i, layer in enumerate(dec.layers):
             if cache is not None:
                 x = layer(x, bias, cross_bias, cache.cross[i], cache.self_attn, i, tokens)
                 continue
             kv = layer.cross_attn.keys_values(encoder_out)
             if dec.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, bias, cross_bias, kv, use_reentrant=False)
+                x = checkpoint(layer, x, bias, cross_bias, kv, None, 0, tokens, use_reentrant=False)
             else:
-                x = layer(x, bias, cross_bias, kv)
+                x = layer(x, bias, cross_bias, kv, tokens=tokens)
         if cache is not None:
             cache.self_attn.advance(T)
         return dec.dropout(dec.norm(x))
@@ -453,7 +457,8 @@ class T5(nn.Module):
             decoder_input_ids = self.shift_right(targets)
         if encoder_out is None:
             encoder_out = self.encode(input_ids, attention_mask)
-        logits = self.logits(self.decode(decoder_input_ids, encoder_out, attention_mask))
+        routed = targets != -100 if targets is not None else None  # target padding: not routed
+        logits = self.logits(self.decode(decoder_input_ids, encoder_out, attention_mask, routed=routed))
         out = logits if targets is None else F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
                                                              ignore_index=-100)
         if self.config.moe is None:

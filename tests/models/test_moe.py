@@ -331,13 +331,24 @@ def test_a_switch_transformer_adds_its_router_losses_while_training_only():
     x, y = torch.randint(2, 97, (2, 12)), torch.randint(2, 97, (2, 6))
     loss = model.train()(x, targets=y)
     aux = model.aux_loss
-    assert aux > 0 and model.routing.shape == (5,) and model.routing[:4].sum() == 2 * 12 + 2 * 6  # one MoE block a stack, top-1
+    assert aux > 0 and model.routing.shape == (5,)
+    assert model.routing[:4].sum() == 2 * 12 + 2 * 6  # one MoE block a stack, top-1
     loss.backward()
     assert model.decoder.layers[1].mlp.router.weight.grad.abs().sum() > 0
     with torch.no_grad():
         evaluated = model.eval()(x, targets=y)
         logits = model(x, decoder_input_ids=model.shift_right(y))
     assert torch.allclose(evaluated, F.cross_entropy(logits.flatten(0, 1), y.flatten()), atol=1e-6)
+
+
+def test_a_switch_transformer_routes_neither_input_nor_target_padding():
+    model = _switch().train()
+    x, y = torch.randint(2, 97, (2, 12)), torch.randint(2, 97, (2, 6))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, 8:] = 0  # 4 input tokens of padding
+    y[1, 4:] = -100  # 2 target positions of padding
+    model(x, attention_mask=mask, targets=y)
+    assert model.routing[:4].sum() == (24 - 4) + (12 - 2)  # one MoE block a stack, top-1
 
 
 def test_a_switch_transformer_decodes_with_its_cache_as_without():

@@ -74,6 +74,20 @@ def test_two_sharded_ranks_equal_one_process(runs):
 
 
 @pytest.mark.slow
+def test_two_sharded_ranks_train_an_moe_as_one_process(corpus_dir, tmp_path):
+    """Each expert stack is one parameter, sharded along the experts like any other."""
+    moe = {"model.moe": {"n_experts": 4, "top_k": 2}}
+    single = run(_cfg(corpus_dir, tmp_path / "single", grad_accum=2, **COMMON, **moe))
+    _torchrun(_cfg(corpus_dir, tmp_path / "fsdp", **COMMON, **moe, **{"system.parallel": "fsdp"}), tmp_path, "fsdp")
+    _same_losses(_metrics(tmp_path / "single"), _metrics(tmp_path / "fsdp"),
+                 keys=("loss", "val_loss", "aux_loss", "expert_load"))
+    whole = load_file(f"{single['checkpoint']}/model.safetensors")
+    sharded = load_model(tmp_path / "fsdp" / "checkpoints" / "step-00000006").state_dict()
+    for name, tensor in whole.items():
+        torch.testing.assert_close(sharded[name], tensor, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_a_sharded_checkpoint_resumes_on_two_ranks_and_on_one(runs, corpus_dir, tmp_path):
     tmp, _ = runs
     reference = _metrics(tmp / "fsdp")

@@ -21,6 +21,7 @@ of all of them, whatever the objective.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +31,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from llmlab.track import RunRecorder
 from llmlab.train.config import SystemConfig, TrainConfig
 from llmlab.train.loop import (Counters, finite_step, print_line, report, run_outputs, step_seed, stop_reason,
                                write_metrics)
@@ -249,6 +251,7 @@ class Run:
         self.stopped: str | None = None
         self.val_loss: float | None = None
         self.evaluation: dict = {}  # the latest evaluation's record
+        self.recorder: RunRecorder | None = None  # the workspace registry's, when the run lies in one
 
     def begin_step(self, step: int, optimizer: torch.optim.Optimizer) -> float:
         """Set step `step`'s (0-based) learning rate, and seed dropout as a function of (seed, step,
@@ -296,6 +299,8 @@ class Run:
         else:
             record = {"step": done, **record, "tokens": c.tokens, "time": time.time() - self.t_start}
             write_metrics(self.metrics, record)
+            if self.recorder is not None:
+                self.recorder.log(record)
             if self.rank == 0:
                 report(self.progress, record, cfg, done - self.start)
         out_of_time = bool(cfg.max_minutes) and time.time() - self.t_start > 60 * cfg.max_minutes
@@ -306,6 +311,8 @@ class Run:
             text = line.pop("text", None)
             self.val_loss, self.evaluation = line["val_loss"], line
             write_metrics(self.metrics, {"step": done, **line})
+            if self.recorder is not None:
+                self.recorder.log({"step": done, **line})
             if self.rank == 0 and text:
                 print_line(self.progress, f"step {done}: {text}")
             if line["val_loss"] < c.best_val_loss:
@@ -330,7 +337,21 @@ class Run:
 @contextlib.contextmanager
 def open_run(cfg: TrainConfig, counters: Counters, out, rank: int, world: int,
              device: torch.device) -> Iterator[Run]:
-    """A `Run` with the outputs it writes held open for the loop; all given back however it ends."""
+    """A `Run` with the outputs it writes held open for the loop; all given back however it ends.
+    When `out` lies inside a workspace (`llmlab.track`), rank 0 records the run in its registry:
+    running, then finished, stopped (a signal) or failed (an error)."""
     with run_outputs(out, counters.step, cfg.max_steps, rank) as (signals, metrics, progress):
-        yield Run(cfg, counters, rank, world, device, signals, metrics, progress)
+        run = Run(cfg, counters, rank, world, device, signals, metrics, progress)
+        if rank == 0:
+            config = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {}
+            kind = type(cfg).__name__.removesuffix("Config").lower() or None
+            run.recorder = RunRecorder.for_run(out, kind=kind, config=config, max_steps=cfg.max_steps)
+        try:
+            yield run
+        except BaseException:
+            if run.recorder is not None:
+                run.recorder.end("failed")
+            raise
+        if run.recorder is not None:
+            run.recorder.end("stopped" if (run.stopped or "").startswith("signal") else "finished")
 

@@ -15,6 +15,7 @@ leaves the last committed state. Every write is one short transaction; a writer 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -345,12 +346,14 @@ class RunRecorder:
         self.last = 0.0
 
     @classmethod
-    def for_run(cls, run_dir: str | os.PathLike, *, kind: str | None, config: dict,
+    def for_run(cls, run_dir: str | os.PathLike, *, kind: str | None, config: object,
                 max_steps: int | None) -> RunRecorder | None:
-        """A recorder for a run in `run_dir` when that lies inside a workspace; else None."""
+        """A recorder for a run in `run_dir` when that lies inside a workspace; else None. `config` is
+        the run's config dataclass (or a dict)."""
         workspace = find_workspace(run_dir)
         if workspace is None:
             return None
+        config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
         try:
             recorder = cls(Registry(workspace), Path(run_dir))
             recorder.registry.start_run(run_dir, kind=kind, config=config, max_steps=max_steps, owner=_user())

@@ -21,7 +21,6 @@ of all of them, whatever the objective.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -343,9 +342,8 @@ def open_run(cfg: TrainConfig, counters: Counters, out, rank: int, world: int,
     with run_outputs(out, counters.step, cfg.max_steps, rank) as (signals, metrics, progress):
         run = Run(cfg, counters, rank, world, device, signals, metrics, progress)
         if rank == 0:
-            config = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {}
             kind = type(cfg).__name__.removesuffix("Config").lower() or None
-            run.recorder = RunRecorder.for_run(out, kind=kind, config=config, max_steps=cfg.max_steps)
+            run.recorder = RunRecorder.for_run(out, kind=kind, config=cfg, max_steps=cfg.max_steps)
         try:
             yield run
         except BaseException:

@@ -631,9 +631,7 @@ def _causal_config_to_hf(cfg: ModelConfig) -> dict:
     model_type = "qwen2" if cfg.attention_bias else "mistral" if cfg.sliding_window else "llama"
     moe = cfg.moe
     if moe is not None:
-        if cfg.attention_bias or moe.every != 1 or moe.hidden_dim not in (None, cfg.hidden_dim) or \
-                moe.normalize != "topk" or moe.capacity_factor is not None or not moe.gated or \
-                moe.activation != "silu":
+        if cfg.attention_bias or moe.hidden_dim not in (None, cfg.hidden_dim) or moe.unlike_mixtral():
             raise ConversionError("an MoE model has an HF export as Mixtral: gated silu experts as wide as "
                                   "hidden_dim in every block (every=1), normalize=topk, dropless "
                                   "(capacity_factor=null), no attention_bias")

@@ -169,15 +169,8 @@ def _checked_config(model: nn.Module, outtype: str) -> Any:
     if cfg.sliding_window is not None:
         why.append(f"sliding_window={cfg.sliding_window} (llama.cpp's llama attends to the whole context, "
                    "so the file would differ from the model beyond the window)")
-    moe = getattr(cfg, "moe", None)
-    if moe is not None and moe.every != 1:
-        why.append(f"moe.every={moe.every} (llama.cpp's llama has experts in every block or in none)")
-    if moe is not None and moe.capacity_factor is not None:
-        why.append(f"moe.capacity_factor={moe.capacity_factor} (llama.cpp's experts drop no tokens)")
-    if moe is not None and (not moe.gated or moe.activation != "silu"):
-        why.append("experts that are not gated silu MLPs (llama.cpp's llama experts are SwiGLU)")
-    if moe is not None and moe.normalize != "topk":
-        why.append(f"moe.normalize={moe.normalize!r} (llama.cpp renormalises the top-k weights)")
+    if getattr(cfg, "moe", None) is not None:  # llama.cpp's llama runs Mixtral's experts
+        why += cfg.moe.unlike_mixtral()
     if cfg.rope_scaling is not None and cfg.rope_scaling.kind not in ROPE_SCALING_KINDS:
         why.append(f"rope scaling {cfg.rope_scaling.kind!r} (exported: none, {', '.join(ROPE_SCALING_KINDS)})")
     if why:

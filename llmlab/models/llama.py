@@ -28,7 +28,7 @@ from llmlab.models.kernels import Linear, stacked_linear
 from llmlab.models.layers import (AttentionShape, KVCache, ParamCount, RMSNorm, RopeScaling, RotaryEmbedding, SwiGLU,
                                   apply_rotary, build_attention_mask, check_config_ranges, lm_output,
                                   positions_from_mask, sdpa, training_flops_per_token)
-from llmlab.models.moe import MoEConfig, SparseMoE, router_totals
+from llmlab.models.moe import MoEConfig, SparseMoE, add_router_losses
 
 
 @dataclass
@@ -84,12 +84,10 @@ class LlamaConfig:
         norms = d if self.parallel_block else 2 * d
         body, idle = d, 0
         for layer in range(self.n_layers):
-            mlp = 3 * d * self.hidden_dim
+            mlp, unused = 3 * d * self.hidden_dim, 0
             if self.moe is not None and self.moe.is_moe(layer):
-                expert = (3 if self.moe.gated else 2) * d * (self.moe.hidden_dim or self.hidden_dim)
-                mlp = d * self.moe.n_experts + self.moe.n_experts * expert  # the router and every expert
-                idle += (self.moe.n_experts - self.moe.top_k) * expert
-            body += attn + mlp + norms
+                mlp, unused = self.moe.layer_params(d, self.hidden_dim)
+            body, idle = body + attn + mlp + norms, idle + unused
         vocab = self.vocab_size * d + (0 if self.tie_embeddings else (self.num_labels or self.vocab_size) * d)
         return ParamCount(body + vocab, body, body + vocab - idle)
 
@@ -244,9 +242,5 @@ class Llama(nn.Module):
         out = lm_output(self.lm_head, self.norm, x, targets, logits_to_keep)
         if self.config.moe is None:
             return out
-        aux, routing = router_totals([layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoE)])
-        self.aux_loss = aux.detach()  # the router losses, reported apart
-        if not self.training:
-            return out  # evaluation and decoding: the token loss alone, no loads to log
-        self.routing = routing  # tokens per expert and dropped assignments: what training logs
-        return out + aux if targets is not None else out
+        moe = [layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoE)]
+        return add_router_losses(self, moe, out, targets is not None)

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmlab.models.kernels import Linear
+
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 
@@ -79,6 +81,26 @@ class MoEConfig:
     def is_moe(self, layer: int) -> bool:
         """Whether block `layer` (from 0) has the MoE layer: the last of each run of `every` blocks."""
         return layer % self.every == self.every - 1
+
+    def layer_params(self, dim: int, dense_hidden_dim: int) -> tuple[int, int]:
+        """(parameters, of which idle for any one token) of one MoE layer: the router and every expert,
+        of which E - k sit idle; experts are `dense_hidden_dim` wide unless `hidden_dim` says otherwise."""
+        expert = (3 if self.gated else 2) * dim * (self.hidden_dim or dense_hidden_dim)
+        return dim * self.n_experts + self.n_experts * expert, (self.n_experts - self.top_k) * expert
+
+    def unlike_mixtral(self) -> list[str]:
+        """What keeps these experts from being Mixtral's (in every block, dropless, gated SiLU, the top k
+        renormalised): the reasons, or none."""
+        why = []
+        if self.every != 1:
+            why.append(f"moe.every={self.every} (experts in every block or in none)")
+        if self.capacity_factor is not None:
+            why.append(f"moe.capacity_factor={self.capacity_factor} (Mixtral's experts drop no tokens)")
+        if not self.gated or self.activation != "silu":
+            why.append("experts that are not gated silu MLPs (Mixtral's are SwiGLU)")
+        if self.normalize != "topk":
+            why.append(f"moe.normalize={self.normalize!r} (Mixtral renormalises the top-k weights)")
+        return why
 
 
 class Routing(NamedTuple):
@@ -142,6 +164,22 @@ class ExpertLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"n_experts={self.n_experts}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+def plain_layer(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Module:
+    """A plain layer holding a copy of `weight` (and `bias`), on its device and in its dtype: an
+    `ExpertLinear` for an (E, out, in) stack of experts, else a `Linear` (out, in); what merged
+    adapters and dequantized 4-bit layers become."""
+    if weight.dim() == 3:
+        layer = ExpertLinear(weight.size(0), weight.size(2), weight.size(1))
+    else:
+        layer = Linear(weight.size(1), weight.size(0), bias=bias is not None)
+    layer.to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
 
 
 class Experts(nn.Module):
@@ -225,13 +263,20 @@ class SparseMoE(nn.Module):
         return out
 
 
-def router_totals(layers: list[SparseMoE]) -> tuple[torch.Tensor, torch.Tensor]:
-    """After a model's forward: its MoE layers' auxiliary losses summed (in the graph), and the
-    routing training logs, the tokens per expert summed over the layers followed by the number of
-    dropped assignments (float32, detached)."""
+def add_router_losses(model: nn.Module, layers: list[SparseMoE], out: torch.Tensor, has_targets: bool
+                      ) -> torch.Tensor:
+    """After a model's forward through its MoE `layers`: leave their auxiliary losses summed in
+    `model.aux_loss` (detached, reported apart) and, while training, the routing training logs in
+    `model.routing` (the tokens per expert summed over the layers, then the dropped assignments;
+    float32) and the losses added to the loss `out` (when `has_targets`). Evaluation and decoding
+    keep the token loss alone."""
     aux = sum(m.aux_loss for m in layers)
+    model.aux_loss = aux.detach()
+    if not model.training:
+        return out
     loads = sum(m.stats["tokens_per_expert"] for m in layers).float()
-    return aux, torch.cat([loads, loads.new_tensor([sum(m.stats["dropped"] for m in layers)])])
+    model.routing = torch.cat([loads, loads.new_tensor([sum(m.stats["dropped"] for m in layers)])])
+    return out + aux if has_targets else out
 
 
 def _slices(counts: list[int]) -> list[tuple[int, int]]:

@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from llmlab.models.kernels import Linear
 from llmlab.models.layers import AttentionShape, KVCache, ParamCount, RMSNorm, check_config_ranges
-from llmlab.models.moe import MoEConfig, SparseMoE, router_totals
+from llmlab.models.moe import MoEConfig, SparseMoE, add_router_losses
 
 
 @dataclass
@@ -90,11 +90,9 @@ class T5Config:
 
     def _mlp_params(self, layer: int) -> tuple[int, int]:
         """(parameters, of which idle for a token) of block `layer`'s feed-forward (in either stack)."""
-        d, moe = self.dim, self.moe
-        if moe is None or not moe.is_moe(layer):
-            return (3 if self.mlp == "gated-gelu" else 2) * d * self.hidden_dim, 0
-        expert = (3 if moe.gated else 2) * d * (moe.hidden_dim or self.hidden_dim)
-        return d * moe.n_experts + moe.n_experts * expert, (moe.n_experts - moe.top_k) * expert
+        if self.moe is None or not self.moe.is_moe(layer):
+            return (3 if self.mlp == "gated-gelu" else 2) * self.dim * self.hidden_dim, 0
+        return self.moe.layer_params(self.dim, self.hidden_dim)
 
     def num_params(self) -> ParamCount:
         """Counts; with `moe`, `active` leaves out the experts a token does not use."""
@@ -464,9 +462,4 @@ class T5(nn.Module):
         if self.config.moe is None:
             return out
         moe = [b.mlp for stack in (self.encoder, self.decoder) for b in stack.layers if isinstance(b.mlp, SparseMoE)]
-        aux, routing = router_totals(moe)
-        self.aux_loss = aux.detach()  # the router losses, reported apart
-        if not self.training:
-            return out
-        self.routing = routing
-        return out + aux if targets is not None else out
+        return add_router_losses(self, moe, out, targets is not None)

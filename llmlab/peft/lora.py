@@ -127,23 +127,13 @@ class LoRALinear(nn.Module):
     def merged_linear(self) -> nn.Module:
         """A plain linear layer (or expert stack) holding W + s B A (the base dequantized first when it
         is 4-bit)."""
-        from llmlab.models.kernels import Linear
-        from llmlab.models.moe import ExpertLinear
+        from llmlab.models.moe import plain_layer
 
         weight = _weight(self.base)
         weight = self.base.dequantize() if weight is None else weight.detach()
-        bias = getattr(self.base, "bias", None)
-        if self.n_experts is None:
-            out = Linear(self.in_features, self.out_features, bias=bias is not None, device=weight.device,
-                         dtype=weight.dtype)
-        else:
-            out = ExpertLinear(self.n_experts, self.in_features, self.out_features).to(weight.device, weight.dtype)
         with torch.no_grad():
-            delta = self.delta_weight().to(out.weight.dtype) if not self.merged else 0
-            out.weight.copy_(weight.to(out.weight.dtype) + delta)
-            if bias is not None:
-                out.bias.copy_(bias)
-        return out
+            merged = weight if self.merged else weight + self.delta_weight().to(weight.dtype)
+        return plain_layer(merged, getattr(self.base, "bias", None))
 
     def extra_repr(self) -> str:
         experts = f", n_experts={self.n_experts}" if self.n_experts else ""

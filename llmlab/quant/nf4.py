@@ -36,7 +36,7 @@ from torch import nn
 
 from llmlab.models import build_model
 from llmlab.models.convert import ConversionError, hf_to_llmlab_state, table_for
-from llmlab.models.moe import ExpertLinear
+from llmlab.models.moe import ExpertLinear, plain_layer
 from llmlab.models.io import (INDEX, WEIGHTS, CheckpointError, check_state, meta_parameters, read_config,
                               read_shard_index)
 
@@ -238,25 +238,15 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     """Replace every NF4Linear (and NF4Experts) by a full-precision linear layer (or ExpertLinear)
     holding its dequantized weight, in place (to save or export a QLoRA model as an ordinary
     checkpoint); returns the model."""
-    from llmlab.models.kernels import Linear
-
     stacks = []
     for name, module in list(model.named_modules()):
         if not isinstance(module, (NF4Linear, NF4Experts)) or any(name.startswith(s + ".") for s in stacks):
             continue  # an expert of a stack being replaced whole
-        weight = module.dequantize()
         if isinstance(module, NF4Experts):
             stacks.append(name)
-            plain = ExpertLinear(module.n_experts, module.in_features, module.out_features)
-        else:
-            plain = Linear(module.in_features, module.out_features, bias=module.bias is not None)
-        plain.to(device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            plain.weight.copy_(weight)
-            if getattr(module, "bias", None) is not None:
-                plain.bias.copy_(module.bias)
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, plain)
+        setattr(model.get_submodule(parent) if parent else model, child,
+                plain_layer(module.dequantize(), getattr(module, "bias", None)))
     return model
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from llmlab.common import LlmlabError, atomic_path, atomic_write_text, check_output, style
+from llmlab.common import LlmlabError, atomic_write_text, check_output, style
 from llmlab.config import save_config
 from llmlab.data.shards import read_manifest
 from llmlab.models import LlamaConfig
@@ -27,7 +27,7 @@ from llmlab.tokenizer.bpe import check_vocab_size
 from llmlab.train.config import check_at_least, check_seed
 from llmlab.train.pretrain import PretrainConfig
 from llmlab.train.pretrain import run as pretrain
-from llmlab.train.sweep import changed_settings, prepare_data, verify_data
+from llmlab.train.sweep import changed_settings, prepare_data, save_compute_plot, verify_data
 
 
 @dataclass
@@ -200,12 +200,4 @@ def plot(runs: dict[str, dict], png: Path, cfg: MoEVsDenseConfig) -> None:
     for name, r in runs.items():
         ax.plot(*zip(*r["curve"]), "o-", ms=4,
                 label=f"{labels[name]} ({r['params'] / 1e6:.2f}M parameters, {r['active_params'] / 1e6:.2f}M active)")
-    ax.set_xscale("log")
-    ax.set_xlabel("training compute (FLOPs, from active parameters)")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_compute_plot(fig, ax, "training compute (FLOPs, from active parameters)", png)

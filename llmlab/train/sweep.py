@@ -281,8 +281,16 @@ def plot_fit(runs: list[dict], fit: LawFit, png: Path) -> None:
     grid = np.geomspace(min(flops) / 2, max(flops) * 10, 100)
     frontier = [fit.law.loss(*fit.law.optimal(c)) for c in grid]
     ax.plot(grid, frontier, "k--", lw=1.2, label="fitted compute-optimal frontier")
+    save_compute_plot(fig, ax, "training compute 6 N D (FLOPs)", png)
+
+
+def save_compute_plot(fig, ax, xlabel: str, png: Path) -> None:
+    """Finish a plot of validation loss against training compute (log x, grid, legend) and write it to
+    `png` atomically."""
+    import matplotlib.pyplot as plt
+
     ax.set_xscale("log")
-    ax.set_xlabel("training compute 6 N D (FLOPs)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("validation loss (nats/token)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)

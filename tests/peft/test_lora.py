@@ -22,12 +22,13 @@ def _x(T=12):
     return torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(3))
 
 
-def _randomise_b(model, seed=1):
+def _randomise_b(model, seed=1, scale=0.1):
+    """Nonzero updates: every LoRA layer's B drawn from normal(0, scale)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, LoRALinear):
-                m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.1)
+                m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * scale)
 
 
 @pytest.mark.parametrize("name", ["llama", "llama-gqa-tied", "gpt2"])

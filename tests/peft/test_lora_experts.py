@@ -13,6 +13,7 @@ from llmlab.models.io import load_model, save_hf, save_model
 from llmlab.models.moe import ExpertLinear, MoEConfig
 from llmlab.peft import (AdapterError, LoraConfig, LoRALinear, apply_lora, disable_adapters, load_adapter,
                          merge_and_unload, merge_lora, save_adapter, unmerge_lora)
+from tests.peft.test_lora import _randomise_b
 
 V = 97
 
@@ -29,14 +30,6 @@ def _moe(every=1, seed=0):
 
 def _x():
     return torch.randint(0, V, (2, 10), generator=torch.Generator().manual_seed(5))
-
-
-def _randomize_b(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, LoRALinear):
-                m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.2)
 
 
 def test_targets_select_expert_stacks_by_name():
@@ -58,7 +51,7 @@ def test_each_expert_gets_its_own_update_and_merging_folds_it_into_its_slice():
     apply_lora(model, LoraConfig(r=4, alpha=8, targets=["gate_up_proj", "down_proj"]))
     with torch.no_grad():
         assert torch.equal(model(_x()), before)  # B = 0: the base model exactly
-        _randomize_b(model)
+        _randomise_b(model, scale=0.2)
         adapted = model(_x())
         layer = model.layers[0].mlp.experts.down_proj
         x = torch.randn(3, 40)
@@ -79,7 +72,7 @@ def test_each_expert_gets_its_own_update_and_merging_folds_it_into_its_slice():
 def test_a_step_trains_the_expert_adapters_only():
     model = _moe().train()
     apply_lora(model, LoraConfig(r=2, targets=["gate_up_proj", "down_proj"]))
-    _randomize_b(model)
+    _randomise_b(model, scale=0.2)
     x = _x()
     model(x, targets=x).backward()
     trained = {n for n, p in model.named_parameters() if p.grad is not None}
@@ -149,7 +142,7 @@ def test_expert_adapters_apply_with_peft_to_the_hf_export(targets, peft_targets,
     save_hf(model, tmp_path / "hf")
     cfg = LoraConfig(r=2, alpha=6, targets=targets)
     apply_lora(model, cfg)
-    _randomize_b(model)
+    _randomise_b(model, scale=0.2)
     save_adapter(model, tmp_path / "adapter", cfg)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["target_parameters"] == peft_targets

@@ -20,7 +20,14 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/llmlab demo
 
+# the studio's browser tests drive Debian's chromium: installed here when missing and run as root,
+# else those tests skip and say how to enable them
 test: install
+	@command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1 || \
+		{ echo "installing chromium for the studio's browser tests"; \
+		  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+		  { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; } || \
+		  echo "could not install chromium: the browser tests will skip"; }
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:

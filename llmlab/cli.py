@@ -153,6 +153,14 @@ def build_parser(argv: list[str] = ()) -> argparse.ArgumentParser:
                          description="Serve a checkpoint: /v1/completions, /v1/chat/completions and /v1/models, "
                          "streaming or not, with continuous batching. Binds 127.0.0.1 unless --host says otherwise.")
     serve_commands.add_arguments(p)
+
+    from llmlab.studio import commands as studio_commands
+
+    p = verbs.add_parser("studio", help="the web studio of a workspace: data, model, configure, train live, evaluate, "
+                         "chat, deploy; for a team", description="Serve the studio for a workspace (made when "
+                         "missing), or manage its accounts with `llmlab studio user ...`. Binds 127.0.0.1 unless "
+                         "--host says otherwise.")
+    studio_commands.add_arguments(p)
     _numbers_are_not_options(parser)
     return parser
 
@@ -261,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
             from llmlab.serve import commands as serve_commands
 
             serve_commands.run_serve(ns)
+        elif ns.verb == "studio":
+            from llmlab.studio import commands as studio_commands
+
+            studio_commands.run(ns)
     except LlmlabError as e:
         _error(str(e))
         return 1

@@ -209,7 +209,7 @@ def clean_stale_temps(path: str | os.PathLike) -> list[Path]:
         if not (name.startswith(prefix) and name.endswith(".tmp")):
             continue
         parts = name[len(prefix):-len(".tmp")].split(".")
-        if len(parts) == 2 and parts[0].isdigit() and _alive(int(parts[0])):
+        if len(parts) == 2 and parts[0].isdigit() and pid_alive(int(parts[0])):
             continue  # a writer still at work
         if len(parts) not in (1, 2):
             continue
@@ -228,14 +228,18 @@ def _resolve(path: Path, where: str) -> Path:
         raise OutputError(f"{where}: cannot be resolved: a loop of symbolic links ({e})") from None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs (on this machine); a zombie, ended but not yet reaped, does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except (PermissionError, OverflowError):
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):  # not Linux, or gone meanwhile
+        return True
 
 
 def check_output(path: str | os.PathLike, *, label: str, inputs: Sequence[str | os.PathLike | None] = (),

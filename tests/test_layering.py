@@ -12,7 +12,7 @@ LAYERS = [
     {"models", "tokenizer", "track"},
     {"data", "peft", "quant", "generate", "plan"},
     {"train", "align", "eval"},
-    {"search", "serve", "dashboard"},
+    {"search", "serve", "studio"},
     {"cli", "demo", "__main__", "__init__"},
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -57,6 +57,7 @@ def test_python_examples_run():
 # ---- the command-line section, run as written ----------------------------------------------------------
 
 KEY = "sk-readme-key"
+STUDIO_PASSWORD = "readme-password"  # what `llmlab studio user add` reads from its standard input
 CKPT_RUN = "runs/pt"  # CKPT: the README's own pretraining run (4 layers, as freeze=[layers.0-3] needs)
 
 # Appended to every command of a verb (a later key=value or flag wins), so that the README's own arguments
@@ -229,29 +230,54 @@ def _torchrun(argv: list[str], root: Path) -> tuple[int, str]:
 
 
 def _serve(argv: list[str], root: Path, port: int) -> tuple[int, str]:
-    """Start the server, wait for /health, complete one prompt with the openai client, stop it with
-    SIGINT; returns the exit status (0, or 130 for an interrupt, is clean) and the output."""
+    """Complete one prompt with the openai client from the server the command starts."""
     import openai
 
+    def check(url: str) -> None:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
+        model = client.models.list().data[0].id
+        reply = client.completions.create(model=model, prompt="def", max_tokens=4, temperature=0)
+        assert reply.choices[0].finish_reason in ("length", "stop"), reply
+
+    return _server(argv, root, port, check)
+
+
+def _studio(argv: list[str], root: Path, port: int) -> tuple[int, str]:
+    """Log in to the studio the command starts, with the account the README made, and load the runs page."""
+    try:
+        import httpx
+    except ImportError:  # openai 3 ships its HTTP client as httpx2
+        import httpx2 as httpx
+
+    def check(url: str) -> None:
+        client = httpx.Client(base_url=url, timeout=30)
+        assert client.post("/login", data={"name": "ann", "password": STUDIO_PASSWORD}).status_code == 303
+        page = client.get("/", headers={"accept": "text/html"})
+        assert page.status_code == 200 and "Runs" in page.text, page.text[:500]
+
+    return _server(argv, root, port, check)
+
+
+def _server(argv: list[str], root: Path, port: int, check) -> tuple[int, str]:
+    """Start a server command, wait for /health, run `check(url)`, stop it with SIGINT; returns the exit
+    status (0, or 130 for an interrupt, is clean) and the output."""
+    name = argv[argv.index("llmlab") + 1]
     cmd = [sys.executable, "-m", "llmlab", *argv[1:]]
     proc = subprocess.Popen(cmd, cwd=root, env=_subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
         deadline = time.time() + 60
         while True:
-            assert proc.poll() is None, f"serve exited with {proc.returncode} before answering /health"
+            assert proc.poll() is None, f"{name} exited with {proc.returncode} before answering /health"
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
                     if r.status == 200:
                         break
             except OSError:
                 pass
-            assert time.time() < deadline, "serve did not answer /health within 60 s"
+            assert time.time() < deadline, f"{name} did not answer /health within 60 s"
             time.sleep(0.25)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=60)
-        model = client.models.list().data[0].id
-        reply = client.completions.create(model=model, prompt="def", max_tokens=4, temperature=0)
-        assert reply.choices[0].finish_reason in ("length", "stop"), reply
+        check(f"http://127.0.0.1:{port}")
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
     finally:
@@ -267,7 +293,7 @@ def test_command_line_examples_run(tmp_path, monkeypatch, capsys):
     read what earlier ones wrote. Each must exit 0 with no traceback and no internal error."""
     pytest.importorskip("openai")
     commands = _readme_commands()
-    assert len(commands) == 48, [" ".join(c) for c in commands]
+    assert len(commands) == 50, [" ".join(c) for c in commands]
     monkeypatch.chdir(tmp_path)
     _make_inputs(tmp_path)
     log, failures = [], []
@@ -276,9 +302,10 @@ def test_command_line_examples_run(tmp_path, monkeypatch, capsys):
         argv = _resolve(readme_argv, tmp_path)
         verb = _verb(argv)
         argv += TINY.get(verb, [])
-        if verb == "serve":
+        studio = verb == "studio" and "user" not in argv
+        if verb == "serve" or studio:
             port = _free_port()
-            argv += ["--port", str(port)]  # the README's 8000 may be taken on this machine
+            argv += ["--port", str(port)]  # the README's 8000 (7860) may be taken on this machine
         if "peft-adapter/" in argv and not (tmp_path / "peft-adapter").exists():
             _make_adapter(argv[argv.index("convert") + 1], tmp_path / "peft-adapter")
         try:
@@ -286,11 +313,14 @@ def test_command_line_examples_run(tmp_path, monkeypatch, capsys):
                 code, output = _torchrun(argv, tmp_path)
             elif verb == "serve":
                 code, output = _serve(argv, tmp_path, port)
+            elif studio:
+                code, output = _studio(argv, tmp_path, port)
             else:  # in-process: a subprocess would cost ~2 s of importing torch per command
-                code, output = _in_process(argv[1:], capsys, stdin="Hello there\n/exit\n" if verb == "chat" else "")
+                stdin = {"chat": "Hello there\n/exit\n", "studio": STUDIO_PASSWORD + "\n"}.get(verb, "")
+                code, output = _in_process(argv[1:], capsys, stdin=stdin)
         except Exception as e:  # a failed check of serve's, or a bug the CLI let through: report, go on
             code, output = None, f"{type(e).__name__}: {e}"
-        ok = code in ((0, 130) if verb == "serve" else (0,)) and "Traceback" not in output \
+        ok = code in ((0, 130) if verb == "serve" or studio else (0,)) and "Traceback" not in output \
             and "internal error" not in output
         log.append(f"{'ok  ' if ok else 'FAIL'} {time.time() - start:5.1f}s  $ {shlex.join(readme_argv)}")
         if not ok:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from llmlab.peft import LoraConfig
+from llmlab.track import TrackConfig
 from llmlab.train.config import (CheckpointConfig, OptimConfig, SystemConfig, check_at_least, check_probability,
                                  check_seed)
 
@@ -161,6 +162,7 @@ class AlignConfig:
     eval: AlignEvalConfig = field(default_factory=AlignEvalConfig)
     ckpt: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=50))
     system: SystemConfig = field(default_factory=SystemConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)  # metric loggers: TensorBoard, MLflow
 
     def __post_init__(self):
         check_at_least(self, seq_len=2, batch_size=1, grad_accum=1, max_steps=1, epochs=0, max_minutes=0,

@@ -23,6 +23,7 @@ from llmlab.models.io import read_config, resolve_model_dir
 from llmlab.peft import trainable_parameters
 from llmlab.tokenizer import load_tokenizer
 from llmlab.tokenizer.chat import load_chat_template
+from llmlab.track import check_loggers
 from llmlab.train.checkpoint import save_checkpoint
 from llmlab.train.core import Trainee, open_run, resolve_autocast, wrap_model
 from llmlab.train.loop import Counters, check_run_dir, resume_run, run_settings, truncate_metrics
@@ -90,6 +91,7 @@ def setup(cfg: AlignConfig, *, overwrite: bool) -> Context:
     out = Path(cfg.out_dir)
     check_run_dir(out, resume=cfg.ckpt.resume, overwrite=overwrite, rank=rank,
                   inputs=[cfg.base, cfg.data.train, cfg.data.val or None, cfg.reward.model or None])
+    check_loggers(cfg.track)
     try:
         cfg.base = str(resolve_model_dir(cfg.base))
     except LlmlabError as e:

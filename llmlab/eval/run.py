@@ -6,6 +6,9 @@
       samples.jsonl   one line per scored document: the prompt, the answers, the scores
       config.yaml     the resolved EvalConfig
 
+A model that is a run directory inside a workspace, or a checkpoint of one, also has its results recorded
+in the workspace's run registry (`llmlab.eval.record`).
+
 Every task is loaded and checked before any model runs, and the folder is written once, at the
 end, under a temporary name: a bad task file or a failed run leaves nothing behind.
 """
@@ -26,6 +29,7 @@ from llmlab.config import save_config, to_dict
 from llmlab.eval.builtin import BUILTIN_TASKS
 from llmlab.eval.evaluate import TaskResult, check_task, evaluate_task
 from llmlab.eval.lm import EvalError, LocalLM, ServerLM
+from llmlab.eval.record import record_results
 from llmlab.eval.tasks import Renderer, Task, load_tasks, prepare
 
 
@@ -109,6 +113,7 @@ def run(cfg: EvalConfig, models: list[str], servers: list[str] = (), *, server_m
         atomic_write_text(tmp / "samples.jsonl", "".join(json.dumps(_finite_json(s), default=str) + "\n"
                                                          for s in samples))
         save_config(cfg, tmp / "config.yaml")
+    record_results(results, list(models), [out / "results.json", out / "samples.jsonl"], say)
     results["out_dir"] = str(out)
     return results
 

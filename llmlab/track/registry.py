@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from llmlab.common import LlmlabError
+from llmlab.common import LlmlabError, pid_alive
 
 DB = Path(".llmlab") / "registry.sqlite"
 BUSY_TIMEOUT_S = 10.0
@@ -108,20 +108,7 @@ class Registry:
         return cls(workspace)
 
     def _connect(self) -> sqlite3.Connection:
-        try:
-            db = sqlite3.connect(self.file, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA foreign_keys=ON")
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise RegistryError(f"{self.file}: written by a newer llmlab (schema {version}, this one reads "
-                                    f"{SCHEMA_VERSION})")
-            if version < SCHEMA_VERSION:
-                db.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
-        except sqlite3.DatabaseError as e:
-            raise RegistryError(f"{self.file}: not a readable registry ({e})") from None
-        return db
+        return connect(self.file, SCHEMA, SCHEMA_VERSION, RegistryError, "registry")
 
     def close(self) -> None:
         self.db.close()
@@ -181,6 +168,14 @@ class Registry:
         row = self.db.execute("SELECT * FROM runs WHERE path=?", (self.key(run_dir),)).fetchone()
         return dict(row) if row else None
 
+    def by_id(self, run_id: int) -> dict | None:
+        row = self.db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
+        return dict(row) if row else None
+
+    def forget(self, run_dir: str | os.PathLike) -> None:
+        """Drop a run (and what hangs off it) from the registry; its folder is left alone."""
+        self.db.execute("DELETE FROM runs WHERE path=?", (self.key(run_dir),))
+
     # ------------------------------------------------------------------ what hangs off a run
 
     def _id(self, run_dir: str | os.PathLike) -> int:
@@ -229,7 +224,7 @@ class Registry:
                                                  "ORDER BY created, id", (self._id(run_dir),))]
 
     def _transaction(self):
-        return _Transaction(self.db)
+        return Transaction(self.db)
 
     # ------------------------------------------------------------------ indexing folders
 
@@ -257,12 +252,36 @@ class Registry:
             added.append(key)
         host = socket.gethostname()
         for run in self.runs("running"):
-            if run["host"] == host and run["pid"] and not _alive(run["pid"]):
+            if run["host"] == host and run["pid"] and not pid_alive(run["pid"]):
                 self.db.execute("UPDATE runs SET status='stopped', pid=NULL, ended=updated WHERE id=?", (run["id"],))
         return added
 
 
-class _Transaction:
+def connect(file: Path, schema: str, version: int, error: type[LlmlabError], what: str,
+            threads: bool = False) -> sqlite3.Connection:
+    """A connection to the SQLite database `file` in WAL mode, its tables made by `schema` when its
+    user_version is below `version`; one written by a newer llmlab, or not a database, is an `error`
+    naming the file. `threads`: the connection may be used from another thread than its maker's."""
+    try:
+        db = sqlite3.connect(file, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=not threads)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA foreign_keys=ON")
+        found = db.execute("PRAGMA user_version").fetchone()[0]
+        if found > version:
+            raise error(f"{file}: written by a newer llmlab (schema {found}, this one reads {version})")
+        if found < version:
+            db.executescript(f"BEGIN; {schema} PRAGMA user_version={version}; COMMIT;")
+    except sqlite3.DatabaseError as e:
+        raise error(f"{file}: not a readable {what} ({e})") from None
+    except OSError as e:
+        raise error(f"{file}: cannot open it ({e.strerror or e})") from None
+    return db
+
+
+class Transaction:
+    """A write transaction taken at once (BEGIN IMMEDIATE): what it reads, no other writer changes."""
+
     def __init__(self, db: sqlite3.Connection):
         self.db = db
 
@@ -275,16 +294,6 @@ class _Transaction:
 
 def _finite(value) -> bool:
     return not isinstance(value, float) or math.isfinite(value)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _metrics_files(workspace: Path) -> Iterator[Path]:
@@ -388,6 +397,10 @@ class RunRecorder:
 
 
 def _user() -> str | None:
+    """Who runs this: LLMLAB_USER (the studio sets it to the account that launched a job), else the
+    login name."""
+    if os.environ.get("LLMLAB_USER"):
+        return os.environ["LLMLAB_USER"]
     try:
         import getpass
 

@@ -1,4 +1,5 @@
-"""The config blocks every training verb shares (optimizer, evaluation cadence, checkpoints, system),
+"""The config blocks every training verb shares (optimizer, evaluation cadence, checkpoints, system; and
+`track`, the metric loggers, from `llmlab.track`),
 the range checks their fields use, and `TrainConfig`: what the training core reads of a verb's config.
 
 A verb's own config (`PretrainConfig`, `FinetuneConfig`, ...) composes these blocks with its data and
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal, Protocol
+
+from llmlab.track import TrackConfig
 
 
 def check_at_least(cfg, **bounds) -> None:
@@ -114,3 +117,4 @@ class TrainConfig(Protocol):
     eval: Cadence
     ckpt: CheckpointConfig
     system: SystemConfig
+    track: TrackConfig

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from llmlab.track import RunRecorder
+from llmlab.track import MetricLoggers, RunRecorder
 from llmlab.train.config import SystemConfig, TrainConfig
 from llmlab.train.loop import (Counters, finite_step, print_line, report, run_outputs, step_seed, stop_reason,
                                write_metrics)
@@ -251,6 +251,15 @@ class Run:
         self.val_loss: float | None = None
         self.evaluation: dict = {}  # the latest evaluation's record
         self.recorder: RunRecorder | None = None  # the workspace registry's, when the run lies in one
+        self.loggers: MetricLoggers | None = None  # TensorBoard, MLflow: those track.loggers names (rank 0)
+
+    def log(self, record: dict) -> None:
+        """Write one metrics line: to metrics.jsonl, the workspace registry and the metric loggers."""
+        write_metrics(self.metrics, record)
+        if self.recorder is not None:
+            self.recorder.log(record)
+        if self.loggers is not None:
+            self.loggers.log(record)
 
     def begin_step(self, step: int, optimizer: torch.optim.Optimizer) -> float:
         """Set step `step`'s (0-based) learning rate, and seed dropout as a function of (seed, step,
@@ -294,12 +303,10 @@ class Run:
         cfg, c = self.cfg, self.counters
         c.step = done
         if record is None:
-            write_metrics(self.metrics, {"step": done, "skipped_nonfinite": c.skipped, "lr": self._lr(done)})
+            self.log({"step": done, "skipped_nonfinite": c.skipped, "lr": self._lr(done)})
         else:
             record = {"step": done, **record, "tokens": c.tokens, "time": time.time() - self.t_start}
-            write_metrics(self.metrics, record)
-            if self.recorder is not None:
-                self.recorder.log(record)
+            self.log(record)
             if self.rank == 0:
                 report(self.progress, record, cfg, done - self.start)
         out_of_time = bool(cfg.max_minutes) and time.time() - self.t_start > 60 * cfg.max_minutes
@@ -309,9 +316,7 @@ class Run:
             line = evaluate()
             text = line.pop("text", None)
             self.val_loss, self.evaluation = line["val_loss"], line
-            write_metrics(self.metrics, {"step": done, **line})
-            if self.recorder is not None:
-                self.recorder.log({"step": done, **line})
+            self.log({"step": done, **line})
             if self.rank == 0 and text:
                 print_line(self.progress, f"step {done}: {text}")
             if line["val_loss"] < c.best_val_loss:
@@ -337,19 +342,25 @@ class Run:
 def open_run(cfg: TrainConfig, counters: Counters, out, rank: int, world: int,
              device: torch.device) -> Iterator[Run]:
     """A `Run` with the outputs it writes held open for the loop; all given back however it ends.
-    When `out` lies inside a workspace (`llmlab.track`), rank 0 records the run in its registry:
-    running, then finished, stopped (a signal) or failed (an error)."""
+    Rank 0 opens the metric loggers `cfg.track.loggers` names (`llmlab.track.loggers`) and, when `out`
+    lies inside a workspace (`llmlab.track`), records the run in its registry: running, then finished,
+    stopped (a signal) or failed (an error), the status the loggers end with too."""
     with run_outputs(out, counters.step, cfg.max_steps, rank) as (signals, metrics, progress):
         run = Run(cfg, counters, rank, world, device, signals, metrics, progress)
         if rank == 0:
             kind = type(cfg).__name__.removesuffix("Config").lower() or None
+            run.loggers = MetricLoggers.open(cfg.track, out, config=cfg, kind=kind, start=counters.step)
             run.recorder = RunRecorder.for_run(out, kind=kind, config=cfg, max_steps=cfg.max_steps)
         try:
             yield run
         except BaseException:
-            if run.recorder is not None:
-                run.recorder.end("failed")
+            _end(run, "failed")
             raise
-        if run.recorder is not None:
-            run.recorder.end("stopped" if (run.stopped or "").startswith("signal") else "finished")
+        _end(run, "stopped" if (run.stopped or "").startswith("signal") else "finished")
+
+
+def _end(run: Run, status: str) -> None:
+    for tracker in (run.recorder, run.loggers):
+        if tracker is not None:
+            tracker.end(status)
 

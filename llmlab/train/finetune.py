@@ -38,13 +38,14 @@ from llmlab.peft.io import load_adapter_weights
 from llmlab.plan.estimate import TrainingMemory, shape_of, training_memory
 from llmlab.tokenizer import load_tokenizer
 from llmlab.tokenizer.chat import load_chat_template
+from llmlab.track import TrackConfig, check_loggers
 from llmlab.train.checkpoint import (latest_checkpoint, newest_intact_checkpoint, save_checkpoint,
                                      save_sharded_checkpoint)
 from llmlab.train.config import CheckpointConfig, OptimConfig, SystemConfig, check_at_least, check_seed
 from llmlab.train.core import (accumulate, clip_gradients, gather_model, open_run, resolve_autocast,
                                wrap_model)
 from llmlab.train.loop import (available_memory, check_run_dir, print_line, resume_run, run_settings,
-                               truncate_metrics, write_metrics)
+                               truncate_metrics)
 from llmlab.train.optim import build_optimizer
 
 
@@ -106,6 +107,7 @@ class FinetuneConfig:
     eval: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
     ckpt: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=100))
     system: SystemConfig = field(default_factory=SystemConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)  # metric loggers: TensorBoard, MLflow
 
     def __post_init__(self):
         check_at_least(self, seq_len=1, batch_size=1, grad_accum=1, max_steps=1, epochs=0, max_minutes=0,
@@ -150,6 +152,7 @@ def run(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict:
     check_run_dir(Path(cfg.out_dir), resume=cfg.ckpt.resume,
                   inputs=[cfg.base, prepared_dir(cfg.data.train), cfg.data.val],
                   overwrite=overwrite, rank=rank)
+    check_loggers(cfg.track)
     cfg.base = str(_base_checkpoint(cfg.base))
     model_cfg, _ = read_config(cfg.base)
     try:
@@ -227,7 +230,7 @@ def run(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict:
     with open_run(cfg, counters, out, rank, world, device) as run:
         if counters.step == 0 and cfg.eval.exact_match and val_examples:
             accuracy = _evaluate_answers(answering_model(), tokenizer, template, val_examples, cfg)
-            write_metrics(run.metrics, {"step": 0, **_flat_accuracy(accuracy)})
+            run.log({"step": 0, **_flat_accuracy(accuracy)})
             print_line(run.progress, f"step 0: exact match {accuracy['accuracy']:.1%} (before fine-tuning)")
         model.train()
         for step in range(counters.step, cfg.max_steps):

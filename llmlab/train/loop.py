@@ -47,7 +47,8 @@ class StopSignals:
 
 
 # what a run writes in its out_dir; a folder holding only these (and metrics or checkpoints among them) is a run
-RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "adapter", "before.json", "report.json")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "adapter", "before.json", "report.json",
+             "tensorboard", "mlruns")
 
 
 def check_run_dir(out: Path, *, resume: str, inputs: list, overwrite: bool, rank: int) -> None:

@@ -27,6 +27,7 @@ from llmlab.models import LlamaConfig, ModelConfig, build_model
 from llmlab.models.kernels import LOSS_BLOCK_ELEMENTS_CPU, LOSS_BLOCK_ELEMENTS_GPU
 from llmlab.plan.estimate import TrainingMemory, cpu_runtime_bytes, shape_of, training_memory
 from llmlab.tokenizer import load_tokenizer
+from llmlab.track import TrackConfig, check_loggers
 from llmlab.train.checkpoint import latest_checkpoint, save_checkpoint, save_sharded_checkpoint
 from llmlab.train.config import (CheckpointConfig, EvalConfig, OptimConfig, SystemConfig, check_at_least,
                                  check_probability, check_seed)
@@ -61,6 +62,7 @@ class PretrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)  # metric loggers: TensorBoard, MLflow
 
     def __post_init__(self):
         check_at_least(self, seq_len=1, batch_size=1, grad_accum=1, max_steps=1, max_minutes=0, log_every=1)
@@ -101,6 +103,7 @@ def run(cfg: PretrainConfig, *, overwrite: bool = False) -> dict:
     cfg.system.autocast = resolve_autocast(cfg.system, device, rank, world)  # config.yaml records it
     check_run_dir(Path(cfg.out_dir), resume=cfg.ckpt.resume, inputs=[prepared_dir(cfg.data)], overwrite=overwrite,
                   rank=rank)
+    check_loggers(cfg.track)
     train_data = TokenShards(cfg.data, "train")
     manifest = train_data.manifest
     val_data = TokenShards(cfg.data, "val") if manifest["splits"].get("val", {}).get("tokens") else None

@@ -41,6 +41,7 @@ from llmlab.models import build_model, model_kind, with_article
 from llmlab.models.io import copy_tokenizer_files, load_model, read_config, save_model
 from llmlab.peft import apply_lora, merge_and_unload, trainable_parameters
 from llmlab.tokenizer import load_tokenizer
+from llmlab.track import check_loggers
 from llmlab.train.checkpoint import save_checkpoint
 from llmlab.train.core import accumulate, clip_gradients, open_run, resolve_autocast, wrap_model
 from llmlab.train.loop import check_run_dir, resume_run, run_settings, truncate_metrics
@@ -65,6 +66,7 @@ def run(cfg, *, overwrite: bool = False) -> dict:
     out = Path(cfg.out_dir)
     check_run_dir(out, resume=cfg.ckpt.resume, overwrite=overwrite, rank=rank,
                   inputs=[cfg.base, cfg.data.train, cfg.data.val or None])
+    check_loggers(cfg.track)
     base = str(_base_checkpoint(cfg.base))
     base_cfg, _ = read_config(base)
     if model_kind(base_cfg) != TASKS[cfg.task]:

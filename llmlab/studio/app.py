@@ -47,7 +47,7 @@ def create_app(studio: Studio) -> FastAPI:
             yield
         finally:
             studio.queue.close()
-            chat.unload(studio)
+            chat.unload()
 
     app = FastAPI(title="llmlab studio", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.studio = studio

@@ -27,13 +27,14 @@ _lock = threading.Lock()
 _loaded: dict = {}  # the studio's one loaded checkpoint: {"key": (path, mtime), "generator", "template"}
 
 
-def unload(studio: Studio) -> None:
+def unload() -> None:
+    """Let the loaded checkpoint go (the studio is closing)."""
     _loaded.clear()
 
 
 def checkpoints(studio: Studio) -> list[str]:
-    """Workspace-relative folders a playground or server can load: finished runs' models and checkpoints,
-    and HF or llmlab model folders under `models/` and `exports/`."""
+    """Workspace-relative folders a playground, an evaluation or a server can load: the runs that hold a
+    model (`final/` or a checkpoint), and HF or llmlab model folders under `models/` and `exports/`."""
     found = []
     with studio.registry() as registry:
         for run in registry.runs():

@@ -112,7 +112,7 @@ class JobQueue:
             self.store.update_job(job_id, stopping=1)
             if job["pid"] and pid_alive(job["pid"]):  # the job's parent passes the signal on to its command
                 _signal(job["pid"], signal.SIGTERM)
-            else:  # the parent is gone (killed): signal what it started, its process group
+            elif job["pid"]:  # the parent is gone (killed): signal what it started, its process group
                 try:
                     os.killpg(job["pid"], signal.SIGTERM)
                 except ProcessLookupError:
@@ -144,6 +144,13 @@ class JobQueue:
                 print(f"llmlab studio: job queue: {e}", file=sys.stderr)
 
     def _launch(self, job: dict, device: str | None) -> None:
+        try:
+            self._start(job, device)
+        except OSError as e:  # a workspace that cannot be written: the job fails, the queue goes on
+            print(f"llmlab studio: job {job['id']} cannot start: {e}", file=sys.stderr)
+            self.store.update_job(job["id"], status="failed", ended=time.time())
+
+    def _start(self, job: dict, device: str | None) -> None:
         folder = job_dir(self.workspace, job["id"])
         folder.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, PYTHONUNBUFFERED="1", LLMLAB_USER=job["owner"] or "")

@@ -12,22 +12,20 @@ but the studio's own (a Content-Security-Policy without inline scripts).
 from __future__ import annotations
 
 import hmac
-import json
 import math
 import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.cookies import SimpleCookie
+from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
+from typing import Annotated
 from urllib.parse import quote
 
 import jinja2
-from typing import Annotated
-
 from fastapi import HTTPException, Request
 from fastapi import Path as Path_
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 
 from llmlab.studio.jobs import JobQueue
 from llmlab.studio.store import ROLES, Store, StudioError
@@ -67,7 +65,7 @@ class Studio:
         self.queue = JobQueue(self.workspace, devices)
         self.templates = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                                             trim_blocks=True, lstrip_blocks=True)
-        self.templates.filters.update(when=when, number=number, tojson_attr=lambda v: json.dumps(v))
+        self.templates.filters.update(when=when, number=number)
 
     @contextmanager
     def registry(self) -> Iterator[Registry]:
@@ -141,7 +139,8 @@ class Gate:
             if session is None:
                 page = method in SAFE_METHODS and "text/html" in headers.get("accept", "")
                 target = "/login" + (f"?next={quote(path)}" if path != "/" else "")
-                reply = _redirect(target) if page else JSONResponse({"error": "log in first"}, status_code=401)
+                reply = RedirectResponse(target, status_code=303) if page else \
+                    JSONResponse({"error": "log in first"}, status_code=401)
                 return await reply(scope, receive, secured)
             if method not in SAFE_METHODS and not hmac.compare_digest(headers.get("x-csrf-token", "").encode(),
                                                                       session["csrf"].encode()):
@@ -153,15 +152,9 @@ class Gate:
 def _cookie(header: str, name: str) -> str | None:
     try:
         cookie = SimpleCookie(header)
-    except Exception:  # a malformed Cookie header is no session
+    except CookieError:  # a malformed Cookie header is no session
         return None
     return cookie[name].value if name in cookie else None
-
-
-def _redirect(url: str):
-    from fastapi.responses import RedirectResponse
-
-    return RedirectResponse(url, status_code=303)
 
 
 def need(request: Request, role: str) -> dict:

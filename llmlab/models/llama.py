@@ -82,12 +82,10 @@ class LlamaConfig:
         if self.attention_bias:
             attn += hd * (self.n_heads + 2 * self.n_kv_heads)
         norms = d if self.parallel_block else 2 * d
-        body, idle = d, 0
-        for layer in range(self.n_layers):
-            mlp, unused = 3 * d * self.hidden_dim, 0
-            if self.moe is not None and self.moe.is_moe(layer):
-                mlp, unused = self.moe.layer_params(d, self.hidden_dim)
-            body, idle = body + attn + mlp + norms, idle + unused
+        dense = 3 * d * self.hidden_dim
+        mlps, idle = (self.n_layers * dense, 0) if self.moe is None else \
+            self.moe.stack_params(self.n_layers, dense, d, self.hidden_dim)
+        body = d + self.n_layers * (attn + norms) + mlps
         vocab = self.vocab_size * d + (0 if self.tie_embeddings else (self.num_labels or self.vocab_size) * d)
         return ParamCount(body + vocab, body, body + vocab - idle)
 

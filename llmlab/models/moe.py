@@ -82,6 +82,13 @@ class MoEConfig:
         """Whether block `layer` (from 0) has the MoE layer: the last of each run of `every` blocks."""
         return layer % self.every == self.every - 1
 
+    def stack_params(self, n_layers: int, dense: int, dim: int, dense_hidden_dim: int) -> tuple[int, int]:
+        """(parameters, of which idle for any one token) of the feed-forward layers of `n_layers` blocks,
+        `dense` parameters each where `is_moe` puts no MoE layer; counted, not looped over."""
+        n_moe = n_layers // self.every  # the blocks every-1, 2 every-1, ... below n_layers
+        moe, idle = self.layer_params(dim, dense_hidden_dim)
+        return (n_layers - n_moe) * dense + n_moe * moe, n_moe * idle
+
     def layer_params(self, dim: int, dense_hidden_dim: int) -> tuple[int, int]:
         """(parameters, of which idle for any one token) of one MoE layer: the router and every expert,
         of which E - k sit idle; experts are `dense_hidden_dim` wide unless `hidden_dim` says otherwise."""

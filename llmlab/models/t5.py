@@ -88,18 +88,18 @@ class T5Config:
                 if not 0 <= getattr(self, name) < self.vocab_size:
                     raise ValueError(f"{name}={getattr(self, name)} is not a token id of vocab_size={self.vocab_size}")
 
-    def _mlp_params(self, layer: int) -> tuple[int, int]:
-        """(parameters, of which idle for a token) of block `layer`'s feed-forward (in either stack)."""
-        if self.moe is None or not self.moe.is_moe(layer):
-            return (3 if self.mlp == "gated-gelu" else 2) * self.dim * self.hidden_dim, 0
-        return self.moe.layer_params(self.dim, self.hidden_dim)
+    def _mlp_params(self, n_layers: int) -> tuple[int, int]:
+        """(parameters, of which idle for a token) of the feed-forward layers of a stack of `n_layers`."""
+        dense = (3 if self.mlp == "gated-gelu" else 2) * self.dim * self.hidden_dim
+        if self.moe is None:
+            return n_layers * dense, 0
+        return self.moe.stack_params(n_layers, dense, self.dim, self.hidden_dim)
 
     def num_params(self) -> ParamCount:
         """Counts; with `moe`, `active` leaves out the experts a token does not use."""
         d, inner = self.dim, self.n_heads * self.head_dim
         attn = 4 * d * inner
-        mlps = [self._mlp_params(i) for i in range(self.n_layers)] + \
-            [self._mlp_params(i) for i in range(self.n_decoder_layers)]
+        mlps = [self._mlp_params(self.n_layers), self._mlp_params(self.n_decoder_layers)]
         encoder = self.n_layers * (attn + 2 * d) + d
         decoder = self.n_decoder_layers * (2 * attn + 3 * d) + d
         bias = 2 * self.relative_buckets * self.n_heads
@@ -117,13 +117,12 @@ class T5Config:
         because the encoder's and the decoder's tokens each use only their own stack."""
         d, inner = self.dim, self.n_heads * self.head_dim
 
-        def mlp(layer: int) -> int:  # the feed-forward weights a token passes through
-            total, idle = self._mlp_params(layer)
+        def mlp(n_layers: int) -> int:  # the feed-forward weights a token passes through in a stack
+            total, idle = self._mlp_params(n_layers)
             return total - idle
 
-        encoder = self.n_layers * 4 * d * inner + sum(map(mlp, range(self.n_layers)))
-        decoder = self.n_decoder_layers * 8 * d * inner + sum(map(mlp, range(self.n_decoder_layers))) + \
-            self.vocab_size * d
+        encoder = self.n_layers * 4 * d * inner + mlp(self.n_layers)
+        decoder = self.n_decoder_layers * 8 * d * inner + mlp(self.n_decoder_layers) + self.vocab_size * d
         attention = 12 * inner * seq_len * (self.n_layers + 2 * self.n_decoder_layers)
         return (6 * (encoder + decoder) + attention) // 2
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
@@ -311,6 +312,18 @@ def read_json_object(file: str | os.PathLike, error: type[Exception] = LlmlabErr
     if not isinstance(data, dict):
         raise error(f"{file}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def finite_json(value):
+    """`value` with every non-finite float as None, in nested dicts and lists too: strict JSON (and a
+    browser's JSON.parse) has no NaN or Infinity."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
 
 
 def use_color(stream=sys.stdout) -> bool:

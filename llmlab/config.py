@@ -275,6 +275,18 @@ def from_dict(cls: type[T], data: dict, *, source: str = "") -> T:
 # --------------------------------------------------------------------------- dataclass -> dict, files
 
 
+def flatten(data: dict, prefix: str = "") -> dict:
+    """A nested dict (a config as `to_dict` or YAML gives it) as {dotted key: leaf value}; an empty
+    mapping is a leaf."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def to_dict(cfg: Any) -> dict:
     """Turn a config dataclass into a plain nested dict of builtins (tuples become lists).
 

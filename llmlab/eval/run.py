@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmlab import __version__
-from llmlab.common import LlmlabError, atomic_dir, atomic_write_text, check_output, seed_everything, style
+from llmlab.common import (LlmlabError, atomic_dir, atomic_write_text, check_output, finite_json, seed_everything,
+                           style)
 from llmlab.config import save_config, to_dict
 from llmlab.eval.builtin import BUILTIN_TASKS
 from llmlab.eval.evaluate import TaskResult, check_task, evaluate_task
@@ -109,8 +110,8 @@ def run(cfg: EvalConfig, models: list[str], servers: list[str] = (), *, server_m
                           if e["task"] == tasks[0].name],
                "results": entries, "rows": [row for e in entries for row in _rows(e)]}
     with atomic_dir(out, merge=overwrite) as tmp:
-        atomic_write_text(tmp / "results.json", json.dumps(_finite_json(results), indent=2, default=str) + "\n")
-        atomic_write_text(tmp / "samples.jsonl", "".join(json.dumps(_finite_json(s), default=str) + "\n"
+        atomic_write_text(tmp / "results.json", json.dumps(finite_json(results), indent=2, default=str) + "\n")
+        atomic_write_text(tmp / "samples.jsonl", "".join(json.dumps(finite_json(s), default=str) + "\n"
                                                          for s in samples))
         save_config(cfg, tmp / "config.yaml")
     record_results(results, list(models), [out / "results.json", out / "samples.jsonl"], say)
@@ -125,17 +126,6 @@ def _naming(lm, task: Task):
         yield
     except EvalError as e:
         raise EvalError(f"{lm.name} on task {task.name}: {e}") from None
-
-
-def _finite_json(value):
-    """`value` with every non-finite float as None: strict JSON has no NaN or Infinity."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_json(v) for v in value]
-    return value
 
 
 def _entry(lm, kind: str, r: TaskResult) -> dict:
@@ -191,7 +181,7 @@ def main(args: list[str], servers: list[str], *, server_model: str | None, as_js
     cfg = load_config(EvalConfig, None, overrides)
     results = run(cfg, models, servers, server_model=server_model, overwrite=overwrite, quiet=as_json)
     if as_json:
-        print(json.dumps(_finite_json(results), indent=2, default=str))
+        print(json.dumps(finite_json(results), indent=2, default=str))
     else:
         print(table(results))
         print(f"\nwrote {Path(results['out_dir']) / 'results.json'} and samples.jsonl")

@@ -22,13 +22,15 @@ from pathlib import Path
 from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import StreamingResponse
 
+from llmlab.common import finite_json
+from llmlab.config import flatten
 from llmlab.studio.jobrun import commands
 from llmlab.studio.jobs import log_tail
 from llmlab.studio.web import Id, Studio, done, need, refused
+from llmlab.studio.workflow import TRAINERS
 
 TAIL_S = 0.25
 CHUNK_LINES = 2000  # metrics lines per event while catching up
-TRAINERS = ("pretrain", "finetune", "align")  # kinds the studio can launch and resume
 MAX_COMMENT = 10_000
 MAX_POINTS = 2000  # per curve on the compare page
 
@@ -251,17 +253,12 @@ def read_metrics(file: Path, offset: int = 0, max_lines: int | None = None) -> t
                 except ValueError:
                     continue
                 if isinstance(record, dict):
-                    records.append(_finite(record))
+                    records.append(finite_json(record))
                 if max_lines is not None and len(records) >= max_lines:
                     break
     except (FileNotFoundError, IsADirectoryError):
         pass
     return records, offset
-
-
-def _finite(record: dict) -> dict:
-    """The record as strict JSON can carry it: a nan or inf loss becomes null."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
 
 
 def thin(records: list[dict], most: int = MAX_POINTS) -> list[dict]:
@@ -287,49 +284,42 @@ def events(studio: Studio, request: Request, run: dict, with_log: bool = True) -
 
     async def stream():
         offset, status, log = start, None, None
-        yield "retry: 2000\n\n"
-        while not await request.is_disconnected():
-            records, offset = read_metrics(metrics, offset, CHUNK_LINES)
-            if records:
-                yield f"id: {offset}\nevent: metrics\ndata: {json.dumps(records)}\n\n"
-                if len(records) == CHUNK_LINES:
-                    continue  # catching up: no pause
-            with studio.registry() as registry:
-                now = registry.by_id(run["id"])
-            if now is None:
-                yield "event: gone\ndata: {}\n\n"
-                return
-            if now["status"] != status:
-                status = now["status"]
-                yield f"event: status\ndata: {json.dumps({'status': status, 'step': now['step']})}\n\n"
-            if with_log and job_id is not None:
-                tail = log_tail(studio.workspace, job_id, 8192)
-                if tail != log:
-                    log = tail
-                    yield f"event: log\ndata: {json.dumps(tail)}\n\n"
-            if status != "running" and not records:
-                records, offset = read_metrics(metrics, offset)  # the lines written as it ended
+        registry = studio.registry()  # one connection for the stream's life, in the event loop's thread
+        try:
+            yield "retry: 2000\n\n"
+            while not await request.is_disconnected():
+                records, offset = read_metrics(metrics, offset, CHUNK_LINES)
                 if records:
                     yield f"id: {offset}\nevent: metrics\ndata: {json.dumps(records)}\n\n"
-                yield "event: end\ndata: {}\n\n"
-                return
-            await asyncio.sleep(TAIL_S)
+                    if len(records) == CHUNK_LINES:
+                        continue  # catching up: no pause
+                now = registry.by_id(run["id"])
+                if now is None:
+                    yield "event: gone\ndata: {}\n\n"
+                    return
+                if now["status"] != status:
+                    status = now["status"]
+                    yield f"event: status\ndata: {json.dumps({'status': status, 'step': now['step']})}\n\n"
+                if with_log and job_id is not None:
+                    tail = log_tail(studio.workspace, job_id, 8192)
+                    if tail != log:
+                        log = tail
+                        yield f"event: log\ndata: {json.dumps(tail)}\n\n"
+                if status != "running" and not records:
+                    records, offset = read_metrics(metrics, offset)  # the lines written as it ended
+                    if records:
+                        yield f"id: {offset}\nevent: metrics\ndata: {json.dumps(records)}\n\n"
+                    yield "event: end\ndata: {}\n\n"
+                    return
+                await asyncio.sleep(TAIL_S)
+        finally:
+            registry.close()
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
 # --------------------------------------------------------------------------- comparing, launching elsewhere
-
-
-def flatten(config: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def config_diff(runs: list[dict]) -> list[tuple[str, list]]:

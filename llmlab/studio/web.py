@@ -15,8 +15,6 @@ import hmac
 import math
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
 from typing import Annotated
@@ -67,15 +65,12 @@ class Studio:
                                             trim_blocks=True, lstrip_blocks=True)
         self.templates.filters.update(when=when, number=number)
 
-    @contextmanager
-    def registry(self) -> Iterator[Registry]:
-        registry = Registry(self.workspace)
-        try:
-            yield registry
-        finally:
-            registry.close()
+    def registry(self) -> Registry:
+        """The workspace's registry, a connection of the caller's own (use it in a `with` block)."""
+        return Registry(self.workspace)
 
     def store(self) -> Store:
+        """The studio's database, a connection of the caller's own (use it in a `with` block)."""
         return Store(self.workspace)
 
     def page(self, request: Request, template: str, status_code: int = 200, **context) -> HTMLResponse:

@@ -25,10 +25,11 @@ import yaml
 from fastapi import APIRouter, Form, HTTPException, Request
 
 from llmlab.common import LlmlabError
+from llmlab.config import flatten
 from llmlab.studio.chat import checkpoints
+from llmlab.studio.store import NAME
 from llmlab.studio.web import FieldError, Studio, done, need, refused
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 UPLOAD_SUFFIXES = (".txt", ".md", ".jsonl", ".json")
 CHUNK = 1 << 20
 MAX_CONFIG_BYTES = 1 << 20
@@ -156,8 +157,9 @@ def router(studio: Studio) -> APIRouter:
         from llmlab.models.presets import PRESETS
         from llmlab.plan.hardware import CATALOG
 
-        runs = [c for c in checkpoints(studio) if c.startswith("runs/")]
-        folders = [c for c in checkpoints(studio) if not c.startswith("runs/")]
+        found = checkpoints(studio)
+        runs = [c for c in found if c.startswith("runs/")]
+        folders = [c for c in found if not c.startswith("runs/")]
         estimate, error, use = None, None, None
         try:
             model, use = _model_source(studio, source, preset, run, folder)
@@ -179,7 +181,7 @@ def router(studio: Studio) -> APIRouter:
         values, note = {}, None
         if start:
             try:
-                values = _flatten(_read_yaml(_saved_config(studio, start)))
+                values = flatten(_read_yaml(_saved_config(studio, start)))
             except LlmlabError as e:
                 note = str(e)
         if preset:
@@ -187,7 +189,7 @@ def router(studio: Studio) -> APIRouter:
             from llmlab.models.presets import PRESETS, get_preset
 
             if preset in PRESETS:
-                values.update(_flatten({"model": to_dict(get_preset(preset))}))
+                values.update(flatten({"model": to_dict(get_preset(preset))}))
         if base:
             values["base"] = base
         if dataset:
@@ -213,9 +215,7 @@ def router(studio: Studio) -> APIRouter:
             return refused(f"action {action!r}: one of {', '.join(ACTIONS)}")
         if action != "check":
             session = need(request, "editor")
-        if not NAME.fullmatch(name):
-            return refused("a run name: 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit",
-                           "name")
+        _name(name, "name")
         cls = _config_class(verb)
         fields = form_fields(cls, {})
         given = {key[2:]: value for key, value in form.multi_items() if key.startswith("f.")}
@@ -486,16 +486,6 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(data, dict):
         raise LlmlabError(f"{path.name}: not a config (a mapping)")
     return data
-
-
-def _flatten(data: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _outside(config: dict, prefix: str = "") -> tuple[str, str] | None:

@@ -34,7 +34,7 @@ from typing import Literal
 from urllib.parse import urlparse
 
 from llmlab.common import LlmlabError
-from llmlab.config import to_dict
+from llmlab.config import flatten, to_dict
 
 LOGGERS = ("tensorboard", "mlflow")
 INSTALL = "pip install 'llmlab[track]'"
@@ -89,17 +89,6 @@ def scalars(record: dict) -> dict[str, float]:
 
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def flatten(config: dict, prefix: str = "") -> dict[str, str]:
-    """A nested config as {dotted key: value as text}: strings as they are, other values as JSON."""
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value if isinstance(value, str) else json.dumps(value)
-    return out
 
 
 class MetricLoggers:
@@ -199,7 +188,8 @@ class MLflowLogger:
             run = self.client.create_run(experiment, run_name=cfg.run_name or run_dir.name, tags=tags)
             self.run_id, logged = run.info.run_id, {}
         try:  # MLflow refuses to change a param: a resumed run adds the keys its start did not have
-            self._log_params({k: v for k, v in flatten(config).items() if k not in logged})
+            self._log_params({k: v if isinstance(v, str) else json.dumps(v)  # MLflow's params are text
+                              for k, v in flatten(config).items() if k not in logged})
         except Exception:
             self.client.set_terminated(self.run_id, "FAILED")
             raise

@@ -51,8 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(ns: argparse.Namespace) -> None:
     if ns.studio_command == "user":
         return _user(ns)
-    if not 0 < ns.port < 65536:
-        raise LlmlabError(f"--port {ns.port}: expected 1-65535")
+    from llmlab.serve.commands import check_address
+
+    check_address(ns.host, ns.port)  # a port out of range, or held by another server, before anything is made
     if not 0 < ns.max_upload_mb <= 2**20:
         raise LlmlabError(f"--max-upload-mb {ns.max_upload_mb}: expected a size in (0, 1048576] MB")
     if not ns.workspace.strip():

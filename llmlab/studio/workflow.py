@@ -26,6 +26,7 @@ from fastapi import APIRouter, Form, HTTPException, Request
 
 from llmlab.common import LlmlabError
 from llmlab.config import flatten
+from llmlab.serve.commands import check_address
 from llmlab.studio.chat import checkpoints
 from llmlab.studio.store import NAME
 from llmlab.studio.web import FieldError, Studio, done, need, refused
@@ -331,8 +332,10 @@ def router(studio: Studio) -> APIRouter:
             if any(int(j["argv"][j["argv"].index("--port") + 1]) == port
                    for j in store.jobs("queued", "running", kind="serve")):
                 return refused(f"port {port}: a server of this studio uses it", "port")
-        if not _port_free(port):
-            return refused(f"port {port}: in use on this machine", "port")
+        try:
+            check_address("127.0.0.1", port)
+        except LlmlabError as e:
+            return refused(f"port {port}: {e}", "port")
         argv = ["serve", model, "--port", str(port), "--served-model-name", name]
         job = studio.queue.submit("serve", f"serve {model} on :{port}", argv, session["user"])
         return done("/deploy", message=f"starting job {job}; the server answers once the model has loaded")
@@ -448,15 +451,6 @@ def _results(folder: Path) -> dict:
                 rows.append((result.get("model"), result.get("task"), metric, value))
     return {"name": folder.name, "rows": rows, "models": [m.get("name") for m in data.get("models", [])],
             "created": (folder / "results.json").stat().st_mtime}
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 class _NoAliases(yaml.SafeLoader):

@@ -14,7 +14,7 @@ import pytest
 from llmlab.studio.store import Store
 from llmlab.track import Registry
 
-from .conftest import StudioProcess
+from .conftest import StudioProcess, free_port
 from .test_jobs import launch, wait_run
 
 pytestmark = pytest.mark.slow
@@ -51,8 +51,8 @@ def test_killing_the_studio_loses_no_run_and_the_next_studio_shows_and_stops_it(
     wait_run(workspace, "survivor", lambda r: r["step"] > step + 5)  # and trains
 
     again = StudioProcess(workspace)
-    second = subprocess.run([sys.executable, "-m", "llmlab", "studio", "--workspace", str(workspace), "--port", "1"],
-                            capture_output=True, text=True, timeout=60)
+    second = subprocess.run([sys.executable, "-m", "llmlab", "studio", "--workspace", str(workspace), "--port",
+                             str(free_port())], capture_output=True, text=True, timeout=60)
     assert second.returncode == 1 and "another llmlab studio serves this workspace" in second.stderr
     try:
         editor = again.client()

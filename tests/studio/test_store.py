@@ -14,6 +14,8 @@ from llmlab.studio import store as store_module
 from llmlab.studio.store import (FREE_FAILURES, Store, StudioError, Throttled, hash_password, retry_after,
                                  verify_password)
 
+from .conftest import free_port
+
 
 @pytest.fixture
 def store(tmp_path):
@@ -153,7 +155,16 @@ def test_user_commands(tmp_path, monkeypatch, capsys):
 
 
 def test_the_studio_refuses_to_start_without_an_account(tmp_path, capsys):
-    assert main(["studio", "--workspace", str(tmp_path / "ws"), "--port", "1"]) == 1
+    assert main(["studio", "--workspace", str(tmp_path / "ws"), "--port", str(free_port())]) == 1
     assert "no accounts yet" in capsys.readouterr().err
     assert main(["studio", "--workspace", str(tmp_path / "ws"), "--devices", "gpu0"]) == 1
     assert "--devices 'gpu0'" in capsys.readouterr().err
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert main(["studio", "--workspace", str(tmp_path / "other"), "--port", str(port)]) == 1
+    assert "another server holds the port" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()  # refused before anything is made
